@@ -1,0 +1,1 @@
+"""Built-in filters, one module per filter (the filter-chain issue fills this package)."""

@@ -1,0 +1,91 @@
+"""The discovery interface every backend implements, and the value types it speaks.
+
+A backend keeps, for every service it knows, the current set of healthy endpoints
+(the addresses of the target sidecars' inbound listeners) and tells subscribers
+when a set changes. Calls never ask the backend anything on their own path: they
+read the cluster's endpoint set, which the backend's watch keeps current.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    zone: str = ""
+    weight: int = 1
+    instance_id: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """What a sidecar registers for its local app."""
+
+    service: str
+    instance_id: str
+    host: str
+    port: int
+    zone: str = ""
+    protocol: str = "h2c"
+    tags: tuple[str, ...] = ()
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+# Called with (service, endpoints) whenever a service's endpoint set changes.
+EndpointsListener = Callable[[str, tuple[Endpoint, ...]], None]
+
+
+class Discovery(abc.ABC):
+    """A discovery backend.
+
+    `start()` returns once the first sync is done (readiness waits on it). After
+    that, `endpoints()` and `services()` answer from memory, and subscribers hear
+    about every change to a service's endpoint set.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[EndpointsListener]] = {}
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop watching. Does not deregister: call `deregister()` first."""
+
+    @abc.abstractmethod
+    def services(self) -> frozenset[str]:
+        """Names of every service the backend knows, with or without endpoints."""
+
+    @abc.abstractmethod
+    def endpoints(self, service: str) -> tuple[Endpoint, ...] | None:
+        """Healthy endpoints of `service`; None when the service is unknown."""
+
+    @abc.abstractmethod
+    async def register(self, instance: Instance) -> None:
+        """Register the local app and keep it registered (heartbeats) until deregistered."""
+
+    @abc.abstractmethod
+    async def deregister(self) -> None:
+        """Remove the instance registered by `register()`, if any."""
+
+    def subscribe(self, service: str, listener: EndpointsListener) -> None:
+        self._listeners.setdefault(service, []).append(listener)
+
+    def unsubscribe(self, service: str, listener: EndpointsListener) -> None:
+        listeners = self._listeners.get(service, [])
+        if listener in listeners:
+            listeners.remove(listener)
+
+    def _notify(self, service: str, endpoints: tuple[Endpoint, ...]) -> None:
+        for listener in tuple(self._listeners.get(service, ())):
+            listener(service, endpoints)
