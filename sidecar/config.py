@@ -7,8 +7,20 @@ before any port is bound.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import re
+import socket
+import tempfile
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 AppProtocol = Literal["http1", "h2c"]
@@ -150,3 +162,491 @@ class SidecarConfig:
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
     drain_timeout: float = 10.0
+
+
+# --- Errors -----------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A bad config value, named by its dotted key (`routes[1].service`).
+
+    `path` is the config file the value came from and `env_var` the environment
+    variable that set it, when known, so the message points at what to edit.
+    """
+
+    def __init__(self, key: str, message: str, *, path: str = "", env_var: str = "") -> None:
+        super().__init__(key, message)
+        self.key = key
+        self.message = message
+        self.path = path
+        self.env_var = env_var
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.key:
+            origin = f" (from {self.env_var})" if self.env_var else ""
+            text = f"config key '{self.key}'{origin}: {text}"
+        if self.path and not self.env_var:
+            text = f"{self.path}: {text}"
+        return text
+
+
+# --- Value rules the types cannot express -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    low: float
+    high: float | None = None
+    low_open: bool = False  # "> low" rather than ">= low"
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is not None:
+            return f" in {_num(self.low)}..{_num(self.high)}"
+        return f" {'>' if self.low_open else '>='} {_num(self.low)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+_PORT = _Bound(0, 65535)  # 0: the OS picks a free port (tests read it back)
+_AT_LEAST_ONE = _Bound(1)
+_POSITIVE = _Bound(0, low_open=True)
+
+# Keyed by (dataclass, field) rather than dotted path so that every instance of a
+# type (each listener, each per-service override) gets the same rule.
+_BOUNDS: dict[tuple[type, str], _Bound] = {
+    (AppConfig, "port"): _PORT,
+    (AppConfig, "max_connections"): _AT_LEAST_ONE,
+    (ListenerConfig, "port"): _PORT,
+    (StaticEndpoint, "port"): _Bound(1, 65535),  # a peer's port must be concrete
+    (StaticEndpoint, "weight"): _AT_LEAST_ONE,
+    (FileDiscoveryConfig, "heartbeat_interval"): _POSITIVE,
+    (FileDiscoveryConfig, "ttl"): _POSITIVE,
+    (FileDiscoveryConfig, "poll_interval"): _POSITIVE,
+    (UpstreamConfig, "max_connections"): _AT_LEAST_ONE,
+    (UpstreamConfig, "max_per_route"): _AT_LEAST_ONE,
+    (UpstreamConfig, "idle_timeout"): _POSITIVE,
+    (UpstreamConfig, "connect_timeout"): _POSITIVE,
+    (UpstreamConfig, "pending_timeout"): _POSITIVE,
+    (ClusterOverride, "max_connections"): _AT_LEAST_ONE,
+    (ClusterOverride, "max_per_route"): _AT_LEAST_ONE,
+    # RFC 9113 section 6.5.2 limits for the SETTINGS values.
+    (Http2ServerConfig, "max_concurrent_streams"): _AT_LEAST_ONE,
+    (Http2ServerConfig, "initial_window_size"): _Bound(0, 2**31 - 1),
+    (Http2ServerConfig, "max_frame_size"): _Bound(16384, 2**24 - 1),
+    (LimitsConfig, "max_request_line"): _AT_LEAST_ONE,
+    (LimitsConfig, "max_header_bytes"): _AT_LEAST_ONE,
+    (LimitsConfig, "header_read_timeout"): _POSITIVE,
+    (SidecarConfig, "drain_timeout"): _Bound(0),  # 0: close at once, no drain
+}
+
+# Applied to a raw value before its type check, so `level: debug` is accepted.
+_NORMALIZE: dict[tuple[type, str], Callable[[str], str]] = {
+    (LogConfig, "level"): str.upper,
+}
+
+_SERVICE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+
+
+# --- Building the dataclasses from plain data -----------------------------------
+
+_T = TypeVar("_T")
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _show(value: object) -> str:
+    # The input is YAML, so echo YAML's spellings for the values Python spells differently.
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _build(cls: type[_T], raw: object, key: str, base: object = None) -> _T:
+    """Build `cls` from a mapping; keys it leaves out come from `base`, else the defaults.
+
+    `base` is the parent field's default instance, so `listeners: {inbound: {port: 0}}`
+    keeps the inbound default host rather than demanding one.
+    """
+    if raw is None:  # an empty section (`log:` with nothing under it) means defaults
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"must be a mapping, got {_show(raw)}")
+    schema: Any = cls  # for the dataclass helpers, which type[_T] does not satisfy
+    hints = _hints(schema)
+    for name in raw:
+        if name not in hints:
+            raise ConfigError(_join(key, str(name)), _unknown_key_message(str(name), list(hints)))
+    kwargs: dict[str, object] = {}
+    for f in dataclasses.fields(schema):
+        default = _default(f, base)
+        if f.name in raw:
+            value = raw[f.name]
+            normalize = _NORMALIZE.get((cls, f.name))
+            if normalize is not None and isinstance(value, str):
+                value = normalize(value)
+            bound = _BOUNDS.get((cls, f.name))
+            kwargs[f.name] = _convert(hints[f.name], value, _join(key, f.name), bound, default)
+        elif default is dataclasses.MISSING:
+            raise ConfigError(_join(key, f.name), "is required")
+        else:
+            kwargs[f.name] = default
+    return cls(**kwargs)
+
+
+def _default(f: dataclasses.Field[Any], base: object) -> object:
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _unknown_key_message(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f"unknown key (did you mean '{close[0]}'?)"
+    return f"unknown key; known keys: {', '.join(known)}"
+
+
+def _convert(
+    tp: Any, value: object, key: str, bound: _Bound | None = None, default: object = None
+) -> object:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _convert(inner, value, key, bound)
+    if origin is Literal:
+        # `in` alone would let `true` through for a `1` choice (True == 1).
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        choices = ", ".join(_show(a) for a in args)
+        raise ConfigError(key, f"must be one of {choices}, got {_show(value)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"must be a list, got {_show(value)}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"must be a mapping, got {_show(value)}")
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(key, f"keys must be strings, got {_show(k)}")
+            out[k] = _convert(args[1], v, _join(key, k))
+        return out
+    if tp is StaticEndpoint and isinstance(value, str):
+        return _parse_endpoint(value, key)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, default if isinstance(default, tp) else None)
+    if tp is bool:
+        # YAML already turned true/false into bools; a 1 or "yes" string is a mistake.
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be a boolean (true or false), got {_show(value)}")
+        return value
+    if tp is int or tp is float:
+        return _convert_number(tp, value, key, bound)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {_show(value)}")
+        return value
+    raise TypeError(f"config schema type {tp!r} at {key!r} is not supported")
+
+
+def _convert_number(tp: type, value: object, key: str, bound: _Bound | None) -> int | float:
+    what = "an integer" if tp is int else "a number"
+    expected = what + (bound.describe() if bound else "")
+    accepted = (int,) if tp is int else (int, float)
+    # bool is a subclass of int, but `port: true` is never what anyone meant.
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ConfigError(key, f"must be {expected}, got {_show(value)}")
+    number: int | float = value if tp is int else float(value)
+    if not math.isfinite(number) or (bound is not None and not bound.holds(number)):
+        raise ConfigError(key, f"must be {expected}, got {_show(value)}")
+    return number
+
+
+def _parse_endpoint(text: str, key: str) -> StaticEndpoint:
+    host, sep, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # "[::1]:80"
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(
+            key, f"must be 'host:port' or a mapping with host and port, got {_show(text)}"
+        )
+    endpoint_port = _convert_number(int, int(port), f"{key}.port", _BOUNDS[StaticEndpoint, "port"])
+    return StaticEndpoint(host=host, port=int(endpoint_port))
+
+
+# --- Checks across fields ---------------------------------------------------------
+
+
+def _validate(cfg: SidecarConfig) -> None:
+    if not _SERVICE_NAME.fullmatch(cfg.service.name):
+        raise ConfigError(
+            "service.name",
+            f"must be lower-case letters, digits, '-' and '.', "
+            f"starting and ending with a letter or digit, got {_show(cfg.service.name)}",
+        )
+    if not cfg.app.health_path.startswith("/"):
+        raise ConfigError(
+            "app.health_path", f"must start with '/', got {_show(cfg.app.health_path)}"
+        )
+    for key, host in (
+        ("app.host", cfg.app.host),
+        ("listeners.outbound.host", cfg.listeners.outbound.host),
+        ("listeners.inbound.host", cfg.listeners.inbound.host),
+        ("listeners.admin.host", cfg.listeners.admin.host),
+    ):
+        if not host:
+            raise ConfigError(key, "must not be empty")
+    file = cfg.discovery.file
+    if file.ttl <= file.heartbeat_interval:
+        raise ConfigError(
+            "discovery.file.ttl",
+            f"must be greater than discovery.file.heartbeat_interval "
+            f"({_num(file.heartbeat_interval)}), got {_num(file.ttl)}",
+        )
+    _check_pool("upstream", cfg.upstream.max_connections, cfg.upstream.max_per_route)
+    for name, override in cfg.services.items():
+        _check_service_name(f"services.{name}", name)
+        _check_pool(
+            f"services.{name}",
+            override.max_connections or cfg.upstream.max_connections,
+            override.max_per_route or cfg.upstream.max_per_route,
+        )
+    for name in cfg.discovery.static.services:
+        _check_service_name(f"discovery.static.services.{name}", name)
+    for i, route in enumerate(cfg.routes):
+        _check_route(f"routes[{i}]", route)
+
+
+def _check_pool(key: str, max_connections: int, max_per_route: int) -> None:
+    if max_connections < max_per_route:
+        raise ConfigError(
+            f"{key}.max_connections",
+            f"must be >= max_per_route ({max_per_route}), got {max_connections}",
+        )
+
+
+def _check_service_name(key: str, name: str) -> None:
+    if not _SERVICE_NAME.fullmatch(name):
+        raise ConfigError(key, f"is not a valid service name: {_show(name)}")
+
+
+def _check_route(key: str, route: RouteConfig) -> None:
+    _check_service_name(f"{key}.service", route.service)
+    if bool(route.prefix) == bool(route.grpc_service):
+        raise ConfigError(key, "must set exactly one of prefix and grpc_service")
+    if route.prefix and not route.prefix.startswith("/"):
+        raise ConfigError(f"{key}.prefix", f"must start with '/', got {_show(route.prefix)}")
+
+
+# --- YAML ----------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys, which PyYAML otherwise resolves silently."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: str) -> object:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("", f"cannot read config file: {e.strerror}", path=path) from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no object tags
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError("", f"{where}invalid YAML: {e.problem or e}", path=path) from None
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"invalid YAML: {e}", path=path) from None
+
+
+# --- Environment overrides ----------------------------------------------------------
+
+ENV_PREFIX = "OPUS_"
+# Read by the client library, not the sidecar: never reported as unknown.
+_ENV_NOT_OURS = frozenset({"OPUS_SIDECAR_URL"})
+
+
+@functools.cache
+def _env_leaves() -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Every overridable leaf: env var name -> (schema path, type).
+
+    Built by walking the schema, so a field name's own underscores never need
+    splitting: `OPUS_UPSTREAM_MAX_PER_ROUTE` is looked up, not parsed.
+    """
+    leaves: dict[str, tuple[tuple[str, ...], Any]] = {}
+
+    def walk(cls: type, path: tuple[str, ...]) -> None:
+        for name, tp in _hints(cls).items():
+            sub = (*path, name)
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                walk(tp, sub)
+            elif get_origin(tp) is dict:
+                continue  # keyed collections have no fixed env names
+            elif get_origin(tp) is tuple and dataclasses.is_dataclass(get_args(tp)[0]):
+                continue
+            else:
+                var = ENV_PREFIX + "_".join(sub).upper()
+                if var in leaves:  # would make one variable mean two keys
+                    raise TypeError(f"config keys {leaves[var][0]} and {sub} share {var}")
+                leaves[var] = (sub, tp)
+
+    walk(SidecarConfig, ())
+    return leaves
+
+
+def env_override_names() -> dict[str, str]:
+    """Every supported `OPUS_*` variable, mapped to the dotted key it sets."""
+    return {var: ".".join(path) for var, (path, _) in _env_leaves().items()}
+
+
+def unknown_env_overrides(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`OPUS_*` variables that set nothing (probably misspelt), for the CLI to warn about."""
+    env = os.environ if environ is None else environ
+    leaves = _env_leaves()
+    return sorted(
+        name
+        for name in env
+        if name.startswith(ENV_PREFIX) and name not in leaves and name not in _ENV_NOT_OURS
+    )
+
+
+def _env_value(tp: Any, text: str) -> object:
+    if tp is str or (get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp))):
+        return text  # taken verbatim, so OPUS_SERVICE_NAME=123 stays a string
+    if get_origin(tp) is tuple:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # not a scalar at all; the type check reports it
+    return value
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Set the env values into the raw tree; returns dotted key -> variable for errors."""
+    sources: dict[str, str] = {}
+    for var, (path, tp) in _env_leaves().items():
+        if var not in environ:
+            continue
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                break  # the file's own value is malformed; building reports it
+            node = child
+        else:
+            node[path[-1]] = _env_value(tp, environ[var])
+            sources[".".join(path)] = var
+    return sources
+
+
+# --- Entry points -------------------------------------------------------------------
+
+
+def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> SidecarConfig:
+    """Read the YAML file (if any), apply `OPUS_*` overrides, build and validate.
+
+    `environ` defaults to `os.environ`; pass `{}` to ignore the environment.
+    Raises ConfigError naming the key (and the file or variable it came from).
+    """
+    env = os.environ if environ is None else environ
+    raw: object = _read_yaml(path) if path else None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            "", f"must hold a mapping at the top level, got {_show(raw)}", path=path or ""
+        )
+    sources = _apply_env(raw, env)
+    try:
+        cfg = _build(SidecarConfig, raw, "")
+        _validate(cfg)
+    except ConfigError as e:
+        var = next((v for k, v in sources.items() if _is_within(e.key, k)), "")
+        raise ConfigError(e.key, e.message, path=path or "", env_var=var) from None
+    return cfg
+
+
+def _is_within(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith((prefix + ".", prefix + "["))
+
+
+def resolve_instance_id(cfg: SidecarConfig) -> str:
+    if cfg.service.instance_id:
+        return cfg.service.instance_id
+    return f"{cfg.service.name}-{socket.gethostname()}-{os.getpid()}"
+
+
+def advertise_host(cfg: SidecarConfig) -> str:
+    """The host other sidecars dial to reach this one's inbound listener."""
+    if cfg.listeners.advertise_host:
+        return cfg.listeners.advertise_host
+    host = cfg.listeners.inbound.host
+    # A wildcard bind address is not something a peer can dial.
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def registry_directory(cfg: SidecarConfig) -> str:
+    directory = cfg.discovery.file.directory
+    return directory or os.path.join(tempfile.gettempdir(), "opus-mesh", "registry")
+
+
+def config_to_dict(cfg: SidecarConfig) -> dict[str, Any]:
+    """The config as plain JSON-able data, in the same shape the YAML file takes."""
+    out = _plain(cfg)
+    assert isinstance(out, dict)
+    return out
+
+
+def _plain(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,115 @@
+"""The `opus-sidecar` command line: argument parsing and process setup.
+
+Owns the one place that configures logging handlers. Config is loaded and
+validated here, before the server module is even imported, so a bad config
+stops the process before any port is bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+
+from sidecar import __version__
+from sidecar.config import (
+    ConfigError,
+    SidecarConfig,
+    env_override_names,
+    load_config,
+    unknown_env_overrides,
+)
+
+PROG = "opus-sidecar"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+log = logging.getLogger("sidecar.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Opus Mesh sidecar proxy.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the sidecar")
+    run.add_argument("--config", metavar="FILE", help="YAML config file (default: built-ins)")
+    run.add_argument(
+        "--ports-file",
+        metavar="FILE",
+        help="write the bound ports here as JSON once listening (for port-0 configs)",
+    )
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", metavar="FILE")
+
+    # The demo parses its own flags; add_help=False lets `demo -h` reach it too.
+    commands.add_parser(
+        "demo", help="run the local demo (arguments go to the demo)", add_help=False
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "demo":
+        from sidecar.demo import main as demo_main
+
+        return demo_main(rest)
+    if rest:
+        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "check-config":
+        return _check_config(args.file)
+    return _run(args.config, args.ports_file)
+
+
+def _load(path: str | None) -> SidecarConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return None
+
+
+def _warn_unknown_env() -> None:
+    known = list(env_override_names())
+    for name in unknown_env_overrides():
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        log.warning("ignoring unknown environment variable %s%s", name, hint)
+
+
+def _run(config_path: str | None, ports_file: str | None) -> int:
+    cfg = _load(config_path)
+    if cfg is None:
+        return 2
+    logging.basicConfig(stream=sys.stderr, level=cfg.log.level, format=LOG_FORMAT)
+    _warn_unknown_env()
+    # Imported only now: nothing that can bind a socket is loaded before the config is good.
+    from sidecar.server import run_sidecar
+
+    return run_sidecar(cfg, ports_file=ports_file)
+
+
+def _check_config(path: str) -> int:
+    # Environment overrides apply here too: the check answers "would `run` accept this?".
+    cfg = _load(path)
+    if cfg is None:
+        return 2
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format=LOG_FORMAT)
+    _warn_unknown_env()
+    print(f"OK: {path}")
+    print(_summary(cfg))
+    return 0
+
+
+def _summary(cfg: SidecarConfig) -> str:
+    listeners = cfg.listeners
+    return (
+        f"service={cfg.service.name} app={cfg.app.host}:{cfg.app.port} ({cfg.app.protocol}) "
+        f"outbound={listeners.outbound.host}:{listeners.outbound.port} "
+        f"inbound={listeners.inbound.host}:{listeners.inbound.port} "
+        f"admin={listeners.admin.host}:{listeners.admin.port} "
+        f"discovery={cfg.discovery.backend} upstream={cfg.upstream.protocol} "
+        f"routes={len(cfg.routes)} services={len(cfg.services)}"
+    )

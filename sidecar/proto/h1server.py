@@ -1,0 +1,395 @@
+"""HTTP/1.1 server side of a listener, on httptools (llhttp).
+
+One request is handled at a time per connection; pipelined requests queue and
+reading pauses until the current response is written. The response is streamed
+with the transport's write backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from sidecar.proto.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
+
+if TYPE_CHECKING:
+    from sidecar.listener import ListenerContext
+
+# Buffered request body above which the connection stops reading from the client.
+_READ_HIGH_WATER = 256 * 1024
+_READ_LOW_WATER = 64 * 1024
+
+_REASONS = {
+    100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
+    206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified",
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
+    413: b"Content Too Large", 414: b"URI Too Long", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}  # fmt: skip
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Status"))
+        _STATUS_LINES[status] = line
+    return line
+
+
+def _no_body_status(status: int) -> bool:
+    return status < 200 or status in (204, 304)
+
+
+class _ParseAbort(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class H1ServerProtocol(asyncio.Protocol):
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self._url = b""
+        self._raw_headers: Headers = []
+        self._header_bytes = 0
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._parsing: Request | None = None
+        self._parsing_keep_alive = True
+        self._queue: deque[tuple[Request, bool]] = deque()
+        self._active: Request | None = None
+        self._active_task: asyncio.Task[None] | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast("asyncio.Transport", transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        self.ctx.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except _ParseAbort as abort:
+            self._reject(abort.status, abort.reason)
+        except httptools.HttpParserUpgrade:
+            # CONNECT (or an Upgrade the parser hands over): not a call the mesh carries.
+            self._reject(501, "CONNECT and protocol upgrades are not supported by this listener")
+        except httptools.HttpParserError as exc:
+            self._reject(400, f"malformed HTTP/1.1 request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.ctx.connections.discard(self)
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        if self._parsing is not None:
+            self._parsing.body.fail(ConnectionResetError("client closed the connection"))
+        for request, _ in self._queue:
+            request.body.fail(ConnectionResetError("client closed the connection"))
+        self._queue.clear()
+        if self._active_task is not None and not self._active_task.done():
+            self._active_task.cancel()
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    # -- httptools callbacks --
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._raw_headers = []
+        self._header_bytes = 0
+        timeout = self.ctx.limits.header_read_timeout
+        self._header_timer = self.loop.call_later(timeout, self._header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.ctx.limits.max_request_line:
+            raise _ParseAbort(414, f"request target over {self.ctx.limits.max_request_line} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.ctx.limits.max_header_bytes:
+            raise _ParseAbort(431, f"request headers over {self.ctx.limits.max_header_bytes} bytes")
+        self._raw_headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        request = self._build_request()
+        self._parsing = request
+        keep_alive = bool(self.parser.should_keep_alive())
+        if self._active is None:
+            self._start(request, keep_alive)
+        else:
+            self._queue.append((request, keep_alive))
+            self._pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if request is None:
+            return
+        request.body.feed(body)
+        if request.body.buffered > _READ_HIGH_WATER:
+            self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        if request is not None:
+            request.body.finish()
+            self._parsing = None
+
+    # -- requests --
+    def _build_request(self) -> Request:
+        url = self._url
+        headers: Headers = []
+        authority = b""
+        connection_tokens: list[bytes] | None = None
+        for name, value in self._raw_headers:
+            if name in HOP_BY_HOP:
+                if name == b"host":
+                    authority = value
+                elif name == b"connection":
+                    connection_tokens = [t.strip().lower() for t in value.split(b",")]
+                continue
+            if name == b"te" and value.strip().lower() != b"trailers":
+                continue
+            headers.append((name, value))
+        if connection_tokens:
+            drop = set(connection_tokens)
+            headers = [(n, v) for n, v in headers if n not in drop]
+        absolute = False
+        path = url
+        if url[:1] != b"/" and url != b"*":
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError as exc:
+                raise _ParseAbort(400, f"invalid request target: {exc}") from None
+            if parsed.host:
+                authority = (
+                    parsed.host
+                    if parsed.port is None
+                    else b"%s:%d"
+                    % (
+                        parsed.host,
+                        parsed.port,
+                    )
+                )
+            path = parsed.path or b"/"
+            if parsed.query:
+                path += b"?" + parsed.query
+            absolute = True
+        body = Body()
+        body.on_consumed = self._body_consumed
+        return Request(
+            self.parser.get_method(),
+            path,
+            authority,
+            headers,
+            body,
+            protocol="http1",
+            peer=self.peer,
+            start=time.monotonic(),
+            absolute_form=absolute,
+        )
+
+    def _start(self, request: Request, keep_alive: bool) -> None:
+        self._active = request
+        self._active_task = self.loop.create_task(self._run(request, keep_alive))
+
+    async def _run(self, request: Request, keep_alive: bool) -> None:
+        ctx = self.ctx
+        ctx.in_flight += 1
+        try:
+            await ctx.handler(request, _H1Sink(self, request, keep_alive))
+        except asyncio.CancelledError:
+            pass
+        except BodyError:
+            # The upstream failed mid-response: the only honest signal left is to close.
+            if self.transport is not None:
+                self.transport.close()
+        except Exception:
+            ctx.log.exception("unhandled error in %s handler", ctx.name)
+            if self.transport is not None:
+                self.transport.close()
+        finally:
+            ctx.in_flight -= 1
+            if ctx.in_flight == 0:
+                ctx.idle.set()
+            self._finish(request, keep_alive)
+
+    def _finish(self, request: Request, keep_alive: bool) -> None:
+        self._active = None
+        self._active_task = None
+        transport = self.transport
+        if self._closed or transport is None:
+            return
+        if not keep_alive or self.ctx.draining or transport.is_closing():
+            transport.close()
+            return
+        # Whatever the handler left unread of the request body is read and dropped.
+        request.body.discard()
+        if self._queue:
+            next_request, next_keep_alive = self._queue.popleft()
+            self._start(next_request, next_keep_alive)
+        if (
+            not self._queue
+            and self._reading_paused
+            and (self._parsing is None or self._parsing.body.buffered < _READ_LOW_WATER)
+        ):
+            self._resume_reading()
+
+    def _body_consumed(self, size: int) -> None:
+        if self._reading_paused and not self._queue:
+            parsing = self._parsing
+            if parsing is None or parsing.body.buffered < _READ_LOW_WATER:
+                self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        self._reject(408, "request headers not received in time")
+
+    def _reject(self, status: int, reason: str) -> None:
+        """Answer a request the parser could not accept, then close the connection."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._active is None:
+            body = json.dumps({"error": reason, "status": status}).encode()
+            transport.write(
+                status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n" % len(body) + body
+            )
+        transport.close()
+
+    # -- writing --
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self._closed:
+            raise ConnectionResetError("client closed the connection")
+        if self._write_paused:
+            self._drain_waiter = self.loop.create_future()
+            await self._drain_waiter
+            if self._closed:
+                raise ConnectionResetError("client closed the connection")
+
+    def close_if_idle(self) -> None:
+        """Draining: close keep-alive connections that have no call in progress."""
+        if self._active is None and self._parsing is None and self.transport is not None:
+            self.transport.close()
+
+
+class _H1Sink:
+    """Writes one response on an HTTP/1.1 connection."""
+
+    __slots__ = ("conn", "keep_alive", "request")
+
+    def __init__(self, conn: H1ServerProtocol, request: Request, keep_alive: bool) -> None:
+        self.conn = conn
+        self.request = request
+        self.keep_alive = keep_alive
+
+    async def send(self, response: Response) -> int:
+        conn = self.conn
+        transport = conn.transport
+        if transport is None or conn._closed:
+            raise ConnectionResetError("client closed the connection")
+        status = response.status
+        body = response.body
+        parts = [status_line(status)]
+        has_length = False
+        for name, value in response.headers:
+            if name in HOP_BY_HOP:
+                continue
+            if name == b"content-length":
+                has_length = True
+            parts += (name, b": ", value, b"\r\n")
+        no_body = _no_body_status(status) or self.request.method == b"HEAD"
+        keep_alive = self.keep_alive and not conn.ctx.draining
+        chunked = False
+        if not no_body and not has_length:
+            if body.complete:
+                data = body.read_nowait() or b""
+                parts += (b"content-length: ", str(len(data)).encode(), b"\r\n")
+                if not keep_alive:
+                    parts.append(b"connection: close\r\n")
+                parts.append(b"\r\n")
+                parts.append(data)
+                transport.write(b"".join(parts))
+                return len(data)
+            chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+            self.keep_alive = False
+        parts.append(b"\r\n")
+        if no_body:
+            body.cancel()
+            transport.write(b"".join(parts))
+            return 0
+        sent = 0
+        if body.complete:
+            data = body.read_nowait() or b""
+            parts.append(data)
+            transport.write(b"".join(parts))
+            return len(data)
+        transport.write(b"".join(parts))
+        while True:
+            chunk = await body.read()
+            if not chunk:
+                break
+            sent += len(chunk)
+            if chunked:
+                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            else:
+                transport.write(chunk)
+            if conn._write_paused:
+                await conn.drain()
+        if chunked:
+            trailers = body.trailers
+            if trailers:
+                lines = b"".join(b"%s: %s\r\n" % (n, v) for n, v in trailers)
+                transport.write(b"0\r\n" + lines + b"\r\n")
+            else:
+                transport.write(b"0\r\n\r\n")
+        return sent

@@ -1,0 +1,120 @@
+"""What the HTTP/2 server and client connections share: one h2 state machine
+driven from an asyncio transport, flow-controlled sends and write backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import h2.connection
+import h2.exceptions
+
+# Connection-level receive window: the 64 KiB default starves a multiplexed
+# connection (Linkerd uses 1 MiB per connection, 64 KiB per stream).
+CONNECTION_WINDOW = 1024 * 1024
+
+
+class StreamGone(ConnectionError):
+    """The stream was reset or the connection closed while sending on it."""
+
+
+class H2Base(asyncio.Protocol):
+    def __init__(self, h2conn: h2.connection.H2Connection) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.h2 = h2conn
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._window_waiters: dict[int, asyncio.Future[None]] = {}
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_all(self) -> None:
+        self.resume_writing()
+        waiters, self._window_waiters = self._window_waiters, {}
+        for waiter in waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def window_opened(self, stream_id: int) -> None:
+        if stream_id == 0:
+            waiters, self._window_waiters = self._window_waiters, {}
+            for waiter in waiters.values():
+                if not waiter.done():
+                    waiter.set_result(None)
+        else:
+            pending = self._window_waiters.pop(stream_id, None)
+            if pending is not None and not pending.done():
+                pending.set_result(None)
+
+    def stream_closed(self, stream_id: int) -> None:
+        """Wake a sender blocked on this stream so it sees the stream is gone."""
+        self.window_opened(stream_id)
+
+    async def send_data(self, stream_id: int, data: bytes) -> None:
+        """Send `data` on a stream as the peer's flow-control windows allow."""
+        h2c = self.h2
+        view = memoryview(data)
+        while view:
+            if self.closed:
+                raise StreamGone("connection closed")
+            try:
+                window = h2c.local_flow_control_window(stream_id)
+            except h2.exceptions.StreamClosedError:
+                raise StreamGone(f"stream {stream_id} closed") from None
+            if window <= 0:
+                waiter = self.loop.create_future()
+                self._window_waiters[stream_id] = waiter
+                await waiter
+                continue
+            size = min(window, h2c.max_outbound_frame_size, len(view))
+            try:
+                h2c.send_data(stream_id, view[:size].tobytes())
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                raise StreamGone(f"stream {stream_id} closed") from None
+            view = view[size:]
+            self.flush()
+            if self._write_paused:
+                waiter = self.loop.create_future()
+                self._drain_waiters.append(waiter)
+                await waiter
+
+    def end_stream(self, stream_id: int, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        try:
+            if trailers:
+                self.h2.send_headers(stream_id, trailers, end_stream=True)
+            else:
+                self.h2.end_stream(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            raise StreamGone(f"stream {stream_id} closed") from None
+        self.flush()
+
+    def reset_stream(self, stream_id: int, error_code: int = 8) -> None:
+        """RST_STREAM (default CANCEL); quiet if the stream is already closed."""
+        if self.closed:
+            return
+        try:
+            self.h2.reset_stream(stream_id, error_code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        self.flush()
+
+    def ack(self, stream_id: int, size: int) -> None:
+        if self.closed:
+            return
+        self.h2.acknowledge_received_data(size, stream_id)
+        self.flush()

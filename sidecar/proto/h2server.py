@@ -1,0 +1,269 @@
+"""HTTP/2 (cleartext, prior knowledge) server side of a listener, on h2.
+
+Each stream becomes a Request handed to the listener's handler in its own task;
+a client RST_STREAM cancels that task, which resets the upstream stream in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, cast
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
+from sidecar.proto.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
+
+if TYPE_CHECKING:
+    from sidecar.listener import ListenerContext
+
+_STATUS_BYTES = {code: str(code).encode() for code in range(100, 600)}
+
+
+class _Stream:
+    __slots__ = ("request", "task")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.task: asyncio.Task[None] | None = None
+
+
+class H2ServerProtocol(H2Base):
+    def __init__(self, ctx: ListenerContext) -> None:
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        super().__init__(h2.connection.H2Connection(config=config))
+        self.ctx = ctx
+        self.peer = ""
+        self.streams: dict[int, _Stream] = {}
+        self.last_stream_id = 0
+        self.goaway_sent = False
+        settings = ctx.http2
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: settings.max_frame_size,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: ctx.limits.max_header_bytes,
+            },
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast("asyncio.Transport", transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        self.ctx.connections.add(self)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+        if self.ctx.draining:
+            self.close_if_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ctx.connections.discard(self)
+        for stream in self.streams.values():
+            stream.request.body.fail(ConnectionResetError("client connection lost"))
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel()
+        self.streams.clear()
+        self._wake_all()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.ctx.log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
+            self.flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.RequestReceived:
+                self._request(event)  # type: ignore[arg-type]
+            elif kind is h2.events.DataReceived:
+                self._data(event)  # type: ignore[arg-type]
+            elif kind is h2.events.StreamEnded:
+                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream.request.body.finish()
+            elif kind is h2.events.TrailersReceived:
+                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
+                if stream is not None:
+                    stream.request.body.finish(list(event.headers))  # type: ignore[attr-defined]
+            elif kind is h2.events.WindowUpdated:
+                self.window_opened(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is h2.events.StreamReset:
+                self._reset(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is h2.events.RemoteSettingsChanged:
+                self.window_opened(0)
+            elif kind is h2.events.ConnectionTerminated:
+                self.goaway_sent = True
+                self.close_if_idle()
+        self.flush()
+
+    # -- events --
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        assert event.headers is not None
+        method = path = authority = b""
+        scheme = b"http"
+        headers: Headers = []
+        for name, value in event.headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":scheme":
+                    scheme = value
+            elif name in HOP_BY_HOP:
+                if name == b"host" and not authority:
+                    authority = value
+            else:
+                headers.append((name, value))
+        body = Body()
+        body.on_consumed = lambda size: self.ack(stream_id, size)
+        if event.stream_ended is not None:
+            body.finish()
+        request = Request(
+            method,
+            path,
+            authority,
+            headers,
+            body,
+            scheme=scheme,
+            protocol="h2c",
+            peer=self.peer,
+            start=time.monotonic(),
+        )
+        if stream_id > self.last_stream_id:
+            self.last_stream_id = stream_id
+        if self.goaway_sent:
+            # Arrived after our GOAWAY: refuse, the client may send it elsewhere.
+            self.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        stream = _Stream(request)
+        self.streams[stream_id] = stream
+        stream.task = self.loop.create_task(self._run(stream_id, stream))
+
+    def _data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        size = event.flow_controlled_length
+        accepted = stream is not None and stream.request.body.feed(event.data or b"", size)
+        if not accepted and size:
+            # Nobody will read it: give the window back at once.
+            self.ack(event.stream_id, size)
+
+    def _reset(self, stream_id: int) -> None:
+        self.stream_closed(stream_id)
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return
+        stream.request.body.fail(ConnectionResetError("client reset the stream"))
+        if stream.task is not None and not stream.task.done():
+            stream.task.cancel()
+
+    async def _run(self, stream_id: int, stream: _Stream) -> None:
+        ctx = self.ctx
+        ctx.in_flight += 1
+        try:
+            await ctx.handler(stream.request, _H2Sink(self, stream_id))
+        except asyncio.CancelledError:
+            pass
+        except BodyError:
+            # The upstream failed mid-response: reset so the client sees an incomplete reply.
+            self.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except Exception:
+            ctx.log.exception("unhandled error in %s handler", ctx.name)
+            self.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        finally:
+            ctx.in_flight -= 1
+            if ctx.in_flight == 0:
+                ctx.idle.set()
+            if self.streams.pop(stream_id, None) is not None:
+                body = stream.request.body
+                if not body.at_eof:
+                    # The reply is done but the client is still sending: stop it.
+                    body.discard()
+                    self.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            if self.goaway_sent:
+                self.close_if_idle()
+
+    # -- lifecycle --
+    def send_goaway(self) -> None:
+        """Graceful close: streams up to the last one seen finish, then the connection closes."""
+        if self.goaway_sent or self.closed:
+            return
+        self.goaway_sent = True
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(error_code=0, last_stream_id=self.last_stream_id)
+        self.flush()
+        self.close_if_idle()
+
+    def close_if_idle(self) -> None:
+        if self.ctx.draining and not self.goaway_sent:
+            self.send_goaway()
+            return
+        if not self.streams and self.transport is not None:
+            self.transport.close()
+
+
+class _H2Sink:
+    __slots__ = ("conn", "stream_id")
+
+    def __init__(self, conn: H2ServerProtocol, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+
+    async def send(self, response: Response) -> int:
+        conn = self.conn
+        if conn.closed or self.stream_id not in conn.streams:
+            raise StreamGone("client went away")
+        headers: Headers = [(b":status", _STATUS_BYTES.get(response.status) or b"500")]
+        for name, value in response.headers:
+            if name not in HOP_BY_HOP:
+                headers.append((name, value))
+        body = response.body
+        stream_id = self.stream_id
+        h2c = conn.h2
+        try:
+            if body.complete and not body.trailers:
+                data = body.read_nowait()
+                if not data:
+                    h2c.send_headers(stream_id, headers, end_stream=True)
+                    conn.flush()
+                    return 0
+                h2c.send_headers(stream_id, headers)
+                await conn.send_data(stream_id, data)
+                conn.end_stream(stream_id, None)
+                return len(data)
+            h2c.send_headers(stream_id, headers)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            raise StreamGone(str(exc)) from None
+        conn.flush()
+        sent = 0
+        while True:
+            chunk = await body.read()
+            if not chunk:
+                break
+            sent += len(chunk)
+            await conn.send_data(stream_id, chunk)
+        conn.end_stream(stream_id, body.trailers)
+        return sent

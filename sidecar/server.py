@@ -1,0 +1,196 @@
+"""The sidecar process: builds every part from the config, runs it, drains it on SIGTERM.
+
+Start order: discovery's first sync, then the listeners bind, then the local app
+is registered (so peers only learn of us once we can take calls), then /ready.
+Drain order (SIGTERM): /ready turns 503 and the instance leaves discovery, the
+listeners stop accepting and send GOAWAY, in-flight calls get `drain_timeout`
+to finish, then pools and discovery close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from sidecar.accesslog import AccessLog
+from sidecar.admin import AdminServer
+from sidecar.cluster import Cluster, ClusterManager, pool_limits
+from sidecar.config import SidecarConfig, advertise_host, resolve_instance_id
+from sidecar.discovery.base import Endpoint, Instance
+from sidecar.discovery.factory import create_discovery
+from sidecar.lb import RoundRobin
+from sidecar.listener import Listener, ListenerContext
+from sidecar.metrics import Metrics
+from sidecar.proxy import InboundHandler, OutboundHandler
+from sidecar.routing import Router
+from sidecar.upstream.h1client import H1Pool
+from sidecar.upstream.h2pool import H2Pool
+from sidecar.upstream.pool import Pool
+
+log = logging.getLogger("sidecar.server")
+
+
+class Sidecar:
+    def __init__(self, cfg: SidecarConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.metrics_registry: CollectorRegistry = self.metrics.registry
+        self.ready = False
+        self.draining = False
+        self.discovery = create_discovery(cfg)
+        self.clusters = ClusterManager(cfg, self.discovery, self.metrics)
+        self.access_log = AccessLog(cfg.log.access_log)
+        self.listeners: dict[str, Listener] = {}
+        self.admin: AdminServer | None = None
+        self.app_cluster: Cluster | None = None
+        self.ports: dict[str, int] = {}
+        self._stop = asyncio.Event()
+
+    # -- AdminState --
+    def clusters_snapshot(self) -> dict[str, Any]:
+        snapshot: dict[str, Any] = {"outbound": self.clusters.snapshot()}
+        if self.app_cluster is not None:
+            snapshot["inbound"] = {self.cfg.service.name: self.app_cluster.snapshot()}
+        return snapshot
+
+    def begin_drain(self) -> None:
+        self._stop.set()
+
+    # -- lifecycle --
+    async def start(self) -> dict[str, int]:
+        cfg = self.cfg
+        await self.discovery.start()
+        app_endpoint = Endpoint(cfg.app.host, cfg.app.port, instance_id="app")
+        app_limits = pool_limits(cfg, cfg.service.name)
+        app_pool: Pool
+        if cfg.app.protocol == "h2c":
+            app_pool = H2Pool(cfg.service.name, app_limits, self.metrics)
+        else:
+            app_pool = H1Pool(
+                cfg.service.name,
+                # The app is one process on loopback: a deeper pool, quick idle close
+                # (shorter than typical server keep-alives, so we rarely reuse a closed one).
+                type(app_limits)(
+                    max_connections=cfg.app.max_connections,
+                    max_per_route=cfg.app.max_connections,
+                    idle_timeout=min(app_limits.idle_timeout, 3.0),
+                    connect_timeout=app_limits.connect_timeout,
+                    pending_timeout=app_limits.pending_timeout,
+                ),
+                self.metrics,
+            )
+        self.app_cluster = Cluster(cfg.service.name, app_pool, RoundRobin())
+        self.app_cluster.update((app_endpoint,))
+        router = Router(cfg.routes, self.clusters.knows)
+        outbound = OutboundHandler(router, self.clusters, self.metrics, self.access_log)
+        inbound = InboundHandler(cfg.service.name, self.app_cluster, self.metrics, self.access_log)
+        for name, handler, spec in (
+            ("outbound", outbound, cfg.listeners.outbound),
+            ("inbound", inbound, cfg.listeners.inbound),
+        ):
+            ctx = ListenerContext(name, handler, cfg.http2, cfg.limits)
+            listener = Listener(ctx, spec.host, spec.port)
+            self.ports[name] = await listener.start()
+            self.listeners[name] = listener
+        self.admin = AdminServer(self, cfg.listeners.admin.host, cfg.listeners.admin.port)
+        self.ports["admin"] = await self.admin.start()
+        if cfg.discovery.register:
+            await self.discovery.register(
+                Instance(
+                    service=cfg.service.name,
+                    instance_id=resolve_instance_id(cfg),
+                    host=advertise_host(cfg),
+                    port=self.ports["inbound"],
+                    zone=cfg.service.zone,
+                    protocol=cfg.upstream.protocol,
+                    tags=cfg.service.tags,
+                    meta=dict(cfg.service.meta),
+                )
+            )
+        self.ready = True
+        log.info(
+            "opus-sidecar ready: service=%s outbound=%s:%d inbound=%s:%d admin=%s:%d app=%s:%d",
+            cfg.service.name,
+            cfg.listeners.outbound.host,
+            self.ports["outbound"],
+            cfg.listeners.inbound.host,
+            self.ports["inbound"],
+            cfg.listeners.admin.host,
+            self.ports["admin"],
+            cfg.app.host,
+            cfg.app.port,
+        )
+        return self.ports
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+
+    async def drain(self) -> None:
+        """Graceful shutdown; returns when in-flight calls are done or drain_timeout passed."""
+        self.draining = True
+        self.ready = False
+        log.info("draining: leaving discovery, refusing new calls")
+        with contextlib.suppress(Exception):
+            await self.discovery.deregister()
+        for listener in self.listeners.values():
+            listener.begin_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.drain_timeout
+        finished = True
+        for listener in self.listeners.values():
+            finished &= await listener.wait_idle(max(0.0, deadline - loop.time()))
+        if not finished:
+            log.warning("drain_timeout (%ss) passed with calls in flight", self.cfg.drain_timeout)
+        await self.close()
+
+    async def close(self) -> None:
+        for listener in self.listeners.values():
+            await listener.close()
+        self.clusters.close()
+        if self.app_cluster is not None:
+            self.app_cluster.pool.close()
+        if self.admin is not None:
+            await self.admin.close()
+        await self.discovery.close()
+        self.access_log.close()
+
+
+def _write_ports(path: str, ports: dict[str, int]) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(ports, fh)
+    os.replace(tmp, path)
+
+
+async def serve(cfg: SidecarConfig, ports_file: str | None = None) -> int:
+    sidecar = Sidecar(cfg)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, sidecar.begin_drain)
+    try:
+        ports = await sidecar.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        await sidecar.close()
+        return 1
+    if ports_file:
+        _write_ports(ports_file, ports)
+    await sidecar.wait_for_stop()
+    await sidecar.drain()
+    log.info("stopped")
+    return 0
+
+
+def run_sidecar(cfg: SidecarConfig, *, ports_file: str | None = None) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return asyncio.run(serve(cfg, ports_file))
+    return uvloop.run(serve(cfg, ports_file))

@@ -1,0 +1,1 @@
+"""Upstream side: connections to peers and the pools that share them."""

@@ -1,0 +1,310 @@
+"""One multiplexed HTTP/2 (h2c) connection to a peer, on h2.
+
+`request()` opens a stream, sends the head and (in the background when it is
+still arriving) the body, and returns once the response head is here; the
+response body streams into a Body whose reads return flow-control window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import cast
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from sidecar.errors import StreamRefused, UpstreamReset
+from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
+from sidecar.proto.messages import Body, BodyError, Headers, Request, Response
+
+_CLIENT_SETTINGS = {
+    h2.settings.SettingCodes.ENABLE_PUSH: 0,
+    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 256 * 1024,
+}
+
+
+class _ClientStream:
+    __slots__ = ("body", "response", "sender")
+
+    def __init__(self, response: asyncio.Future[Response]) -> None:
+        self.response = response
+        self.body: Body | None = None
+        self.sender: asyncio.Task[None] | None = None
+
+
+class H2ClientConnection(H2Base):
+    def __init__(self, on_change: Callable[[H2ClientConnection], None] | None = None) -> None:
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        super().__init__(h2.connection.H2Connection(config=config))
+        self.h2.local_settings = h2.settings.Settings(client=True, initial_values=_CLIENT_SETTINGS)
+        self.streams: dict[int, _ClientStream] = {}
+        self.reserved = 0  # streams promised to callers, not yet opened
+        self.goaway = False
+        self.last_active = 0.0
+        self.on_change = on_change  # pool hook: a slot freed or the connection died
+        self._connected: asyncio.Future[None] = self.loop.create_future()
+
+    # -- capacity --
+    @property
+    def max_streams(self) -> int:
+        limit = int(self.h2.remote_settings.max_concurrent_streams)
+        # Until the peer's SETTINGS arrive the limit is "unlimited"; assume RFC 9113's
+        # recommended minimum of 100 rather than flood a peer with a lower one.
+        return limit if limit < 2**31 else 100
+
+    @property
+    def active(self) -> int:
+        return len(self.streams) + self.reserved
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.goaway
+
+    def has_capacity(self) -> bool:
+        return self.usable and self.active < self.max_streams
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast("asyncio.Transport", transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+        self.last_active = self.loop.time()
+        if not self._connected.done():
+            self._connected.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            self._fail(stream, UpstreamReset("upstream connection lost"))
+        self._wake_all()
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.flush()
+            self.close()
+            return
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.ResponseReceived:
+                self._response(event)  # type: ignore[arg-type]
+            elif kind is h2.events.DataReceived:
+                self._data(event)  # type: ignore[arg-type]
+            elif kind is h2.events.StreamEnded:
+                self._ended(event.stream_id, None)  # type: ignore[attr-defined]
+            elif kind is h2.events.TrailersReceived:
+                self._ended(event.stream_id, list(event.headers))  # type: ignore[attr-defined]
+            elif kind is h2.events.WindowUpdated:
+                self.window_opened(event.stream_id)  # type: ignore[attr-defined]
+            elif kind is h2.events.StreamReset:
+                self._reset(event)  # type: ignore[arg-type]
+            elif kind is h2.events.RemoteSettingsChanged:
+                self.window_opened(0)
+                if self.on_change is not None:
+                    self.on_change(self)
+            elif kind is h2.events.ConnectionTerminated:
+                self._goaway(event)  # type: ignore[arg-type]
+        self.flush()
+
+    # -- events --
+    def _response(self, event: h2.events.ResponseReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.response.done():
+            return
+        assert event.headers is not None
+        status = 0
+        headers: Headers = []
+        for name, value in event.headers:
+            if name == b":status":
+                status = int(value)
+            elif name[:1] != b":":
+                headers.append((name, value))
+        stream_id = event.stream_id
+        body = Body()
+        body.on_consumed = lambda size: self.ack(stream_id, size)
+        body.on_cancel = lambda: self._cancel(stream_id)
+        stream.body = body
+        if event.stream_ended is not None:
+            body.finish()
+        stream.response.set_result(Response(status, headers, body))
+
+    def _data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        size = event.flow_controlled_length
+        body = stream.body if stream is not None else None
+        accepted = body is not None and body.feed(event.data or b"", size)
+        if not accepted and size:
+            self.ack(event.stream_id, size)
+
+    def _ended(self, stream_id: int, trailers: Headers | None) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if stream.body is not None:
+            stream.body.finish(trailers)
+        elif trailers is not None and not stream.response.done():
+            # Trailers-only response arrives as headers; h2 reports the first block as response.
+            stream.response.set_exception(UpstreamReset("response ended before its headers"))
+        self._release(stream_id)
+
+    def _reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+            error: Exception = StreamRefused("upstream refused the stream")
+        else:
+            error = UpstreamReset(f"upstream reset the stream ({event.error_code!s})")
+        if stream.body is not None and event.error_code == h2.errors.ErrorCodes.NO_ERROR:
+            # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR).
+            stream.body.finish()
+        else:
+            self._fail(stream, error)
+        self.stream_closed(event.stream_id)
+        self._release(event.stream_id)
+
+    def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        self.goaway = True
+        last = event.last_stream_id if event.last_stream_id is not None else 0
+        for stream_id in [sid for sid in self.streams if sid > last]:
+            stream = self.streams[stream_id]
+            self._fail(stream, StreamRefused("stream above the peer's GOAWAY last-stream-id"))
+            self._release(stream_id)
+        if self.on_change is not None:
+            self.on_change(self)
+        if not self.streams:
+            self.close()
+
+    def _fail(self, stream: _ClientStream, error: Exception) -> None:
+        if not stream.response.done():
+            stream.response.set_exception(error)
+        elif stream.body is not None:
+            stream.body.fail(error)
+        if stream.sender is not None and not stream.sender.done():
+            stream.sender.cancel()
+
+    def _release(self, stream_id: int) -> None:
+        if self.streams.pop(stream_id, None) is None:
+            return
+        self.last_active = self.loop.time()
+        if self.goaway and not self.streams:
+            self.close()
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _cancel(self, stream_id: int) -> None:
+        """The caller went away: reset the upstream stream."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if stream.sender is not None and not stream.sender.done():
+            stream.sender.cancel()
+        self.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.stream_closed(stream_id)
+        self._release(stream_id)
+
+    # -- sending --
+    async def request(self, request: Request, authority: bytes, path: bytes) -> Response:
+        """Send `request` on a new stream; the caller must hold a reserved slot."""
+        self.reserved -= 1
+        if not self.usable:
+            raise StreamRefused("upstream connection is closing")
+        headers: Headers = [
+            (b":method", request.method),
+            (b":scheme", b"http"),
+            (b":authority", authority),
+            (b":path", path),
+        ]
+        headers += request.headers
+        body = request.body
+        h2c = self.h2
+        try:
+            stream_id = h2c.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError:
+            self.goaway = True
+            raise StreamRefused("stream ids exhausted on this connection") from None
+        waiter: asyncio.Future[Response] = self.loop.create_future()
+        stream = _ClientStream(waiter)
+        self.streams[stream_id] = stream
+        self.last_active = self.loop.time()
+        try:
+            if body.complete and not body.trailers:
+                data = body.read_nowait()
+                h2c.send_headers(stream_id, headers, end_stream=not data)
+                self.flush()
+                if data:
+                    await self.send_data(stream_id, data)
+                    self.end_stream(stream_id, None)
+            else:
+                h2c.send_headers(stream_id, headers)
+                self.flush()
+                stream.sender = self.loop.create_task(self._send_body(stream_id, body))
+        except (StreamGone, h2.exceptions.ProtocolError) as exc:
+            self._release(stream_id)
+            if not waiter.done():
+                raise UpstreamReset(f"upstream stream failed while sending: {exc}") from None
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self._cancel(stream_id)
+            raise
+
+    async def _send_body(self, stream_id: int, body: Body) -> None:
+        try:
+            while True:
+                chunk = await body.read()
+                if not chunk:
+                    break
+                await self.send_data(stream_id, chunk)
+            self.end_stream(stream_id, body.trailers)
+        except (StreamGone, asyncio.CancelledError):
+            return
+        except BodyError:
+            # The downstream caller went away mid-body: the upstream call is void.
+            self._cancel(stream_id)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            try:
+                self.h2.close_connection()
+                self.flush()
+            except h2.exceptions.ProtocolError:
+                pass
+            self.transport.close()
+        self.closed = True
+
+
+async def connect_h2(
+    host: str,
+    port: int,
+    timeout: float,
+    on_change: Callable[[H2ClientConnection], None] | None = None,
+) -> H2ClientConnection:
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(
+        loop.create_connection(lambda: H2ClientConnection(on_change), host, port), timeout
+    )
+    return proto
