@@ -84,6 +84,10 @@ def _run(config_path: str | None, ports_file: str | None) -> int:
     if cfg is None:
         return 2
     logging.basicConfig(stream=sys.stderr, level=cfg.log.level, format=LOG_FORMAT)
+    # OPUS_LOG_LEVEL=DEBUG is about the sidecar: the HPACK codec's per-header debug
+    # lines would drown it and cost real time on every call.
+    for noisy in ("hpack", "h2", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     _warn_unknown_env()
     # Imported only now: nothing that can bind a socket is loaded before the config is good.
     from sidecar.server import run_sidecar

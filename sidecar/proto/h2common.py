@@ -8,6 +8,7 @@ import asyncio
 
 import h2.connection
 import h2.exceptions
+from hyperframe.frame import GoAwayFrame
 
 # Connection-level receive window: the 64 KiB default starves a multiplexed
 # connection (Linkerd uses 1 MiB per connection, 64 KiB per stream).
@@ -112,6 +113,22 @@ class H2Base(asyncio.Protocol):
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             return
         self.flush()
+
+    def keep_open_after_goaway(self, state: h2.connection.ConnectionState) -> None:
+        """h2 closes its whole state machine on GOAWAY, but RFC 9113 6.8 lets streams
+        up to the last-stream-id run to completion: put the machine back so they can.
+        Callers stop opening streams themselves."""
+        self.h2.state_machine.state = state
+
+    def send_graceful_goaway(self, last_stream_id: int) -> None:
+        """GOAWAY(NO_ERROR) written beside h2, whose own close_connection() would end
+        the in-flight streams too."""
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = 0
+        self.flush()
+        if self.transport is not None and not self.closed:
+            self.transport.write(frame.serialize())
 
     def ack(self, stream_id: int, size: int) -> None:
         if self.closed:

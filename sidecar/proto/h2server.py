@@ -7,7 +7,6 @@ a client RST_STREAM cancels that task, which resets the upstream stream in turn.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -112,6 +111,8 @@ class H2ServerProtocol(H2Base):
             elif kind is h2.events.RemoteSettingsChanged:
                 self.window_opened(0)
             elif kind is h2.events.ConnectionTerminated:
+                # The client is leaving: no new streams, but the open ones may finish.
+                self.keep_open_after_goaway(h2.connection.ConnectionState.SERVER_OPEN)
                 self.goaway_sent = True
                 self.close_if_idle()
         self.flush()
@@ -212,9 +213,7 @@ class H2ServerProtocol(H2Base):
         if self.goaway_sent or self.closed:
             return
         self.goaway_sent = True
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.close_connection(error_code=0, last_stream_id=self.last_stream_id)
-        self.flush()
+        self.send_graceful_goaway(self.last_stream_id)
         self.close_if_idle()
 
     def close_if_idle(self) -> None:

@@ -188,6 +188,8 @@ class H2ClientConnection(H2Base):
 
     def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
         self.goaway = True
+        if event.error_code == h2.errors.ErrorCodes.NO_ERROR:
+            self.keep_open_after_goaway(h2.connection.ConnectionState.CLIENT_OPEN)
         last = event.last_stream_id if event.last_stream_id is not None else 0
         for stream_id in [sid for sid in self.streams if sid > last]:
             stream = self.streams[stream_id]
