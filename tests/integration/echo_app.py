@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -95,10 +96,8 @@ def main() -> None:
     parser.add_argument("--ports-file", required=True)
     parser.add_argument("--name", default="echo")
     args = parser.parse_args()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(args))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

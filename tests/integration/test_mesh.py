@@ -241,23 +241,25 @@ def test_sigterm_finishes_in_flight_calls(mesh: Mesh) -> None:
     assert payment.wait() == 0
 
 
-def _wait_in_flight(sidecar: object, count: int) -> None:
+def _wait_in_flight(sidecar: object, count: int, at_most: bool = False) -> None:
+    """Poll the sidecar's /clusters until its app has `count` calls in flight (or at most)."""
     import time
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         clusters = httpx.get(f"{sidecar.admin}/clusters", timeout=5).json()  # type: ignore[attr-defined]
         inbound = next(iter(clusters["inbound"].values()))
-        if sum(e["active_requests"] for e in inbound["endpoints"]) >= count:
+        active = sum(e["active_requests"] for e in inbound["endpoints"])
+        if (active <= count) if at_most else (active >= count):
             return
         time.sleep(0.02)
-    raise AssertionError("calls never reached the app")
+    raise AssertionError(f"in-flight calls never reached {count}")
 
 
 def test_goaway_under_load_loses_no_call(mesh: Mesh) -> None:
     """A peer that drains (GOAWAY) mid-load: calls it had not started go to the other one."""
     _, first = mesh.service("inventory")
-    _, second = mesh.service("inventory")
+    _, _second = mesh.service("inventory")
     _, payment = mesh.service("payment")
     mesh.wait_endpoints(payment, "inventory", 2)
 
@@ -281,3 +283,52 @@ def test_goaway_under_load_loses_no_call(mesh: Mesh) -> None:
     assert first.wait() == 0
     assert len(statuses) == 400
     assert statuses.count(200) == 400, {s: statuses.count(s) for s in set(statuses)}
+
+
+def test_caller_going_away_resets_the_upstream_call(mesh: Mesh) -> None:
+    _, inventory = mesh.service("inventory")
+    _, payment = mesh.service("payment")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(f"{payment.outbound}/v1/invoke/inventory/slow?ms=4000", timeout=0.5)
+    # The reset travels: the inbound sidecar drops its call to the app long before 4 s.
+    _wait_in_flight(inventory, 0, at_most=True)
+    access = (mesh.workdir / f"{inventory.name}.access.log").read_text().splitlines()
+    assert json.loads(access[-1])["flags"] == "DC"
+    # The HTTP/2 connection between the sidecars survived the reset.
+    assert httpx.get(f"{payment.outbound}/v1/invoke/inventory/ok", timeout=10).status_code == 200
+    assert payment.metric("opus_upstream_connections_opened_total", service="inventory") == 1
+
+
+def test_app_behind_h2c(mesh: Mesh) -> None:
+    """app.protocol h2c: the inbound sidecar reaches its app over HTTP/2 (here the app is
+    another sidecar's inbound listener, which speaks h2c, in front of the echo app)."""
+    echo = mesh.app("inventory")
+    front = mesh.sidecar("backend", echo.ports["port"], {"discovery": {"register": False}})
+    mesh.sidecar("inventory", front.ports["inbound"], {"app": {"protocol": "h2c"}})
+    _, payment = mesh.service("payment")
+    resp = httpx.post(f"{payment.outbound}/v1/invoke/inventory/h2app", content=b"abc", timeout=10)
+    assert resp.status_code == 200 and resp.json()["body_len"] == 3
+    assert front.metric("opus_requests_total", direction="inbound", code="200") == 1
+
+
+def test_draining_sidecar_reports_not_ready(mesh: Mesh) -> None:
+    _, inventory = mesh.service("inventory")
+    _, payment = mesh.service("payment")
+    thread = threading.Thread(
+        target=lambda: httpx.get(f"{payment.outbound}/v1/invoke/inventory/slow?ms=2000", timeout=20)
+    )
+    thread.start()
+    _wait_in_flight(inventory, 1)
+    inventory.signal(signal.SIGTERM)
+    import time
+
+    deadline = time.monotonic() + 5
+    status = 0
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{inventory.admin}/ready", timeout=5).status_code
+        if status == 503:
+            break
+    assert status == 503
+    assert httpx.get(f"{inventory.admin}/health", timeout=5).content == b'{"status":"UP"}'
+    thread.join(20)
+    assert inventory.wait() == 0
