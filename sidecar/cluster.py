@@ -35,10 +35,15 @@ class Cluster:
         self.endpoints = endpoints
 
     async def forward(
-        self, request: Request, authority: bytes, path: bytes
+        self, request: Request, authority: bytes, path: bytes, avoid: list[Endpoint] | None = None
     ) -> tuple[Response, Endpoint]:
-        """Send the call; the caller must `release()` the endpoint when the call ends."""
-        tried: list[Endpoint] = []
+        """Send the call to an endpoint (one not in `avoid` when there is one).
+
+        Endpoints count as active from the send until the response head arrives, which
+        is what least-request balances on.
+        """
+        tried: list[Endpoint] = list(avoid) if avoid else []
+        first_try = len(tried)
         while True:
             endpoint = self.balancer.pick(self.endpoints, self.active, tried)
             if endpoint is None:
@@ -50,13 +55,11 @@ class Cluster:
             try:
                 return await self.pool.request(endpoint, request, authority, path), endpoint
             except RETRY_SAFE:
-                self.release(endpoint)
                 tried.append(endpoint)
-                if len(tried) > MAX_SAFE_RESENDS or not request.body.rewind():
+                if len(tried) - first_try > MAX_SAFE_RESENDS or not request.body.rewind():
                     raise
-            except BaseException:
+            finally:
                 self.release(endpoint)
-                raise
 
     def release(self, endpoint: Endpoint) -> None:
         count = self.active.get(endpoint, 0) - 1

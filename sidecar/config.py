@@ -111,12 +111,32 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterSpec:
+    """One filter in a chain: a registered name and its own config (validated by the filter)."""
+
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FiltersConfig:
+    """Filter chains per listener; calls pass them in order, responses in reverse."""
+
+    outbound: tuple[FilterSpec, ...] = ()
+    inbound: tuple[FilterSpec, ...] = ()
+    # The most a filter may buffer of a body it asks to read whole; over it: 413.
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterOverride:
     """Per-service overrides of the upstream defaults."""
 
     lb_policy: LbPolicy | None = None
     max_connections: int | None = None
     max_per_route: int | None = None
+    # Replaces filters.outbound for calls to this service.
+    filters: tuple[FilterSpec, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +146,8 @@ class RouteConfig:
     service: str
     prefix: str = ""
     grpc_service: str = ""
+    # Replaces the service's (or the listener's) outbound chain for calls on this route.
+    filters: tuple[FilterSpec, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +180,7 @@ class SidecarConfig:
     upstream: UpstreamConfig = UpstreamConfig()
     services: dict[str, ClusterOverride] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
+    filters: FiltersConfig = FiltersConfig()
     http2: Http2ServerConfig = Http2ServerConfig()
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
@@ -238,6 +261,7 @@ _BOUNDS: dict[tuple[type, str], _Bound] = {
     (ClusterOverride, "max_per_route"): _AT_LEAST_ONE,
     # RFC 9113 section 6.5.2 limits for the SETTINGS values.
     (Http2ServerConfig, "max_concurrent_streams"): _AT_LEAST_ONE,
+    (FiltersConfig, "max_body_bytes"): _AT_LEAST_ONE,
     (Http2ServerConfig, "initial_window_size"): _Bound(0, 2**31 - 1),
     (Http2ServerConfig, "max_frame_size"): _Bound(16384, 2**24 - 1),
     (LimitsConfig, "max_request_line"): _AT_LEAST_ONE,
@@ -357,6 +381,8 @@ def _convert(
                 raise ConfigError(key, f"keys must be strings, got {_show(k)}")
             out[k] = _convert(args[1], v, _join(key, k))
         return out
+    if tp is Any:  # a filter's own config: the filter's factory validates it
+        return value
     if tp is StaticEndpoint and isinstance(value, str):
         return _parse_endpoint(value, key)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
@@ -440,6 +466,10 @@ def _validate(cfg: SidecarConfig) -> None:
         _check_service_name(f"discovery.static.services.{name}", name)
     for i, route in enumerate(cfg.routes):
         _check_route(f"routes[{i}]", route)
+    # Each filter validates its own config now, before anything binds.
+    from sidecar.chain import validate_filters
+
+    validate_filters(cfg)
 
 
 def _check_pool(key: str, max_connections: int, max_per_route: int) -> None:
@@ -609,6 +639,11 @@ def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> S
         var = next((v for k, v in sources.items() if _is_within(e.key, k)), "")
         raise ConfigError(e.key, e.message, path=path or "", env_var=var) from None
     return cfg
+
+
+def build_dataclass(cls: type[_T], raw: object, key: str) -> _T:
+    """Build any config dataclass (a filter's config, say) with this module's checks."""
+    return _build(cls, raw, key)
 
 
 def _is_within(key: str, prefix: str) -> bool:

@@ -70,6 +70,19 @@ class Metrics:
             ["service"],
             registry=r,
         )
+        self.filter_errors = Counter(
+            "opus_filter_errors",
+            "Calls a filter failed (raised), answered 500, by filter.",
+            ["filter"],
+            registry=r,
+        )
+        self.local_replies = Counter(
+            "opus_local_replies",
+            "Calls answered by the mesh itself rather than the upstream, by filter (or 'router') "
+            "and status code.",
+            ["filter", "code"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str, int], MetricWrapperBase] = {}
         self._duration_children: dict[tuple[str, str], MetricWrapperBase] = {}
 

@@ -1,14 +1,17 @@
 """The request path, composed in one place.
 
 Outbound (the local app's call into the mesh), in order:
-  1. route: which service the call is for (routing.Router) - before anything that
+  1. route: which service the call is for (routing.Router), before anything that
      depends on the service, so an unknown one is answered without touching a pool;
   2. cluster: the service's endpoints, balancer and pool (created on first use);
-  3. forward: pick an endpoint and send over pooled HTTP/2, resending only what the
-     peer provably never saw;
-  4. respond: stream the reply back, then metrics and one access-log line.
-Inbound (a peer sidecar's call for the local app): forward to the app's cluster,
-then respond, metrics and access log the same way.
+  3. filters: the chain for that service or route (signing, retries, limits, ...),
+     which may answer locally; built once per service/route and kept, so per-service
+     state (token buckets, breakers) lives in its filter instances;
+  4. router: pick an endpoint and send over pooled HTTP/2, resending only what the
+     peer provably never saw; the remaining deadline travels with the call;
+  5. respond: stream the reply back, then metrics and one access-log line.
+Inbound (a peer sidecar's call for the local app): the inbound chain (signature
+checks first), then the app's cluster, then respond and observe the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import logging
 import time
 
 from sidecar.accesslog import AccessLog, record
+from sidecar.chain import Call, Filter, FilterContext, Next, build_filters, compose
 from sidecar.cluster import Cluster, ClusterManager
+from sidecar.config import FilterSpec, SidecarConfig
 from sidecar.errors import MeshError, UnknownService, UpstreamReset, error_response
 from sidecar.listener import ResponseSink
 from sidecar.metrics import Metrics
@@ -29,126 +34,180 @@ from sidecar.routing import Router
 log = logging.getLogger("sidecar.proxy")
 
 _CLIENT_GONE = (ConnectionError, StreamGone)
+DEADLINE_HEADER = b"x-opus-deadline-ms"
+
+
+def router_step(cluster: Cluster) -> Next:
+    """The innermost step of every chain: send the call to one of the cluster's endpoints."""
+
+    async def send(call: Call) -> Response:
+        if call.deadline is not None:
+            remaining_ms = int((call.deadline - time.monotonic()) * 1000)
+            call.set_header(DEADLINE_HEADER, str(max(remaining_ms, 0)).encode())
+        try:
+            response, endpoint = await cluster.forward(
+                call.request, call.authority, call.path, call.tried
+            )
+        except MeshError as exc:
+            call.error = exc
+            call.flags = exc.flag
+            return error_response(exc, grpc=call.request.is_grpc)
+        call.endpoint = endpoint
+        call.upstream_protocol = cluster.pool.protocol
+        call.tried.append(endpoint)
+        call.tries += 1
+        return response
+
+    return send
 
 
 class CallHandler:
-    """One direction's handler: the shared respond/observe half of every call."""
+    """One direction's handler: run the chain, respond, observe."""
 
-    def __init__(self, direction: str, metrics: Metrics, access_log: AccessLog) -> None:
+    def __init__(self, direction: str, cfg: SidecarConfig, metrics: Metrics, access_log: AccessLog):
         self.direction = direction
+        self.cfg = cfg
         self.metrics = metrics
         self.access_log = access_log
-        self.loop = asyncio.get_running_loop()
+        self.max_body_bytes = cfg.filters.max_body_bytes
+        self.filters: list[Filter] = []  # every filter built, to close them at shutdown
 
-    async def _respond(
-        self,
-        request: Request,
-        sink: ResponseSink,
-        service: str,
-        target: tuple[Cluster, bytes, bytes] | None,
-        error: MeshError | None,
-    ) -> None:
-        """Forward to `target` (cluster, authority, path), or answer `error`, then observe."""
-        flags = "-"
-        upstream = "-"
-        status = 0
-        sent = 0
+    def build_chain(self, specs: tuple[FilterSpec, ...], cluster: Cluster, key: str) -> Next:
+        ctx = FilterContext(self.direction, self.cfg.service.name, self.metrics)
+        filters = build_filters(specs, ctx, key)
+        self.filters += filters
+        return compose(filters, router_step(cluster), self.metrics)
+
+    async def _run(self, request: Request, sink: ResponseSink, call: Call, chain: Next) -> None:
         response: Response | None = None
-        cluster: Cluster | None = None
-        endpoint = None
+        sent = 0
         try:
-            if target is not None:
-                cluster, authority, path = target
-                try:
-                    response, endpoint = await cluster.forward(request, authority, path)
-                    upstream = endpoint.address
-                    if self.direction == "outbound":
-                        response.headers.append((b"x-opus-upstream", upstream.encode()))
-                        response.headers.append(
-                            (b"x-opus-upstream-protocol", cluster.pool.protocol.encode())
-                        )
-                except MeshError as exc:
-                    error = exc
-            if response is None:
-                assert error is not None
-                flags = error.flag
-                response = error_response(error, grpc=request.is_grpc)
-            status = response.status
+            response = await chain(call)
+            if call.local_reply_by or (call.error is not None and call.endpoint is None):
+                who = call.local_reply_by or "router"
+                self.metrics.local_replies.labels(who, str(response.status)).inc()
+            if self.direction == "outbound" and call.endpoint is not None:
+                response.headers.append((b"x-opus-upstream", call.endpoint.address.encode()))
+                response.headers.append(
+                    (b"x-opus-upstream-protocol", call.upstream_protocol.encode())
+                )
             try:
                 sent = await sink.send(response)
             except _CLIENT_GONE:
-                flags = "DC"  # downstream went away: stop the upstream call
+                call.flags = "DC"  # downstream went away: stop the upstream call
                 response.body.cancel()
             except BodyError as exc:
-                flags = UpstreamReset.flag
+                call.flags = UpstreamReset.flag
                 log.debug("upstream body failed mid-response: %s", exc)
                 raise
         except asyncio.CancelledError:
-            flags = "DC"
+            call.flags = "DC"
             if response is not None:
                 response.body.cancel()
             raise
         finally:
-            if cluster is not None and endpoint is not None:
-                cluster.release(endpoint)
-            self._observe(request, service, status, flags, upstream, sent)
+            self._observe(request, call, response.status if response is not None else 0, sent)
 
-    def _observe(
-        self, request: Request, service: str, status: int, flags: str, upstream: str, sent: int
-    ) -> None:
+    async def _reply_error(self, request: Request, sink: ResponseSink, error: MeshError) -> None:
+        """Answer a call the mesh could not route (no chain ran)."""
+        response = error_response(error, grpc=request.is_grpc)
+        call = Call(request, self.direction, error.service or "-", b"", request.path, 0)
+        call.error = error
+        call.flags = error.flag
+        sent = 0
+        try:
+            sent = await sink.send(response)
+        except _CLIENT_GONE:
+            call.flags = "DC"
+        finally:
+            self._observe(request, call, response.status, sent)
+
+    def _observe(self, request: Request, call: Call, status: int, sent: int) -> None:
         duration = time.monotonic() - request.start
-        self.metrics.observe_request(self.direction, service, status, duration)
+        self.metrics.observe_request(self.direction, call.service, status, duration)
         if self.access_log.enabled:
+            flags = call.flags
+            if call.local_reply_by and flags == "-":
+                flags = "LR"
             self.access_log.write(
                 record(
                     start=time.time() - duration,
                     direction=self.direction,
-                    service=service,
+                    service=call.service,
                     method=request.method.decode("latin-1"),
                     path=request.path.decode("latin-1"),
                     authority=request.authority.decode("latin-1"),
                     protocol=request.protocol,
                     status=status,
                     duration_s=duration,
-                    upstream=upstream,
+                    upstream=call.endpoint.address if call.endpoint is not None else "-",
                     bytes_in=request.body.received,
                     bytes_out=sent,
-                    flags=flags,
+                    flags=flags if not call.local_reply_by else f"{flags}:{call.local_reply_by}",
                 )
             )
+
+    def close(self) -> None:
+        for flt in self.filters:
+            try:
+                flt.close()
+            except Exception:
+                log.exception("closing filter %r", flt.name)
 
 
 class OutboundHandler(CallHandler):
     def __init__(
         self,
+        cfg: SidecarConfig,
         router: Router,
         clusters: ClusterManager,
         metrics: Metrics,
         access_log: AccessLog,
     ) -> None:
-        super().__init__("outbound", metrics, access_log)
+        super().__init__("outbound", cfg, metrics, access_log)
         self.router = router
         self.clusters = clusters
+        self._chains: dict[tuple[str, int], Next] = {}
+
+    def _chain(self, service: str, route: int, cluster: Cluster) -> Next:
+        key = (service, route)
+        chain = self._chains.get(key)
+        if chain is None:
+            cfg = self.cfg
+            override = cfg.services.get(service)
+            route_filters = cfg.routes[route].filters if route >= 0 else None
+            if route_filters is not None:
+                specs, where = route_filters, f"routes[{route}].filters"
+            elif override is not None and override.filters is not None:
+                specs, where = override.filters, f"services.{service}.filters"
+            else:
+                specs, where = cfg.filters.outbound, "filters.outbound"
+            chain = self.build_chain(specs, cluster, where)
+            self._chains[key] = chain
+        return chain
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
-        service = "-"
         try:
-            service, path = self.router.resolve(request)
+            service, path, route = self.router.resolve(request)
             cluster = self.clusters.get(service)
             if cluster is None:
                 raise UnknownService(f"unknown service {service!r}", service=service)
         except MeshError as exc:
-            await self._respond(request, sink, exc.service or service, None, exc)
+            await self._reply_error(request, sink, exc)
             return
-        await self._respond(request, sink, service, (cluster, service.encode(), path), None)
+        call = Call(request, "outbound", service, service.encode(), path, self.max_body_bytes)
+        await self._run(request, sink, call, self._chain(service, route, cluster))
 
 
 class InboundHandler(CallHandler):
-    def __init__(self, service: str, app: Cluster, metrics: Metrics, access_log: AccessLog) -> None:
-        super().__init__("inbound", metrics, access_log)
-        self.service = service
-        self.app = app
+    def __init__(
+        self, cfg: SidecarConfig, app: Cluster, metrics: Metrics, access_log: AccessLog
+    ) -> None:
+        super().__init__("inbound", cfg, metrics, access_log)
+        self.service = cfg.service.name
+        self.chain = self.build_chain(cfg.filters.inbound, app, "filters.inbound")
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
         authority = request.authority or self.service.encode()
-        await self._respond(request, sink, self.service, (self.app, authority, request.path), None)
+        call = Call(request, "inbound", self.service, authority, request.path, self.max_body_bytes)
+        await self._run(request, sink, call, self.chain)

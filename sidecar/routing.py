@@ -31,8 +31,12 @@ def host_to_name(authority: bytes) -> str:
 class Router:
     def __init__(self, routes: tuple[RouteConfig, ...], known: Callable[[str], bool]) -> None:
         self.known = known
-        self.prefix_routes = [(r.prefix.encode(), r.service) for r in routes if r.prefix]
-        self.grpc_routes = {r.grpc_service: r.service for r in routes if r.grpc_service}
+        self.prefix_routes = [
+            (i, r.prefix.encode(), r.service) for i, r in enumerate(routes) if r.prefix
+        ]
+        self.grpc_routes = {
+            r.grpc_service: (i, r.service) for i, r in enumerate(routes) if r.grpc_service
+        }
 
     def service_for_host(self, authority: bytes) -> str | None:
         if not authority:
@@ -46,8 +50,9 @@ class Router:
                 return first if self.known(first) else None
         return None
 
-    def resolve(self, request: Request) -> tuple[str, bytes]:
-        """The target service and the path to send; raises UnknownService or BadRequest."""
+    def resolve(self, request: Request) -> tuple[str, bytes, int]:
+        """The target service, the path to send and the index of the configured route that
+        matched (-1 for none); raises UnknownService or BadRequest."""
         path = request.path
         if path.startswith(INVOKE_PREFIX):
             return self._invoke(path)
@@ -58,24 +63,24 @@ class Router:
                 raise UnknownService(
                     f"unknown service {name!r} (from the request URL)", service=name
                 )
-            return service, path
+            return service, path, -1
         service = self.service_for_host(request.authority)
         if service is not None:
-            return service, path
-        for prefix, routed in self.prefix_routes:
+            return service, path, -1
+        for index, prefix, routed in self.prefix_routes:
             if path.startswith(prefix):
-                return routed, path
+                return routed, path, index
         if self.grpc_routes and path[:1] == b"/":
             grpc_service = path[1:].split(b"/", 1)[0].decode("latin-1")
             routed_grpc = self.grpc_routes.get(grpc_service)
             if routed_grpc is not None:
-                return routed_grpc, path
+                return routed_grpc[1], path, routed_grpc[0]
         host = host_to_name(request.authority) if request.authority else ""
         raise UnknownService(
             f"no service matches host {host!r} or path {path.decode('latin-1')!r}", service=host
         )
 
-    def _invoke(self, path: bytes) -> tuple[str, bytes]:
+    def _invoke(self, path: bytes) -> tuple[str, bytes, int]:
         rest = path[len(INVOKE_PREFIX) :]
         query = b""
         if b"?" in rest:
@@ -87,4 +92,4 @@ class Router:
             raise BadRequest("invoke path needs a service: /v1/invoke/{service}/{method}")
         if not self.known(service):
             raise UnknownService(f"unknown service {service!r}", service=service)
-        return service, b"/" + method + query
+        return service, b"/" + method + query, -1

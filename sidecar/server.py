@@ -28,7 +28,7 @@ from sidecar.discovery.factory import create_discovery
 from sidecar.lb import RoundRobin
 from sidecar.listener import Listener, ListenerContext
 from sidecar.metrics import Metrics
-from sidecar.proxy import InboundHandler, OutboundHandler
+from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
 from sidecar.routing import Router
 from sidecar.upstream.h1client import H1Pool
 from sidecar.upstream.h2pool import H2Pool
@@ -51,6 +51,7 @@ class Sidecar:
         self.admin: AdminServer | None = None
         self.app_cluster: Cluster | None = None
         self.ports: dict[str, int] = {}
+        self.handlers: tuple[CallHandler, ...] = ()
         self._stop = asyncio.Event()
 
     # -- AdminState --
@@ -89,8 +90,9 @@ class Sidecar:
         self.app_cluster = Cluster(cfg.service.name, app_pool, RoundRobin())
         self.app_cluster.update((app_endpoint,))
         router = Router(cfg.routes, self.clusters.knows)
-        outbound = OutboundHandler(router, self.clusters, self.metrics, self.access_log)
-        inbound = InboundHandler(cfg.service.name, self.app_cluster, self.metrics, self.access_log)
+        outbound = OutboundHandler(cfg, router, self.clusters, self.metrics, self.access_log)
+        inbound = InboundHandler(cfg, self.app_cluster, self.metrics, self.access_log)
+        self.handlers = (outbound, inbound)
         for name, handler, spec in (
             ("outbound", outbound, cfg.listeners.outbound),
             ("inbound", inbound, cfg.listeners.inbound),
@@ -153,6 +155,8 @@ class Sidecar:
     async def close(self) -> None:
         for listener in self.listeners.values():
             await listener.close()
+        for handler in self.handlers:
+            handler.close()
         self.clusters.close()
         if self.app_cluster is not None:
             self.app_cluster.pool.close()
