@@ -76,6 +76,8 @@ class H1ServerProtocol(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._closed = False
+        self._stopped_parsing = False
+        self._close_after_active = False
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,15 +88,30 @@ class H1ServerProtocol(asyncio.Protocol):
         self.ctx.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._stopped_parsing:
+            return
         try:
             self.parser.feed_data(data)
         except _ParseAbort as abort:
             self._reject(abort.status, abort.reason)
         except httptools.HttpParserUpgrade:
-            # CONNECT (or an Upgrade the parser hands over): not a call the mesh carries.
-            self._reject(501, "CONNECT and protocol upgrades are not supported by this listener")
+            # A request with `Upgrade:` (curl --http2 sends `Upgrade: h2c`): the request
+            # itself is answered as plain HTTP/1.1 (the upgrade header is hop-by-hop and
+            # dropped); the connection then closes, as bytes after it are not HTTP/1.1.
+            self._stopped_parsing = True
+            if self._parsing is not None:
+                self._parsing.body.finish()
+                self._parsing = None
+            self._close_after_active = True
+            if self._active is None:
+                self._reject(400, "protocol upgrades are not supported by this listener")
         except httptools.HttpParserError as exc:
-            self._reject(400, f"malformed HTTP/1.1 request: {exc}")
+            # httptools wraps what a callback raised; our own aborts carry their status.
+            cause = exc.__context__
+            if isinstance(cause, _ParseAbort):
+                self._reject(cause.status, cause.reason)
+            else:
+                self._reject(400, f"malformed HTTP/1.1 request: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -140,9 +157,14 @@ class H1ServerProtocol(asyncio.Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self.parser.get_method() == b"CONNECT":
+            raise _ParseAbort(501, "CONNECT is not supported by this listener")
         request = self._build_request()
         self._parsing = request
         keep_alive = bool(self.parser.should_keep_alive())
+        # HTTP/1.0 has no chunked coding: a streamed reply is ended by closing instead.
+        if self.parser.get_http_version() == "1.0":
+            request.protocol = "http1.0"
         if self._active is None:
             self._start(request, keep_alive)
         else:
@@ -190,15 +212,8 @@ class H1ServerProtocol(asyncio.Protocol):
             except httptools.HttpParserInvalidURLError as exc:
                 raise _ParseAbort(400, f"invalid request target: {exc}") from None
             if parsed.host:
-                authority = (
-                    parsed.host
-                    if parsed.port is None
-                    else b"%s:%d"
-                    % (
-                        parsed.host,
-                        parsed.port,
-                    )
-                )
+                host = b"[%s]" % parsed.host if b":" in parsed.host else parsed.host
+                authority = host if parsed.port is None else b"%s:%d" % (host, parsed.port)
             path = parsed.path or b"/"
             if parsed.query:
                 path += b"?" + parsed.query
@@ -224,8 +239,9 @@ class H1ServerProtocol(asyncio.Protocol):
     async def _run(self, request: Request, keep_alive: bool) -> None:
         ctx = self.ctx
         ctx.in_flight += 1
+        sink = _H1Sink(self, request, keep_alive)
         try:
-            await ctx.handler(request, _H1Sink(self, request, keep_alive))
+            await ctx.handler(request, sink)
         except asyncio.CancelledError:
             pass
         except BodyError:
@@ -240,7 +256,7 @@ class H1ServerProtocol(asyncio.Protocol):
             ctx.in_flight -= 1
             if ctx.in_flight == 0:
                 ctx.idle.set()
-            self._finish(request, keep_alive)
+            self._finish(request, sink.keep_alive)
 
     def _finish(self, request: Request, keep_alive: bool) -> None:
         self._active = None
@@ -248,7 +264,12 @@ class H1ServerProtocol(asyncio.Protocol):
         transport = self.transport
         if self._closed or transport is None:
             return
-        if not keep_alive or self.ctx.draining or transport.is_closing():
+        if (
+            not keep_alive
+            or self._close_after_active
+            or self.ctx.draining
+            or transport.is_closing()
+        ):
             transport.close()
             return
         # Whatever the handler left unread of the request body is read and dropped.
@@ -288,12 +309,17 @@ class H1ServerProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._active is None:
-            body = json.dumps({"error": reason, "status": status}).encode()
-            transport.write(
-                status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n" % len(body) + body
-            )
+        self._stopped_parsing = True
+        if self._active is not None:
+            # The call in progress still gets its reply; the connection closes after it.
+            self._close_after_active = True
+            self._pause_reading()
+            return
+        body = json.dumps({"error": reason, "status": status}).encode()
+        transport.write(
+            status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % len(body) + body
+        )
         transport.close()
 
     # -- writing --
@@ -357,8 +383,11 @@ class _H1Sink:
                 parts.append(data)
                 transport.write(b"".join(parts))
                 return len(data)
-            chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n")
+            if self.request.protocol == "http1.0":
+                keep_alive = False  # no chunked coding in HTTP/1.0: the close ends the body
+            else:
+                chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
         if not keep_alive:
             parts.append(b"connection: close\r\n")
             self.keep_alive = False

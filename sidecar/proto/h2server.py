@@ -177,7 +177,12 @@ class H2ServerProtocol(H2Base):
         stream = self.streams.pop(stream_id, None)
         if stream is None:
             return
-        stream.request.body.fail(ConnectionResetError("client reset the stream"))
+        body = stream.request.body
+        unread = body.buffered
+        body.on_consumed = None
+        body.fail(ConnectionResetError("client reset the stream"))
+        if unread:
+            self.ack(stream_id, unread)  # the connection window the unread data held
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
 

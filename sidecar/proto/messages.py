@@ -63,6 +63,12 @@ class Body:
         if self._eof:
             return False
         size = len(data) if flow_size < 0 else flow_size
+        if not data:
+            # An empty (or padding-only) DATA frame is not the end of the body: b"" from
+            # read() means end, so never queue one; just give its window back.
+            if size and self.on_consumed is not None:
+                self.on_consumed(size)
+            return True
         self._chunks.append((data, size))
         self.buffered += size
         self.received += len(data)
@@ -164,6 +170,10 @@ class Body:
 
     def cancel(self) -> None:
         """The consumer gives up: the producer should stop (reset the stream, close)."""
+        if self.on_consumed is not None and self.buffered:
+            self.on_consumed(self.buffered)  # unread data still holds flow-control window
+        self._chunks.clear()
+        self.buffered = 0
         self._replay = None
         callback = self.on_cancel
         self.on_cancel = None

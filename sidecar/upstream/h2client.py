@@ -178,11 +178,9 @@ class H2ClientConnection(H2Base):
             error: Exception = StreamRefused("upstream refused the stream")
         else:
             error = UpstreamReset(f"upstream reset the stream ({event.error_code!s})")
-        if stream.body is not None and event.error_code == h2.errors.ErrorCodes.NO_ERROR:
-            # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR).
-            stream.body.finish()
-        else:
-            self._fail(stream, error)
+        # A complete response was already released by _ended, so a stream still here was
+        # cut short, whatever the code (RST_STREAM(NO_ERROR) after END_STREAM never gets here).
+        self._fail(stream, error)
         self.stream_closed(event.stream_id)
         self._release(event.stream_id)
 

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httptools
-import pytest
 
 from sidecar.config import Http2ServerConfig, LimitsConfig
 from sidecar.listener import ListenerContext, ResponseSink
@@ -145,11 +144,6 @@ def test_absolute_form_without_port_or_path() -> None:
     assert (seen[0].authority, seen[0].path, seen[0].absolute_form) == (b"payment", b"/", True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h1server._build_request drops the brackets of an IPv6 literal host: "
-    "authority becomes b'::1:8080'",
-)
 def test_absolute_form_with_an_ipv6_literal_keeps_the_brackets() -> None:
     _, seen = run_one(b"GET http://[::1]:8080/x HTTP/1.1\r\nHost: x\r\n\r\n")
     assert seen[0].authority == b"[::1]:8080"
@@ -349,21 +343,18 @@ def test_malformed_request_is_400_json_and_closes() -> None:
 
 def test_oversized_request_line_is_rejected_before_the_handler() -> None:
     conn, seen = run_one(
-        b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: a\r\n\r\n", limits=LimitsConfig(max_request_line=64)
+        b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+        limits=LimitsConfig(max_request_line=64),
     )
     assert seen == []
     assert conn.transport.closed
     assert rejection(conn)[0] >= 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_ParseAbort raised in an httptools callback reaches data_received wrapped in "
-    "HttpParserCallbackError, so the 400 branch answers instead of 414",
-)
 def test_request_line_over_the_limit_is_414() -> None:
     conn, _ = run_one(
-        b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: a\r\n\r\n", limits=LimitsConfig(max_request_line=64)
+        b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+        limits=LimitsConfig(max_request_line=64),
     )
     assert rejection(conn)[0] == 414
 
@@ -378,11 +369,6 @@ def test_oversized_headers_are_rejected_before_the_handler() -> None:
     assert rejection(conn)[0] >= 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_ParseAbort raised in an httptools callback reaches data_received wrapped in "
-    "HttpParserCallbackError, so the 400 branch answers instead of 431",
-)
 def test_headers_over_the_limit_are_431() -> None:
     conn, _ = run_one(
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 200 + b"\r\n\r\n",
@@ -413,11 +399,6 @@ def test_http10_with_keep_alive_stays_open() -> None:
     assert not conn.transport.closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_H1Sink.send answers an HTTP/1.0 request with transfer-encoding: chunked "
-    "(RFC 9112 6.1 forbids it; the body must be delimited by closing the connection)",
-)
 def test_streamed_response_to_http10_is_not_chunked() -> None:
     conn, _ = run_one(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n", streaming_handler())
     head, _, body = conn.transport.data.partition(b"\r\n\r\n")
@@ -487,11 +468,6 @@ def test_client_disconnect_cancels_the_handler_and_fails_the_body() -> None:
     assert open_connections == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CONNECT's authority-form target fails parse_url inside on_headers_complete, "
-    "so the wrapped _ParseAbort yields 400 and the 501 branch is never reached",
-)
 def test_connect_is_501() -> None:
     conn, seen = run_one(b"CONNECT payment:443 HTTP/1.1\r\nHost: payment:443\r\n\r\n")
     assert seen == []
@@ -506,11 +482,6 @@ def test_connect_is_refused_and_closed() -> None:
     assert rejection(conn)[0] >= 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a GET with Upgrade (e.g. curl's Upgrade: h2c) starts the handler, then "
-    "HttpParserUpgrade makes _reject close the connection without writing the reply",
-)
 def test_upgrade_request_still_gets_a_reply() -> None:
     conn, seen = run_one(
         b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"

@@ -79,7 +79,9 @@ class RawPeer(asyncio.Protocol):
         return [e.stream_id for e in self.events if isinstance(e, h2.events.RequestReceived)]
 
     def resets(self) -> dict[int, int]:
-        return {e.stream_id: e.error_code for e in self.events if isinstance(e, h2.events.StreamReset)}
+        return {
+            e.stream_id: e.error_code for e in self.events if isinstance(e, h2.events.StreamReset)
+        }
 
     def respond(self, stream_id: int, status: int = 200, *, end: bool = False) -> None:
         self.h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=end)
@@ -112,12 +114,12 @@ def to_raw_peer() -> tuple[H2ClientConnection, RawPeer]:
 
 
 def request(path: bytes = b"/", body: Body | None = None, method: bytes = b"GET") -> Request:
-    return Request(
-        method, path, b"svc", [(b"content-type", b"text/plain")], body or fixed_body()
-    )
+    return Request(method, path, b"svc", [(b"content-type", b"text/plain")], body or fixed_body())
 
 
-async def call(client: H2ClientConnection, path: bytes = b"/", body: Body | None = None) -> Response:
+async def call(
+    client: H2ClientConnection, path: bytes = b"/", body: Body | None = None
+) -> Response:
     client.reserved += 1  # the slot a pool would have reserved
     return await client.request(request(path, body, b"POST" if body else b"GET"), b"svc", path)
 
@@ -153,7 +155,12 @@ def test_round_trip_with_body_and_trailers() -> None:
 
     response, data, served = asyncio.run(go())
     ((req, sent),) = seen
-    assert (req.method, req.path, req.authority, req.scheme) == (b"POST", b"/echo?x=1", b"svc", b"http")
+    assert (req.method, req.path, req.authority, req.scheme) == (
+        b"POST",
+        b"/echo?x=1",
+        b"svc",
+        b"http",
+    )
     assert req.protocol == "h2c"
     assert req.headers == [(b"content-type", b"text/plain")]
     assert sent == b"hello world"
@@ -294,11 +301,6 @@ def test_other_resets_are_upstream_reset_before_the_head_and_body_error_after() 
     asyncio.run(go())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="H2ClientConnection._reset finishes the body on RST_STREAM(NO_ERROR) even when "
-    "no END_STREAM came, so a truncated response reads as complete",
-)
 def test_no_error_reset_before_end_stream_is_not_a_complete_response() -> None:
     async def go() -> None:
         client, peer = to_raw_peer()
@@ -315,11 +317,6 @@ def test_no_error_reset_before_end_stream_is_not_a_complete_response() -> None:
     asyncio.run(go())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an empty DATA frame reaches Body as an empty chunk and Body.read returns b'', "
-    "which ends the body early (messages.Body.feed/read)",
-)
 def test_an_empty_data_frame_does_not_end_the_response_body() -> None:
     async def go() -> None:
         client, peer = to_raw_peer()
@@ -352,12 +349,6 @@ def test_cancelling_the_response_body_resets_the_stream() -> None:
     asyncio.run(go())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Body.cancel drops on_consumed without returning the buffered bytes' window, "
-    "and H2ClientConnection._cancel does not ack them: each cancelled response leaks "
-    "connection-level receive window until the connection stalls",
-)
 def test_cancelled_responses_give_their_unread_window_back() -> None:
     stream_window = 256 * 1024  # the client's INITIAL_WINDOW_SIZE; 4 of them fill 1 MiB
 
@@ -373,6 +364,27 @@ def test_cancelled_responses_give_their_unread_window_back() -> None:
             response.body.cancel()  # the caller went away without reading
             await until(lambda sid=stream_id: sid in peer.resets())  # type: ignore[misc]
         await until(lambda: peer.h2.outbound_flow_control_window > 0, turns=200)
+
+    asyncio.run(go())
+
+
+def test_streams_reset_by_the_client_give_their_unread_window_back() -> None:
+    async def go() -> None:
+        async def handler(req: Request, sink: ResponseSink) -> None:
+            await asyncio.Event().wait()  # never reads the body
+
+        served = Served(handler)
+        for _ in range(16):  # 16 x 64 KiB stream windows fill the 1 MiB connection window
+            pending = asyncio.create_task(call(served.client, b"/", fixed_body(b"x" * 65535)))
+            await until(lambda: served.ctx.in_flight == 1)
+            await until(
+                lambda: served.client.h2.local_flow_control_window(max(served.client.streams)) == 0
+            )
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            await until(lambda: served.ctx.in_flight == 0)
+        await until(lambda: served.client.h2.outbound_flow_control_window >= 512 * 1024, turns=200)
 
     asyncio.run(go())
 
@@ -452,9 +464,7 @@ def test_pool_opens_no_second_connection_while_the_first_has_capacity(
         release.set()
         responses = await asyncio.wait_for(asyncio.gather(*calls), 5)
         assert [await read_all(r.body) for r in responses] == [b"/a", b"/b"]
-        third = await asyncio.wait_for(
-            pool.request(endpoint, request(b"/c"), b"payment", b"/c"), 5
-        )
+        third = await asyncio.wait_for(pool.request(endpoint, request(b"/c"), b"payment", b"/c"), 5)
         assert await read_all(third.body) == b"/c"
         assert len(connects) == 1
         pool.close()

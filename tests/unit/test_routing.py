@@ -1,4 +1,5 @@
-"""Outbound routing: which service a call is for and the path it is sent with."""
+"""Outbound routing: which service a call is for, the path it is sent with and the
+configured route that matched (-1 when none did)."""
 
 from __future__ import annotations
 
@@ -23,15 +24,15 @@ def call(path: bytes, authority: bytes = b"localhost:15001", *, absolute: bool =
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
-        (b"/v1/invoke/payment/charge", ("payment", b"/charge")),
-        (b"/v1/invoke/payment/a/b?x=1", ("payment", b"/a/b?x=1")),
-        (b"/v1/invoke/payment?x=1", ("payment", b"/?x=1")),
-        (b"/v1/invoke/payment", ("payment", b"/")),
-        (b"/v1/invoke/Payment/a?q=/v1/invoke/x", ("payment", b"/a?q=/v1/invoke/x")),
+        (b"/v1/invoke/payment/charge", ("payment", b"/charge", -1)),
+        (b"/v1/invoke/payment/a/b?x=1", ("payment", b"/a/b?x=1", -1)),
+        (b"/v1/invoke/payment?x=1", ("payment", b"/?x=1", -1)),
+        (b"/v1/invoke/payment", ("payment", b"/", -1)),
+        (b"/v1/invoke/Payment/a?q=/v1/invoke/x", ("payment", b"/a?q=/v1/invoke/x", -1)),
     ],
 )
 def test_invoke_form_names_the_service_and_keeps_the_method_path(
-    path: bytes, expected: tuple[str, bytes]
+    path: bytes, expected: tuple[str, bytes, int]
 ) -> None:
     assert router().resolve(call(path)) == expected
 
@@ -53,7 +54,7 @@ def test_invoke_of_an_unknown_service_is_503_naming_it() -> None:
 
 def test_absolute_form_routes_on_the_url_host() -> None:
     request = call(b"/create?id=7", b"payment:8080", absolute=True)
-    assert router().resolve(request) == ("payment", b"/create?id=7")
+    assert router().resolve(request) == ("payment", b"/create?id=7", -1)
 
 
 def test_absolute_form_to_an_unknown_host_does_not_fall_back_to_routes() -> None:
@@ -78,7 +79,7 @@ def test_absolute_form_to_an_unknown_host_does_not_fall_back_to_routes() -> None
     ],
 )
 def test_host_forms_naming_a_known_service(authority: bytes) -> None:
-    assert router().resolve(call(b"/charge", authority)) == ("payment", b"/charge")
+    assert router().resolve(call(b"/charge", authority)) == ("payment", b"/charge", -1)
 
 
 @pytest.mark.parametrize(
@@ -109,19 +110,19 @@ def test_hosts_that_name_no_service(authority: bytes) -> None:
 
 def test_ipv6_literal_host_falls_through_to_a_prefix_route() -> None:
     r = router(RouteConfig(service="orders", prefix="/orders/"))
-    assert r.resolve(call(b"/orders/1", b"[::1]:15001")) == ("orders", b"/orders/1")
+    assert r.resolve(call(b"/orders/1", b"[::1]:15001")) == ("orders", b"/orders/1", 0)
 
 
 def test_prefix_route() -> None:
     r = router(RouteConfig(service="orders", prefix="/orders/"))
-    assert r.resolve(call(b"/orders/42?full=1")) == ("orders", b"/orders/42?full=1")
+    assert r.resolve(call(b"/orders/42?full=1")) == ("orders", b"/orders/42?full=1", 0)
     with pytest.raises(UnknownService):
         r.resolve(call(b"/order"))
 
 
 def test_grpc_service_route() -> None:
     r = router(RouteConfig(service="payment", grpc_service="shop.v1.Payment"))
-    assert r.resolve(call(b"/shop.v1.Payment/Charge")) == ("payment", b"/shop.v1.Payment/Charge")
+    assert r.resolve(call(b"/shop.v1.Payment/Charge")) == ("payment", b"/shop.v1.Payment/Charge", 0)
     with pytest.raises(UnknownService):
         r.resolve(call(b"/shop.v1.Refunds/Create"))
 
@@ -136,12 +137,13 @@ def test_invoke_beats_host() -> None:
     assert router().resolve(call(b"/v1/invoke/orders/list", b"payment")) == (
         "orders",
         b"/list",
+        -1,
     )
 
 
 def test_invoke_beats_absolute_form() -> None:
     request = call(b"/v1/invoke/orders/list", b"payment:80", absolute=True)
-    assert router().resolve(request) == ("orders", b"/list")
+    assert router().resolve(request) == ("orders", b"/list", -1)
 
 
 def test_host_beats_prefix_and_grpc_routes() -> None:
@@ -152,6 +154,7 @@ def test_host_beats_prefix_and_grpc_routes() -> None:
     assert r.resolve(call(b"/shop.v1.Payment/Charge", b"payment")) == (
         "payment",
         b"/shop.v1.Payment/Charge",
+        -1,
     )
 
 
@@ -161,4 +164,15 @@ def test_prefix_routes_are_tried_in_config_order_before_grpc_routes() -> None:
         RouteConfig(service="orders", prefix="/shop."),
         RouteConfig(service="payment", prefix="/shop.v1."),
     )
-    assert r.resolve(call(b"/shop.v1.Payment/Charge")) == ("orders", b"/shop.v1.Payment/Charge")
+    assert r.resolve(call(b"/shop.v1.Payment/Charge")) == ("orders", b"/shop.v1.Payment/Charge", 1)
+
+
+def test_route_index_is_the_position_in_the_configured_routes() -> None:
+    r = router(
+        RouteConfig(service="orders", prefix="/orders/"),
+        RouteConfig(service="inventory", prefix="/stock/"),
+        RouteConfig(service="payment", grpc_service="shop.v1.Payment"),
+    )
+    assert r.resolve(call(b"/stock/9"))[2] == 1
+    assert r.resolve(call(b"/shop.v1.Payment/Charge"))[2] == 2
+    assert r.resolve(call(b"/orders/1"))[2] == 0
