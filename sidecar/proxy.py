@@ -24,7 +24,13 @@ from sidecar.accesslog import AccessLog, record
 from sidecar.chain import Call, Filter, FilterContext, Next, build_filters, compose
 from sidecar.cluster import Cluster, ClusterManager
 from sidecar.config import FilterSpec, SidecarConfig
-from sidecar.errors import MeshError, UnknownService, UpstreamReset, error_response
+from sidecar.errors import (
+    MeshError,
+    UnknownService,
+    UpstreamReset,
+    UpstreamTimeout,
+    error_response,
+)
 from sidecar.listener import ResponseSink
 from sidecar.metrics import Metrics
 from sidecar.proto.h2common import StreamGone
@@ -42,8 +48,11 @@ def router_step(cluster: Cluster) -> Next:
 
     async def send(call: Call) -> Response:
         if call.deadline is not None:
-            remaining_ms = int((call.deadline - time.monotonic()) * 1000)
-            call.set_header(DEADLINE_HEADER, str(max(remaining_ms, 0)).encode())
+            # The next hop should not wait longer than the caller will.
+            remaining_ms = max(int((call.deadline - time.monotonic()) * 1000), 0)
+            call.set_header(DEADLINE_HEADER, str(remaining_ms).encode())
+            if call.header(b"grpc-timeout") is not None:
+                call.set_header(b"grpc-timeout", b"%dm" % remaining_ms)
         try:
             response, endpoint = await cluster.forward(
                 call.request, call.authority, call.path, call.tried
@@ -59,6 +68,45 @@ def router_step(cluster: Cluster) -> Next:
         return response
 
     return send
+
+
+_GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def parse_grpc_timeout(value: bytes) -> float | None:
+    """`grpc-timeout` (PROTOCOL-HTTP2.md: 1-8 digits and a unit) in seconds, else None."""
+    unit = _GRPC_TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not digits.isdigit() or len(digits) > 8:
+        return None
+    return int(digits) * unit
+
+
+def _caller_deadline(request: Request) -> float | None:
+    """The deadline the caller set (gRPC's grpc-timeout, or a peer sidecar's
+    x-opus-deadline-ms), as a time.monotonic() value."""
+    if len(request.headers) == 0:
+        return None
+    seconds: float | None = None
+    for name, value in request.headers:
+        if name == b"grpc-timeout":
+            seconds = parse_grpc_timeout(value)
+        elif name == DEADLINE_HEADER and value.isdigit():
+            seconds = int(value) / 1000
+    return None if seconds is None else time.monotonic() + seconds
+
+
+async def _until(deadline: float, chain: Next, call: Call) -> Response:
+    """Run the chain until the response head arrives or the deadline passes (504 /
+    DEADLINE_EXCEEDED; the cancelled inner call resets its upstream stream)."""
+    try:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+            return await chain(call)
+    except TimeoutError:
+        error = UpstreamTimeout("the caller's deadline passed", service=call.service)
+        call.error = error
+        call.flags = error.flag
+        return error_response(error, grpc=call.request.is_grpc)
 
 
 class CallHandler:
@@ -82,7 +130,12 @@ class CallHandler:
         response: Response | None = None
         sent = 0
         try:
-            response = await chain(call)
+            deadline = _caller_deadline(request)
+            if deadline is None:
+                response = await chain(call)
+            else:
+                call.deadline = deadline
+                response = await _until(deadline, chain, call)
             if call.local_reply_by or (call.error is not None and call.endpoint is None):
                 who = call.local_reply_by or "router"
                 self.metrics.local_replies.labels(who, str(response.status)).inc()

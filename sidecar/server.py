@@ -116,6 +116,7 @@ class Sidecar:
                     meta=dict(cfg.service.meta),
                 )
             )
+            self.discovery.refresh()
         self.ready = True
         log.info(
             "opus-sidecar ready: service=%s outbound=%s:%d inbound=%s:%d admin=%s:%d app=%s:%d",

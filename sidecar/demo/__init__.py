@@ -37,8 +37,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM takes the same way out as Ctrl-C, through every `finally`.
+def _stop(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM takes the same way out as Ctrl-C, through every `finally`. Set for SIGINT
+    # too: a shell starting us in the background may have left SIGINT ignored.
     raise KeyboardInterrupt
 
 
@@ -70,7 +71,7 @@ def _run(args: argparse.Namespace, children: Children, workdir: Path) -> int:
         flush=True,
     )
     calls: list[Call] = run_calls(mesh, args.calls, sys.stdout)
-    print_summary(mesh, calls, sys.stdout)
+    print_summary(mesh, calls, sys.stdout, show_logs=not args.once)
     ok = all(call.status == 200 for call in calls)
     if not ok:
         print("\nSome calls failed; sidecar and app logs follow.", file=sys.stderr)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="opus-demo-"))
     children = Children(child_env())
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(args, children, workdir)
     except DemoError as exc:
@@ -99,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         # A second Ctrl-C must not cut the shutdown short and orphan a child.
-        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
         try:
             children.stop_all()
             shutil.rmtree(workdir, ignore_errors=True)
         finally:
-            signal.signal(signal.SIGINT, previous_int)
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

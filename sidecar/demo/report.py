@@ -76,7 +76,7 @@ def _pretty(body: str) -> str:
         return body
 
 
-def print_summary(mesh: Mesh, calls: list[Call], out: TextIO) -> None:
+def print_summary(mesh: Mesh, calls: list[Call], out: TextIO, *, show_logs: bool) -> None:
     p, i = mesh.payment, mesh.inventory
     if calls:
         print(
@@ -98,7 +98,10 @@ def print_summary(mesh: Mesh, calls: list[Call], out: TextIO) -> None:
         for path in ("health", "ready", "metrics", "clusters"):
             print(f"  {stack.service:<9} {stack.admin_url}/{path}", file=out)
 
-    print("\nTry it (payment's sidecar is the entry point; the demo used it too):", file=out)
+    print(
+        "\nTry it while the demo runs (without --once), through payment's sidecar as the demo did:",
+        file=out,
+    )
     json_header = "-H 'content-type: application/json'"
     print(
         f"  curl -s -X POST {p.outbound_url}/v1/invoke/payment/create {json_header} "
@@ -112,7 +115,8 @@ def print_summary(mesh: Mesh, calls: list[Call], out: TextIO) -> None:
     )
     print(f"  curl -s {p.admin_url}/clusters", file=out)
 
-    print(f"\nLogs (removed when the demo stops) in {mesh.workdir}:", file=out)
-    for stack in (p, i):
-        print(f"  {stack.sidecar_log}  {stack.access_log}", file=out)
+    if show_logs:
+        print(f"\nLogs (removed when the demo stops) in {mesh.workdir}:", file=out)
+        for stack in (p, i):
+            print(f"  {stack.sidecar_log}  {stack.access_log}", file=out)
     out.flush()

@@ -78,6 +78,12 @@ class Discovery(abc.ABC):
     async def deregister(self) -> None:
         """Remove the instance registered by `register()`, if any."""
 
+    def refresh(self) -> None:
+        """Re-read what can be re-read at once (a backend with a local view overrides it).
+
+        Called after registering, so readiness is not reported before the sidecar
+        sees its own instance."""
+
     def subscribe(self, service: str, listener: EndpointsListener) -> None:
         self._listeners.setdefault(service, []).append(listener)
 

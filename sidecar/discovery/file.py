@@ -233,6 +233,9 @@ class FileDiscovery(Discovery):
             except Exception:
                 logger.exception("registry scan failed")
 
+    def refresh(self) -> None:
+        self.scan_once()
+
     def scan_once(self) -> None:
         """Read the directory, update the endpoint sets and notify those that changed."""
         now = self._now()
