@@ -119,7 +119,11 @@ class Call:
         Over `limit` (default: filters.max_body_bytes) the call is answered 413.
         """
         cap = self.max_body_bytes if limit is None else limit
-        data = await read_whole(self.request.body, cap, "request")
+        body = self.request.body
+        whole = body.buffered_whole
+        if whole is not None and len(whole) <= cap:
+            return whole
+        data = await read_whole(body, cap, "request")
         self.request.body = fixed_body(data)
         return data
 
@@ -192,7 +196,12 @@ class Filter:
         if reply is not None:
             call.local_reply_by = self.name
             return reply
-        return await self.on_response(call, await next(call))
+        response = await next(call)
+        try:
+            return await self.on_response(call, response)
+        except BaseException:
+            response.body.cancel()  # nobody will read it: free the upstream stream
+            raise
 
     def close(self) -> None:
         """Release what the filter holds (timers, files) when its chain is dropped."""
@@ -238,7 +247,7 @@ def resolve_factory(name: str) -> FilterFactory[Any]:
         )
         raise LookupError(f"unknown filter {name!r}; known filters: {', '.join(known)}")
     module_name, _, attr = target.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr or "factory")
+    factory = getattr(importlib.import_module(module_name), attr or "factory", None)
     if not isinstance(factory, FilterFactory):
         raise LookupError(f"filter {name!r}: {target} is not a sidecar.chain.FilterFactory")
     return factory

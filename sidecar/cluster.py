@@ -1,17 +1,25 @@
 """Clusters: a service's endpoints (kept current by discovery), its balancer and its pool.
 
-`forward()` is where a call meets the upstream: pick an endpoint, send, and when
-the peer provably never saw the call (connect failure, refused stream, GOAWAY)
-send it again to another endpoint while the body can still be replayed.
+`forward()` is where a call meets the upstream: pick an endpoint among the healthy
+ones (not ejected by outlier detection, passing active checks, in the caller's zone
+when any such is), send, and when the peer provably never saw the call (connect
+failure, refused stream, GOAWAY, or the peer sidecar answering that it could not reach
+its app) send it again to another endpoint while the body can still be replayed.
+Every outcome forward sees is fed to the outlier detector.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
-from sidecar.config import SidecarConfig
+from sidecar.config import HealthCheckConfig, OutlierConfig, SidecarConfig
 from sidecar.discovery.base import Discovery, Endpoint
-from sidecar.errors import RETRY_SAFE, NoHealthyUpstream
+from sidecar.errors import RETRY_SAFE, MeshError, NoHealthyUpstream
+from sidecar.health import ActiveChecker, HealthChecks, Outcome, OutlierDetector
 from sidecar.lb import Balancer, make_balancer
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import Request, Response
@@ -19,20 +27,148 @@ from sidecar.upstream.h1client import H1Pool
 from sidecar.upstream.h2pool import H2Pool
 from sidecar.upstream.pool import Pool, PoolLimits
 
+log = logging.getLogger("sidecar.cluster")
+
 # Resends of a call the peer never saw; each goes to another endpoint when there is one.
 MAX_SAFE_RESENDS = 3
+# A cluster created before discovery has its first endpoint set (a watch started on
+# first use) holds its first calls this long for that set rather than failing them.
+FIRST_UPDATE_TIMEOUT = 1.0
+# A peer sidecar's own local replies (errors.py flags) that say its app never saw the
+# call: it could not connect (UF), had no endpoint (UH), was full (UO) or was refused (UR).
+_PEER_NEVER_SAW = frozenset({b"UF", b"UH", b"UO", b"UR"})
+
+
+def _peer_never_saw(response: Response) -> bool:
+    if response.status != 503:
+        return False
+    for name, value in response.headers:
+        if name == b"x-opus-error":
+            return value in _PEER_NEVER_SAW
+    return False
 
 
 class Cluster:
-    def __init__(self, name: str, pool: Pool, balancer: Balancer) -> None:
+    def __init__(
+        self,
+        name: str,
+        pool: Pool,
+        balancer: Balancer,
+        *,
+        zone: str = "",
+        hash_header: str = "",
+        outlier: OutlierConfig | None = None,
+        health_check: HealthCheckConfig | None = None,
+        metrics: Metrics | None = None,
+        resend_unavailable: bool = False,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
         self.pool = pool
         self.balancer = balancer
         self.endpoints: tuple[Endpoint, ...] = ()
         self.active: dict[Endpoint, int] = {}
+        self._zone = zone
+        self._hash_header = hash_header.lower().encode() if hash_header else b""
+        self._metrics = metrics
+        self._resend_unavailable = resend_unavailable
+        self._now = now
+        self.outlier: OutlierDetector | None = None
+        if outlier is not None and outlier.enabled:
+            self.outlier = OutlierDetector(
+                outlier, now=now, on_change=self._rebuild, on_eject=self._count_ejection
+            )
+        self.health: HealthChecks | None = None
+        self._checker: ActiveChecker | None = None
+        if health_check is not None and health_check.enabled:
+            self.health = HealthChecks(health_check, on_change=self._rebuild)
+            self._checker = ActiveChecker(health_check, self.health)
+        # Healthy endpoints (any zone), and the ones calls go to first (the caller's zone).
+        self._healthy: tuple[Endpoint, ...] = ()
+        self._preferred: tuple[Endpoint, ...] = ()
+        self._first_update = asyncio.Event()
+
+    # -- endpoint set and health ------------------------------------------------
 
     def update(self, endpoints: tuple[Endpoint, ...]) -> None:
         self.endpoints = endpoints
+        if self.outlier is not None:
+            self.outlier.update(endpoints)
+        if self.health is not None:
+            self.health.update(endpoints)
+        self._rebuild()
+        self._first_update.set()
+
+    def _rebuild(self) -> None:
+        """Recompute the candidate sets; runs on changes, not on every call."""
+        ejected = self.outlier.ejected if self.outlier is not None else frozenset()
+        unhealthy = self.health.unhealthy if self.health is not None else frozenset()
+        out = ejected | unhealthy
+        healthy = tuple(e for e in self.endpoints if e not in out) if out else self.endpoints
+        # Panic routing (Envoy's panic threshold at its extreme): when every endpoint
+        # looks unhealthy, the checks are more likely wrong than every peer.
+        self._healthy = healthy or self.endpoints
+        if self._zone:
+            local = tuple(e for e in self._healthy if e.zone == self._zone)
+            self._preferred = local or self._healthy
+        else:
+            self._preferred = self._healthy
+        if self._metrics is not None:
+            gauge = self._metrics.endpoints_health
+            ejected_here = sum(1 for e in self.endpoints if e in ejected)
+            unhealthy_here = sum(1 for e in self.endpoints if e in unhealthy and e not in ejected)
+            gauge.labels(self.name, "healthy").set(
+                len(self.endpoints) - len(out & set(self.endpoints))
+            )
+            gauge.labels(self.name, "ejected").set(ejected_here)
+            gauge.labels(self.name, "unhealthy").set(unhealthy_here)
+
+    def _count_ejection(self, endpoint: Endpoint) -> None:
+        if self._metrics is not None:
+            self._metrics.endpoint_ejections.labels(self.name).inc()
+
+    def health_of(self, endpoint: Endpoint) -> str:
+        if self.outlier is not None and endpoint in self.outlier.ejected:
+            return "ejected"
+        if self.health is not None and endpoint in self.health.unhealthy:
+            return "unhealthy"
+        return "healthy"
+
+    def record(self, endpoint: Endpoint, outcome: Outcome) -> None:
+        """Feed one call's outcome (status code or error) to outlier detection."""
+        if self.outlier is not None:
+            self.outlier.record(endpoint, outcome)
+
+    def report(self, endpoint: Endpoint, outcome: Outcome) -> None:
+        """For the proxy: a failure after the response head (a reset mid-body, a timeout).
+
+        `forward()` already records the head's status and every error it sees, so this
+        is for what happens later only; reporting the final status of every call again
+        would count each call twice.
+        """
+        self.record(endpoint, outcome)
+
+    def start(self) -> None:
+        """Start active health checks, if enabled (needs a running loop)."""
+        if self._checker is not None:
+            self._checker.start()
+
+    def close(self) -> None:
+        if self._checker is not None:
+            self._checker.stop()
+        self.pool.close()
+
+    # -- the call ---------------------------------------------------------------
+
+    def _pick(self, request: Request, tried: list[Endpoint]) -> Endpoint | None:
+        outlier = self.outlier
+        if outlier is not None and self._now() >= outlier.next_return:
+            outlier.expire()  # rebuilds the sets when an endpoint returns
+        candidates = self._preferred
+        if tried and candidates is not self._healthy and all(e in tried for e in candidates):
+            candidates = self._healthy  # every local endpoint failed this call: go across zones
+        key = request.header(self._hash_header) if self._hash_header else None
+        return self.balancer.pick(candidates, self.active, tried, key)
 
     async def forward(
         self, request: Request, authority: bytes, path: bytes, avoid: list[Endpoint] | None = None
@@ -44,8 +180,13 @@ class Cluster:
         """
         tried: list[Endpoint] = list(avoid) if avoid else []
         first_try = len(tried)
+        if not self.endpoints and not self._first_update.is_set():
+            try:
+                await asyncio.wait_for(self._first_update.wait(), FIRST_UPDATE_TIMEOUT)
+            except TimeoutError:
+                self._first_update.set()  # wait once per cluster, not once per call
         while True:
-            endpoint = self.balancer.pick(self.endpoints, self.active, tried)
+            endpoint = self._pick(request, tried)
             if endpoint is None:
                 raise NoHealthyUpstream(
                     f"service {self.name!r} has no healthy endpoint", service=self.name
@@ -53,13 +194,30 @@ class Cluster:
             active = self.active
             active[endpoint] = active.get(endpoint, 0) + 1
             try:
-                return await self.pool.request(endpoint, request, authority, path), endpoint
-            except RETRY_SAFE:
+                response = await self.pool.request(endpoint, request, authority, path)
+            except RETRY_SAFE as exc:
+                self.record(endpoint, exc)
                 tried.append(endpoint)
                 if len(tried) - first_try > MAX_SAFE_RESENDS or not request.body.rewind():
                     raise
+                continue
+            except MeshError as exc:
+                self.record(endpoint, exc)
+                raise
             finally:
                 self.release(endpoint)
+            self.record(endpoint, response.status)
+            if (
+                self._resend_unavailable
+                and _peer_never_saw(response)
+                and len(tried) - first_try < MAX_SAFE_RESENDS
+                and len(self.endpoints) > 1
+                and request.body.rewind()
+            ):
+                response.body.cancel()
+                tried.append(endpoint)
+                continue
+            return response, endpoint
 
     def release(self, endpoint: Endpoint) -> None:
         count = self.active.get(endpoint, 0) - 1
@@ -75,7 +233,7 @@ class Cluster:
                     "address": e.address,
                     "zone": e.zone,
                     "instance_id": e.instance_id,
-                    "health": "healthy",
+                    "health": self.health_of(e),
                     "active_requests": self.active.get(e, 0),
                     "pool": self.pool.snapshot(e),
                 }
@@ -95,7 +253,16 @@ def pool_limits(cfg: SidecarConfig, service: str) -> PoolLimits:
         idle_timeout=up.idle_timeout,
         connect_timeout=up.connect_timeout,
         pending_timeout=up.pending_timeout,
+        keepalive_interval=up.keepalive_interval,
+        keepalive_timeout=up.keepalive_timeout,
     )
+
+
+@runtime_checkable
+class ReportsToMetrics(Protocol):
+    """A discovery backend that counts its own errors and staleness (the remote ones)."""
+
+    def bind_metrics(self, metrics: Metrics) -> None: ...
 
 
 class ClusterManager:
@@ -106,6 +273,10 @@ class ClusterManager:
         self.discovery = discovery
         self.metrics = metrics
         self.clusters: dict[str, Cluster] = {}
+        # The manager is where discovery meets the metrics registry (it already turns
+        # endpoint updates into gauges), so it hands the registry to the backend too.
+        if isinstance(discovery, ReportsToMetrics):
+            discovery.bind_metrics(metrics)
 
     def knows(self, service: str) -> bool:
         return service in self.clusters or service in self.discovery.services()
@@ -118,19 +289,39 @@ class ClusterManager:
         if endpoints is None:
             return None
         cfg = self.cfg
+        up = cfg.upstream
         override = cfg.services.get(service)
-        policy = (override and override.lb_policy) or cfg.upstream.lb_policy
+        policy = (override and override.lb_policy) or up.lb_policy
+        hash_header = up.hash_header
+        if override is not None and override.hash_header is not None:
+            hash_header = override.hash_header
         limits = pool_limits(cfg, service)
         pool: Pool
-        if cfg.upstream.protocol == "h2c":
+        if up.protocol == "h2c":
             pool = H2Pool(service, limits, self.metrics)
         else:
             pool = H1Pool(service, limits, self.metrics)
-        cluster = Cluster(service, pool, make_balancer(policy))
-        cluster.update(endpoints)
+        cluster = Cluster(
+            service,
+            pool,
+            make_balancer(policy),
+            zone=cfg.service.zone if up.zone_aware else "",
+            hash_header=hash_header,
+            outlier=(override and override.outlier) or up.outlier,
+            health_check=(override and override.health_check) or up.health_check,
+            metrics=self.metrics,
+            resend_unavailable=True,
+        )
+        if endpoints:
+            cluster.update(endpoints)
         self.metrics.endpoints.labels(service).set(len(endpoints))
         self.clusters[service] = cluster
         self.discovery.subscribe(service, self._on_update)
+        # A backend that starts its watch on first use may have answered already.
+        latest = self.discovery.endpoints(service)
+        if latest:
+            cluster.update(latest)
+        cluster.start()
         return cluster
 
     def _on_update(self, service: str, endpoints: tuple[Endpoint, ...]) -> None:
@@ -145,4 +336,4 @@ class ClusterManager:
 
     def close(self) -> None:
         for cluster in self.clusters.values():
-            cluster.pool.close()
+            cluster.close()

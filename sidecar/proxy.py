@@ -220,23 +220,29 @@ class OutboundHandler(CallHandler):
         super().__init__("outbound", cfg, metrics, access_log)
         self.router = router
         self.clusters = clusters
-        self._chains: dict[tuple[str, int], Next] = {}
+        self._chains: dict[tuple[str, str], Next] = {}
+        self._by_route: dict[tuple[str, int], Next] = {}
 
     def _chain(self, service: str, route: int, cluster: Cluster) -> Next:
-        key = (service, route)
-        chain = self._chains.get(key)
+        chain = self._by_route.get((service, route))
+        if chain is not None:
+            return chain
+        cfg = self.cfg
+        override = cfg.services.get(service)
+        route_filters = cfg.routes[route].filters if route >= 0 else None
+        if route_filters is not None:
+            specs, where = route_filters, f"routes[{route}].filters"
+        elif override is not None and override.filters is not None:
+            specs, where = override.filters, f"services.{service}.filters"
+        else:
+            specs, where = cfg.filters.outbound, "filters.outbound"
+        # One chain (and so one set of per-service filter state) per service and config
+        # key: a route without filters of its own shares the service's chain.
+        chain = self._chains.get((service, where))
         if chain is None:
-            cfg = self.cfg
-            override = cfg.services.get(service)
-            route_filters = cfg.routes[route].filters if route >= 0 else None
-            if route_filters is not None:
-                specs, where = route_filters, f"routes[{route}].filters"
-            elif override is not None and override.filters is not None:
-                specs, where = override.filters, f"services.{service}.filters"
-            else:
-                specs, where = cfg.filters.outbound, "filters.outbound"
             chain = self.build_chain(specs, cluster, where)
-            self._chains[key] = chain
+            self._chains[(service, where)] = chain
+        self._by_route[(service, route)] = chain
         return chain
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:

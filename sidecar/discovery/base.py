@@ -83,6 +83,7 @@ class Discovery(abc.ABC):
 
         Called after registering, so readiness is not reported before the sidecar
         sees its own instance."""
+        return None
 
     def subscribe(self, service: str, listener: EndpointsListener) -> None:
         self._listeners.setdefault(service, []).append(listener)

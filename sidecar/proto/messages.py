@@ -35,9 +35,11 @@ class Body:
         "_eof",
         "_error",
         "_replay",
+        "_replay_limit",
         "_replay_size",
         "_waiter",
         "buffered",
+        "buffered_whole",
         "on_cancel",
         "on_consumed",
         "received",
@@ -51,6 +53,9 @@ class Body:
         self._waiter: asyncio.Future[None] | None = None
         self._replay: list[bytes] | None = []
         self._replay_size = 0
+        self._replay_limit = REPLAY_LIMIT
+        # The whole body when a filter buffered it (fixed_body): always replayable.
+        self.buffered_whole: bytes | None = None
         self.buffered = 0
         self.received = 0
         self.trailers: Headers | None = None
@@ -118,7 +123,7 @@ class Body:
         self.buffered -= size
         if self._replay is not None:
             self._replay_size += len(data)
-            if self._replay_size <= REPLAY_LIMIT:
+            if self._replay_size <= self._replay_limit:
                 self._replay.append(data)
             else:
                 self._replay = None
@@ -140,7 +145,7 @@ class Body:
         data = b"".join(parts) if len(parts) != 1 else parts[0]
         if self._replay is not None:
             self._replay_size += len(data)
-            if self._replay_size <= REPLAY_LIMIT:
+            if self._replay_size <= self._replay_limit:
                 self._replay.append(data)
             else:
                 self._replay = None
@@ -183,7 +188,10 @@ class Body:
 
 
 def fixed_body(data: bytes = b"", trailers: Headers | None = None) -> Body:
+    """A body that is all here already; it can be re-read whole for a resend, whatever its size."""
     body = Body()
+    body.buffered_whole = data
+    body._replay_limit = len(data)
     if data:
         body.feed(data, 0)
     body.finish(trailers)

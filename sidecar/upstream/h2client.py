@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import cast
 
@@ -22,6 +23,8 @@ import h2.settings
 from sidecar.errors import StreamRefused, UpstreamReset
 from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
 from sidecar.proto.messages import Body, BodyError, Headers, Request, Response
+
+log = logging.getLogger("sidecar.upstream")
 
 _CLIENT_SETTINGS = {
     h2.settings.SettingCodes.ENABLE_PUSH: 0,
@@ -39,7 +42,11 @@ class _ClientStream:
 
 
 class H2ClientConnection(H2Base):
-    def __init__(self, on_change: Callable[[H2ClientConnection], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_change: Callable[[H2ClientConnection], None] | None = None,
+        keepalive: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
         config = h2.config.H2Configuration(
             client_side=True,
             header_encoding=None,
@@ -54,6 +61,11 @@ class H2ClientConnection(H2Base):
         self.last_active = 0.0
         self.on_change = on_change  # pool hook: a slot freed or the connection died
         self._connected: asyncio.Future[None] = self.loop.create_future()
+        self.keepalive_interval, self.keepalive_timeout = keepalive
+        self.last_received = 0.0
+        self.ping_timeouts = 0
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_pending: bytes | None = None
 
     # -- capacity --
     @property
@@ -87,12 +99,17 @@ class H2ClientConnection(H2Base):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
-        self.last_active = self.loop.time()
+        self.last_active = self.last_received = self.loop.time()
+        if self.keepalive_interval > 0:
+            self._ping_timer = self.loop.call_later(self.keepalive_interval, self._keepalive)
         if not self._connected.done():
             self._connected.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             self._fail(stream, UpstreamReset("upstream connection lost"))
@@ -101,6 +118,7 @@ class H2ClientConnection(H2Base):
             self.on_change(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_received = self.loop.time()
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError:
@@ -127,7 +145,42 @@ class H2ClientConnection(H2Base):
                     self.on_change(self)
             elif kind is h2.events.ConnectionTerminated:
                 self._goaway(event)  # type: ignore[arg-type]
+            elif kind is h2.events.PingAckReceived:
+                self._ping_pending = None
         self.flush()
+
+    # -- keepalive --
+    def _keepalive(self) -> None:
+        """Every interval: a connection that heard nothing gets a PING; a PING unanswered
+        within the timeout means a dead peer (a half-open TCP connection, a frozen host)."""
+        self._ping_timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        if self._ping_pending is not None:
+            self.ping_timeouts += 1
+            log.warning("HTTP/2 peer did not answer PING within %ss: dropping the connection",
+                        self.keepalive_timeout)  # fmt: skip
+            self.abort()
+            return
+        quiet = now - self.last_received
+        if quiet >= self.keepalive_interval:
+            self._ping_pending = now.hex().encode()[-8:].rjust(8, b"0")
+            try:
+                self.h2.ping(self._ping_pending)
+            except h2.exceptions.ProtocolError:
+                return
+            self.flush()
+            self._ping_timer = self.loop.call_later(self.keepalive_timeout, self._keepalive)
+        else:
+            self._ping_timer = self.loop.call_later(
+                self.keepalive_interval - quiet, self._keepalive
+            )
+
+    def abort(self) -> None:
+        self.goaway = True
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- events --
     def _response(self, event: h2.events.ResponseReceived) -> None:
@@ -302,9 +355,11 @@ async def connect_h2(
     port: int,
     timeout: float,
     on_change: Callable[[H2ClientConnection], None] | None = None,
+    keepalive: tuple[float, float] = (0.0, 0.0),
 ) -> H2ClientConnection:
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: H2ClientConnection(on_change), host, port), timeout
+        loop.create_connection(lambda: H2ClientConnection(on_change, keepalive), host, port),
+        timeout,
     )
     return proto

@@ -101,7 +101,11 @@ class H2Pool:
         self._total += 1
         try:
             conn = await connect_h2(
-                endpoint.host, endpoint.port, self.limits.connect_timeout, self._changed
+                endpoint.host,
+                endpoint.port,
+                self.limits.connect_timeout,
+                self._changed,
+                (self.limits.keepalive_interval, self.limits.keepalive_timeout),
             )
         except BaseException as exc:
             self._connecting[key] -= 1

@@ -16,6 +16,8 @@ class PoolLimits:
     idle_timeout: float = 30.0
     connect_timeout: float = 1.0
     pending_timeout: float = 1.0
+    keepalive_interval: float = 10.0
+    keepalive_timeout: float = 5.0
 
 
 class Pool(Protocol):
