@@ -94,19 +94,36 @@ def record(
     bytes_in: int,
     bytes_out: int,
     flags: str,
+    trace_id: str = "-",
+    route: str = "-",
+    grpc_status: str = "",
+    tries: int = 0,
 ) -> dict[str, object]:
-    """Build one call's access-log record; `start` is the call's `time.time()`."""
+    """Build one call's access-log record; `start` is the call's `time.time()`.
+
+    `flags` are short codes for what went wrong, in the spirit of Envoy's response
+    flags: NR no route (unknown service), UH no healthy upstream, UF upstream connect
+    failure, UR refused stream, UC upstream reset/closed, UO pool or breaker overflow,
+    UT timeout, URX retries exhausted, RL rate-limited, CO circuit open, AUTH signature
+    refused, BL body over the buffering limit, FE filter failed, DC downstream (the
+    caller) went away, DPE downstream protocol error, LR local reply; a local reply by a
+    filter reads `FLAG:filter`.
+    """
     return {
         "time": _rfc3339_ms(start),
+        "trace_id": trace_id,
         "direction": direction,
         "service": service,
+        "route": route,
         "method": method,
         "path": path,
         "authority": authority,
         "protocol": protocol,
         "status": status,
+        "grpc_status": grpc_status,
         "duration_ms": round(duration_s * 1000.0, 3),
         "upstream": upstream,
+        "tries": tries,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "flags": flags,

@@ -68,6 +68,7 @@ class Call:
         "path",
         "request",
         "retryable",
+        "route",
         "service",
         "tried",
         "tries",
@@ -99,6 +100,7 @@ class Call:
         self.error: MeshError | None = None  # the mesh's own failure, when there was one
         self.flags = "-"
         self.local_reply_by = ""
+        self.route = "-"  # how the call was routed (invoke, host, proxy, a route's match)
 
     @property
     def headers(self) -> Headers:

@@ -35,7 +35,8 @@ from sidecar.listener import ResponseSink
 from sidecar.metrics import Metrics
 from sidecar.proto.h2common import StreamGone
 from sidecar.proto.messages import BodyError, Request, Response
-from sidecar.routing import Router
+from sidecar.routing import INVOKE_PREFIX, Router
+from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -112,8 +113,16 @@ async def _until(deadline: float, chain: Next, call: Call) -> Response:
 class CallHandler:
     """One direction's handler: run the chain, respond, observe."""
 
-    def __init__(self, direction: str, cfg: SidecarConfig, metrics: Metrics, access_log: AccessLog):
+    def __init__(
+        self,
+        direction: str,
+        cfg: SidecarConfig,
+        metrics: Metrics,
+        access_log: AccessLog,
+        tracing: Tracing,
+    ):
         self.direction = direction
+        self.tracing = tracing
         self.cfg = cfg
         self.metrics = metrics
         self.access_log = access_log
@@ -129,6 +138,7 @@ class CallHandler:
     async def _run(self, request: Request, sink: ResponseSink, call: Call, chain: Next) -> None:
         response: Response | None = None
         sent = 0
+        span = self.tracing.start(call) if self.tracing.enabled else None
         try:
             deadline = _caller_deadline(request)
             if deadline is None:
@@ -159,7 +169,15 @@ class CallHandler:
                 response.body.cancel()
             raise
         finally:
-            self._observe(request, call, response.status if response is not None else 0, sent)
+            grpc_status = grpc_status_of(response) if response is not None else ""
+            trace_id = "-"
+            if span is not None:
+                trace_id = format(span.get_span_context().trace_id, "032x")
+                self.tracing.finish(span, call, response, grpc_status)
+            elif request.headers:
+                trace_id = incoming_trace_id(request)
+            status = response.status if response is not None else 0
+            self._observe(request, call, status, sent, grpc_status, trace_id)
 
     async def _reply_error(self, request: Request, sink: ResponseSink, error: MeshError) -> None:
         """Answer a call the mesh could not route (no chain ran)."""
@@ -173,11 +191,34 @@ class CallHandler:
         except _CLIENT_GONE:
             call.flags = "DC"
         finally:
-            self._observe(request, call, response.status, sent)
+            grpc_status = grpc_status_of(response)
+            self._observe(
+                request, call, response.status, sent, grpc_status, incoming_trace_id(request)
+            )
 
-    def _observe(self, request: Request, call: Call, status: int, sent: int) -> None:
+    def _observe(
+        self,
+        request: Request,
+        call: Call,
+        status: int,
+        sent: int,
+        grpc_status: str,
+        trace_id: str,
+    ) -> None:
         duration = time.monotonic() - request.start
-        self.metrics.observe_request(self.direction, call.service, status, duration)
+        grpc_method = ""
+        if grpc_status and request.path[:1] == b"/":
+            grpc_method = call.path[1:].split(b"?", 1)[0].decode("latin-1")
+        self.metrics.observe_request(
+            self.direction,
+            call.service,
+            status,
+            duration,
+            grpc_method,
+            grpc_status,
+            request.body.received,
+            sent,
+        )
         if self.access_log.enabled:
             flags = call.flags
             if call.local_reply_by and flags == "-":
@@ -197,6 +238,10 @@ class CallHandler:
                     bytes_in=request.body.received,
                     bytes_out=sent,
                     flags=flags if not call.local_reply_by else f"{flags}:{call.local_reply_by}",
+                    trace_id=trace_id,
+                    route=call.route,
+                    grpc_status=grpc_status,
+                    tries=call.tries,
                 )
             )
 
@@ -216,8 +261,9 @@ class OutboundHandler(CallHandler):
         clusters: ClusterManager,
         metrics: Metrics,
         access_log: AccessLog,
+        tracing: Tracing,
     ) -> None:
-        super().__init__("outbound", cfg, metrics, access_log)
+        super().__init__("outbound", cfg, metrics, access_log, tracing)
         self.router = router
         self.clusters = clusters
         self._chains: dict[tuple[str, str], Next] = {}
@@ -245,6 +291,14 @@ class OutboundHandler(CallHandler):
         self._by_route[(service, route)] = chain
         return chain
 
+    def _route_name(self, request: Request, route: int) -> str:
+        if route >= 0:
+            spec = self.cfg.routes[route]
+            return spec.prefix or spec.grpc_service
+        if request.path.startswith(INVOKE_PREFIX):
+            return "invoke"
+        return "proxy" if request.absolute_form else "host"
+
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
         try:
             service, path, route = self.router.resolve(request)
@@ -255,14 +309,20 @@ class OutboundHandler(CallHandler):
             await self._reply_error(request, sink, exc)
             return
         call = Call(request, "outbound", service, service.encode(), path, self.max_body_bytes)
+        call.route = self._route_name(request, route)
         await self._run(request, sink, call, self._chain(service, route, cluster))
 
 
 class InboundHandler(CallHandler):
     def __init__(
-        self, cfg: SidecarConfig, app: Cluster, metrics: Metrics, access_log: AccessLog
+        self,
+        cfg: SidecarConfig,
+        app: Cluster,
+        metrics: Metrics,
+        access_log: AccessLog,
+        tracing: Tracing,
     ) -> None:
-        super().__init__("inbound", cfg, metrics, access_log)
+        super().__init__("inbound", cfg, metrics, access_log, tracing)
         self.service = cfg.service.name
         self.chain = self.build_chain(cfg.filters.inbound, app, "filters.inbound")
 

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.accesslog import AccessLog
 from sidecar.admin import AdminServer
+from sidecar.capture import CaptureListener
 from sidecar.cluster import Cluster, ClusterManager, pool_limits
 from sidecar.config import SidecarConfig, advertise_host, resolve_instance_id
 from sidecar.discovery.base import Endpoint, Instance
@@ -30,6 +31,7 @@ from sidecar.listener import Listener, ListenerContext
 from sidecar.metrics import Metrics
 from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
 from sidecar.routing import Router
+from sidecar.tracing import Tracing, from_env
 from sidecar.upstream.h1client import H1Pool
 from sidecar.upstream.h2pool import H2Pool
 from sidecar.upstream.pool import Pool
@@ -38,8 +40,9 @@ log = logging.getLogger("sidecar.server")
 
 
 class Sidecar:
-    def __init__(self, cfg: SidecarConfig) -> None:
+    def __init__(self, cfg: SidecarConfig, tracing: Tracing | None = None) -> None:
         self.cfg = cfg
+        self.tracing = tracing if tracing is not None else from_env(cfg.service.name)
         self.metrics = Metrics()
         self.metrics_registry: CollectorRegistry = self.metrics.registry
         self.ready = False
@@ -49,6 +52,7 @@ class Sidecar:
         self.access_log = AccessLog(cfg.log.access_log)
         self.listeners: dict[str, Listener] = {}
         self.admin: AdminServer | None = None
+        self.capture: CaptureListener | None = None
         self.app_cluster: Cluster | None = None
         self.ports: dict[str, int] = {}
         self.handlers: tuple[CallHandler, ...] = ()
@@ -90,8 +94,10 @@ class Sidecar:
         self.app_cluster = Cluster(cfg.service.name, app_pool, RoundRobin())
         self.app_cluster.update((app_endpoint,))
         router = Router(cfg.routes, self.clusters.knows)
-        outbound = OutboundHandler(cfg, router, self.clusters, self.metrics, self.access_log)
-        inbound = InboundHandler(cfg, self.app_cluster, self.metrics, self.access_log)
+        outbound = OutboundHandler(
+            cfg, router, self.clusters, self.metrics, self.access_log, self.tracing
+        )
+        inbound = InboundHandler(cfg, self.app_cluster, self.metrics, self.access_log, self.tracing)
         self.handlers = (outbound, inbound)
         for name, handler, spec in (
             ("outbound", outbound, cfg.listeners.outbound),
@@ -101,6 +107,9 @@ class Sidecar:
             listener = Listener(ctx, spec.host, spec.port)
             self.ports[name] = await listener.start()
             self.listeners[name] = listener
+        if cfg.listeners.capture.enabled:  # transparent interception (docs/transparent.md)
+            self.capture = CaptureListener(cfg, outbound, self.clusters, self.metrics)
+            self.ports["capture"] = await self.capture.start()
         self.admin = AdminServer(self, cfg.listeners.admin.host, cfg.listeners.admin.port)
         self.ports["admin"] = await self.admin.start()
         if cfg.discovery.register:
@@ -154,6 +163,8 @@ class Sidecar:
         await self.close()
 
     async def close(self) -> None:
+        if self.capture is not None:
+            await self.capture.close()
         for listener in self.listeners.values():
             await listener.close()
         for handler in self.handlers:
@@ -165,6 +176,7 @@ class Sidecar:
             await self.admin.close()
         await self.discovery.close()
         self.access_log.close()
+        self.tracing.shutdown()
 
 
 def _write_ports(path: str, ports: dict[str, int]) -> None:

@@ -250,6 +250,7 @@ class H1Pool:
         self._m_opened = metrics.upstream_connections_opened.labels(*labels)
         self._m_closed = metrics.upstream_connections_closed.labels(*labels)
         self._m_streams = metrics.upstream_streams.labels(*labels)
+        self._m_uses = metrics.streams_per_connection.labels(*labels)
 
     async def request(
         self, endpoint: Endpoint, request: Request, authority: bytes, path: bytes
@@ -321,6 +322,7 @@ class H1Pool:
         idle = self._idle.get(conn.key)
         if idle is not None and conn in idle:
             idle.remove(conn)
+        self._m_uses.observe(conn.uses)
         self._m_closed.inc()
         self._m_open.dec()
         self._wake()

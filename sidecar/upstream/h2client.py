@@ -57,6 +57,7 @@ class H2ClientConnection(H2Base):
         self.h2.local_settings = h2.settings.Settings(client=True, initial_values=_CLIENT_SETTINGS)
         self.streams: dict[int, _ClientStream] = {}
         self.reserved = 0  # streams promised to callers, not yet opened
+        self.uses = 0  # streams opened over the connection's life
         self.goaway = False
         self.last_active = 0.0
         self.on_change = on_change  # pool hook: a slot freed or the connection died
@@ -301,6 +302,7 @@ class H2ClientConnection(H2Base):
             raise StreamRefused("stream ids exhausted on this connection") from None
         waiter: asyncio.Future[Response] = self.loop.create_future()
         stream = _ClientStream(waiter)
+        self.uses += 1
         self.streams[stream_id] = stream
         self.last_active = self.loop.time()
         try:

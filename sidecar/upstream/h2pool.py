@@ -44,6 +44,7 @@ class H2Pool:
         self._m_opened = metrics.upstream_connections_opened.labels(*labels)
         self._m_closed = metrics.upstream_connections_closed.labels(*labels)
         self._m_streams = metrics.upstream_streams.labels(*labels)
+        self._m_uses = metrics.streams_per_connection.labels(*labels)
 
     async def request(
         self, endpoint: Endpoint, request: Request, authority: bytes, path: bytes
@@ -149,6 +150,7 @@ class H2Pool:
                 if not conns:
                     del self._conns[key]
                 self._total -= 1
+                self._m_uses.observe(conn.uses)
                 self._m_closed.inc()
                 self._m_open.dec()
                 return

@@ -104,6 +104,17 @@ class Sidecar(Proc):
             time.sleep(0.02)
         raise RuntimeError(f"sidecar {self.name} not ready:\n{self.output()[-3000:]}")
 
+    def access_log(self, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The access-log records, once there are at least `count` (the line for a call
+        is written just after its reply is sent, so a test polls for it)."""
+        path = self.log_path.parent / f"{self.name}.access.log"
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = path.read_text().splitlines() if path.exists() else []
+            if len(lines) >= count or time.monotonic() > deadline:
+                return [json.loads(line) for line in lines]
+            time.sleep(0.02)
+
     def metrics(self) -> str:
         return httpx.get(f"{self.admin}/metrics", timeout=5).text
 
