@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -25,8 +26,8 @@ import yaml
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 AppProtocol = Literal["http1", "h2c"]
 UpstreamProtocol = Literal["h2c", "http1"]
-LbPolicy = Literal["round_robin", "least_request"]
-DiscoveryBackend = Literal["file", "static"]
+LbPolicy = Literal["round_robin", "least_request", "ring_hash"]
+DiscoveryBackend = Literal["file", "static", "consul", "nacos", "kubernetes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +59,22 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CaptureListenerConfig:
+    """Where iptables REDIRECTs the app's outbound TCP (docs/transparent.md)."""
+
+    # REDIRECT rewrites the destination to 127.0.0.1 for the pod's own traffic and to the
+    # incoming interface's address otherwise, so this binds every address; off by default.
+    host: str = "0.0.0.0"
+    port: int = 15001
+    enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ListenersConfig:
     outbound: ListenerConfig = ListenerConfig("127.0.0.1", 8080)
     inbound: ListenerConfig = ListenerConfig("0.0.0.0", 15006)
     admin: ListenerConfig = ListenerConfig("0.0.0.0", 9090)
+    capture: CaptureListenerConfig = CaptureListenerConfig()
     # The address other sidecars use to reach this sidecar's inbound listener.
     # Empty: the inbound host when it is a concrete address, else 127.0.0.1.
     advertise_host: str = ""
@@ -89,11 +102,86 @@ class StaticDiscoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsulDiscoveryConfig:
+    """Consul through its HTTP API (docs/discovery.md)."""
+
+    address: str = ""  # empty: $CONSUL_HTTP_ADDR, else http://127.0.0.1:8500
+    token: str = ""  # empty: $CONSUL_HTTP_TOKEN, if set
+    datacenters: dict[str, str] = field(default_factory=dict)  # service -> its dc
+    # Tried in order when a service's own dc has no passing instance.
+    failover_datacenters: tuple[str, ...] = ()
+    # Watched from start (start() waits for them); others are watched on first use.
+    watch: tuple[str, ...] = ()
+    wait: float = 30.0  # blocking-query wait, seconds
+    max_queries_per_second: float = 10.0  # per watch; the loop's token bucket (burst 2)
+    retry_max: float = 2.0  # longest back-off between failed queries, seconds
+    request_timeout: float = 2.0  # non-blocking calls (register, check updates)
+    ttl: float = 3.0  # the registered TTL check's TTL
+    check_interval: float = 1.0  # probe the app and refresh the TTL check this often
+    check_timeout: float = 0.5  # the app probe's timeout
+    deregister_critical_after: float = 60.0  # Consul's minimum is 1 minute
+
+
+@dataclass(frozen=True, slots=True)
+class NacosDiscoveryConfig:
+    """Nacos through its v2 HTTP Open API, falling back to v1 (docs/discovery.md)."""
+
+    address: str = ""  # empty: $NACOS_ADDR, else http://127.0.0.1:8848
+    namespace: str = ""  # namespaceId; empty: the public namespace
+    group: str = "DEFAULT_GROUP"
+    cluster: str = "DEFAULT"
+    api: Literal["auto", "v2", "v1"] = "auto"  # auto: v2, then v1 on a 404
+    beat_interval: float = 5.0
+    poll_interval: float = 1.0
+    watch: tuple[str, ...] = ()
+    request_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesDiscoveryConfig:
+    """Headless Services through cluster DNS (docs/discovery.md)."""
+
+    namespace: str = ""  # empty: the pod's namespace (service account file), else "default"
+    cluster_domain: str = "cluster.local"
+    port: int = 15006  # the peers' inbound port (every sidecar listens on the same one)
+    resolve_interval: float = 1.0
+    resolve_timeout: float = 1.0
+    watch: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
     backend: DiscoveryBackend = "file"
     register: bool = True  # register the local app as an instance of service.name
     file: FileDiscoveryConfig = FileDiscoveryConfig()
     static: StaticDiscoveryConfig = StaticDiscoveryConfig()
+    consul: ConsulDiscoveryConfig = ConsulDiscoveryConfig()
+    nacos: NacosDiscoveryConfig = NacosDiscoveryConfig()
+    kubernetes: KubernetesDiscoveryConfig = KubernetesDiscoveryConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active health checks: GET `path` on every endpoint (a peer's inbound, so its app)."""
+
+    enabled: bool = False
+    path: str = "/health"
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy_threshold: int = 1  # consecutive passes to return to rotation
+    unhealthy_threshold: int = 2  # consecutive failures to leave it
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """Passive outlier detection on the calls the cluster sends (Envoy's semantics)."""
+
+    enabled: bool = True
+    consecutive_5xx: int = 5  # 5xx replies or connect failures in a row
+    consecutive_connect_failures: int = 3  # connect failures alone in a row
+    base_ejection_time: float = 30.0  # x times ejected
+    max_ejection_time: float = 300.0
+    max_ejection_percent: float = 50.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +195,15 @@ class UpstreamConfig:
     connect_timeout: float = 1.0
     # How long a call waits for a free stream slot when every allowed connection is full.
     pending_timeout: float = 1.0
+    # HTTP/2 PING on a connection quiet this long; no ACK within keepalive_timeout:
+    # the peer is dead, the connection is dropped and replaced. 0 turns it off.
+    keepalive_interval: float = 10.0
+    keepalive_timeout: float = 5.0
     lb_policy: LbPolicy = "round_robin"
+    hash_header: str = ""  # ring_hash: the header whose value picks the endpoint
+    zone_aware: bool = True  # prefer healthy endpoints in service.zone
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    outlier: OutlierConfig = OutlierConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +229,11 @@ class ClusterOverride:
     """Per-service overrides of the upstream defaults."""
 
     lb_policy: LbPolicy | None = None
+    hash_header: str | None = None
     max_connections: int | None = None
     max_per_route: int | None = None
+    health_check: HealthCheckConfig | None = None
+    outlier: OutlierConfig | None = None
     # Replaces filters.outbound for calls to this service.
     filters: tuple[FilterSpec, ...] | None = None
 
@@ -165,6 +264,20 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """Transparent interception on listeners.capture (docs/transparent.md)."""
+
+    # How long a connection may stay silent before it is relayed unsniffed: server-first
+    # protocols (MySQL, SMTP) send nothing until the server speaks. Linkerd waits 10 s.
+    detect_timeout: float = 0.2
+    # Relayed at once, never sniffed (Linkerd's default opaque ports).
+    opaque_ports: tuple[int, ...] = (25, 587, 3306, 4444, 5432, 6379, 9300, 11211)
+    # Original destination ("ip:port" or "ip") -> the service it stands for (a VIP, say).
+    service_ips: dict[str, str] = field(default_factory=dict)
+    connect_timeout: float = 1.0  # passthrough: dialling the original destination
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: LogLevel = "INFO"
     # "-": stdout; "": off; anything else: a file path (appended).
@@ -185,6 +298,7 @@ class SidecarConfig:
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
     drain_timeout: float = 10.0
+    capture: CaptureConfig = CaptureConfig()
 
 
 # --- Errors -----------------------------------------------------------------
@@ -247,11 +361,37 @@ _BOUNDS: dict[tuple[type, str], _Bound] = {
     (AppConfig, "port"): _PORT,
     (AppConfig, "max_connections"): _AT_LEAST_ONE,
     (ListenerConfig, "port"): _PORT,
+    (CaptureListenerConfig, "port"): _PORT,
+    (CaptureConfig, "detect_timeout"): _POSITIVE,
+    (CaptureConfig, "connect_timeout"): _POSITIVE,
     (StaticEndpoint, "port"): _Bound(1, 65535),  # a peer's port must be concrete
     (StaticEndpoint, "weight"): _AT_LEAST_ONE,
     (FileDiscoveryConfig, "heartbeat_interval"): _POSITIVE,
     (FileDiscoveryConfig, "ttl"): _POSITIVE,
     (FileDiscoveryConfig, "poll_interval"): _POSITIVE,
+    (ConsulDiscoveryConfig, "wait"): _Bound(1, 600),  # Consul caps wait at 10 minutes
+    (ConsulDiscoveryConfig, "max_queries_per_second"): _POSITIVE,
+    (ConsulDiscoveryConfig, "retry_max"): _POSITIVE,
+    (ConsulDiscoveryConfig, "request_timeout"): _POSITIVE,
+    (ConsulDiscoveryConfig, "ttl"): _Bound(1),
+    (ConsulDiscoveryConfig, "check_interval"): _Bound(0.05),
+    (ConsulDiscoveryConfig, "check_timeout"): _POSITIVE,
+    (ConsulDiscoveryConfig, "deregister_critical_after"): _Bound(60),
+    (NacosDiscoveryConfig, "beat_interval"): _Bound(1),
+    (NacosDiscoveryConfig, "poll_interval"): _Bound(0.05),
+    (NacosDiscoveryConfig, "request_timeout"): _POSITIVE,
+    (KubernetesDiscoveryConfig, "port"): _Bound(1, 65535),
+    (KubernetesDiscoveryConfig, "resolve_interval"): _Bound(0.05),
+    (KubernetesDiscoveryConfig, "resolve_timeout"): _POSITIVE,
+    (HealthCheckConfig, "interval"): _Bound(0.05),
+    (HealthCheckConfig, "timeout"): _POSITIVE,
+    (HealthCheckConfig, "healthy_threshold"): _AT_LEAST_ONE,
+    (HealthCheckConfig, "unhealthy_threshold"): _AT_LEAST_ONE,
+    (OutlierConfig, "consecutive_5xx"): _AT_LEAST_ONE,
+    (OutlierConfig, "consecutive_connect_failures"): _AT_LEAST_ONE,
+    (OutlierConfig, "base_ejection_time"): _POSITIVE,
+    (OutlierConfig, "max_ejection_time"): _POSITIVE,
+    (OutlierConfig, "max_ejection_percent"): _Bound(0, 100),
     (UpstreamConfig, "max_connections"): _AT_LEAST_ONE,
     (UpstreamConfig, "max_per_route"): _AT_LEAST_ONE,
     (UpstreamConfig, "idle_timeout"): _POSITIVE,
@@ -444,6 +584,7 @@ def _validate(cfg: SidecarConfig) -> None:
         ("listeners.outbound.host", cfg.listeners.outbound.host),
         ("listeners.inbound.host", cfg.listeners.inbound.host),
         ("listeners.admin.host", cfg.listeners.admin.host),
+        ("listeners.capture.host", cfg.listeners.capture.host),
     ):
         if not host:
             raise ConfigError(key, "must not be empty")
@@ -455,8 +596,17 @@ def _validate(cfg: SidecarConfig) -> None:
             f"({_num(file.heartbeat_interval)}), got {_num(file.ttl)}",
         )
     _check_pool("upstream", cfg.upstream.max_connections, cfg.upstream.max_per_route)
+    _check_balancing("upstream", cfg.upstream.lb_policy, cfg.upstream.hash_header)
+    _check_health_path("upstream.health_check", cfg.upstream.health_check)
     for name, override in cfg.services.items():
         _check_service_name(f"services.{name}", name)
+        _check_balancing(
+            f"services.{name}",
+            override.lb_policy or cfg.upstream.lb_policy,
+            cfg.upstream.hash_header if override.hash_header is None else override.hash_header,
+        )
+        if override.health_check is not None:
+            _check_health_path(f"services.{name}.health_check", override.health_check)
         _check_pool(
             f"services.{name}",
             override.max_connections or cfg.upstream.max_connections,
@@ -466,6 +616,7 @@ def _validate(cfg: SidecarConfig) -> None:
         _check_service_name(f"discovery.static.services.{name}", name)
     for i, route in enumerate(cfg.routes):
         _check_route(f"routes[{i}]", route)
+    _check_capture(cfg.capture)
     # Each filter validates its own config now, before anything binds.
     from sidecar.chain import validate_filters
 
@@ -478,6 +629,49 @@ def _check_pool(key: str, max_connections: int, max_per_route: int) -> None:
             f"{key}.max_connections",
             f"must be >= max_per_route ({max_per_route}), got {max_connections}",
         )
+
+
+def _check_balancing(key: str, policy: str, hash_header: str) -> None:
+    if policy == "ring_hash" and not hash_header:
+        raise ConfigError(f"{key}.hash_header", "must name a header when lb_policy is ring_hash")
+
+
+def _check_health_path(key: str, check: HealthCheckConfig) -> None:
+    if not check.path.startswith("/"):
+        raise ConfigError(f"{key}.path", f"must start with '/', got {_show(check.path)}")
+
+
+def _check_capture(capture: CaptureConfig) -> None:
+    for i, port in enumerate(capture.opaque_ports):
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"capture.opaque_ports[{i}]", f"must be in 1..65535, got {port}")
+    for address, service in capture.service_ips.items():
+        key = f"capture.service_ips.{address}"
+        if parse_ip_port(address) is None:
+            raise ConfigError(key, "the key must be 'ip', 'ip:port' or '[ipv6]:port'")
+        _check_service_name(key, service)
+
+
+def parse_ip_port(text: str) -> tuple[str, int | None] | None:
+    """`10.0.0.1` -> (ip, None); `10.0.0.1:80`, `[::1]:80` -> (ip, 80); None if neither."""
+    host, port = text, None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        rest = rest[1:]
+    elif text.count(":") == 1:
+        host, _, rest = text.partition(":")
+    else:
+        rest = ""
+    if rest or text.endswith(":"):
+        if not rest.isdigit() or not 1 <= int(rest) <= 65535:
+            return None
+        port = int(rest)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        return None
 
 
 def _check_service_name(key: str, name: str) -> None:

@@ -206,7 +206,7 @@ def test_error_message_format(tmp_path: Path) -> None:
         ("listeners: {admin: {host: 127.0.0.1, port: x}}", "listeners.admin.port", "an integer"),
         ("discovery: {register: 1}", "discovery.register", "a boolean"),
         ("discovery: {register: 'true'}", "discovery.register", "a boolean"),
-        ("discovery: {backend: consul}", "discovery.backend", "one of 'file', 'static'"),
+        ("discovery: {backend: zookeeper}", "discovery.backend", "one of 'file', 'static'"),
         ("upstream: {idle_timeout: fast}", "upstream.idle_timeout", "a number > 0"),
         ("upstream: {idle_timeout: true}", "upstream.idle_timeout", "a number"),
         ("upstream: {connect_timeout: 0}", "upstream.connect_timeout", "> 0"),
