@@ -50,6 +50,16 @@ class AdminState(Protocol):
         """Stop taking new work; readiness turns to DRAINING."""
         ...
 
+    def quit(self) -> None:
+        """Drain, then exit."""
+        ...
+
+    def config_dump(self) -> dict[str, Any]:
+        """The effective config, secrets redacted."""
+        ...
+
+    def set_log_level(self, level: str) -> None: ...
+
 
 def is_loopback(addr: str | None) -> bool:
     """Whether a peer address (as `request.remote` gives it) is this host's loopback.
@@ -112,7 +122,11 @@ class AdminServer:
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/clusters", self._clusters)
+        app.router.add_get("/config_dump", self._config_dump)
+        app.router.add_get("/stats", self._stats)
         app.router.add_post("/drain", self._drain)
+        app.router.add_post("/logging", self._logging)
+        app.router.add_post("/quitquitquit", self._quit)
         return app
 
     async def start(self) -> int:
@@ -168,3 +182,47 @@ class AdminServer:
         logger.info("drain requested over the admin API from %s", request.remote)
         self._state.begin_drain()
         return web.Response(body=_DRAINING, content_type=_JSON)
+
+    async def _config_dump(self, request: web.Request) -> web.Response:
+        text = json.dumps(self._state.config_dump(), indent=2, sort_keys=True)
+        return web.Response(body=text.encode(), content_type=_JSON)
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """Every metric sample as JSON: {name: [{"labels": {...}, "value": v}, ...]}.
+        `?filter=prefix` keeps the names that start with it."""
+        prefix = request.query.get("filter", "")
+        return web.Response(
+            body=json.dumps(stats_snapshot(self._state.metrics_registry, prefix)).encode(),
+            content_type=_JSON,
+        )
+
+    async def _logging(self, request: web.Request) -> web.Response:
+        level = request.query.get("level", "").upper()
+        if level not in _LEVELS:
+            return _json_response(
+                400, {"error": f"query parameter 'level' must be one of {', '.join(_LEVELS)}"}
+            )
+        self._state.set_log_level(level)
+        logger.warning("log level set to %s over the admin API", level)
+        return _json_response(200, {"level": level})
+
+    async def _quit(self, request: web.Request) -> web.Response:
+        logger.info("quitquitquit from %s: draining, then exiting", request.remote)
+        self._state.quit()
+        return _json_response(200, {"status": "QUITTING"})
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def stats_snapshot(
+    registry: CollectorRegistry, prefix: str = ""
+) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name.startswith(prefix) and not sample.name.endswith("_created"):
+                out.setdefault(sample.name, []).append(
+                    {"labels": sample.labels, "value": sample.value}
+                )
+    return out

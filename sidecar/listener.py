@@ -50,6 +50,7 @@ class ListenerContext:
         self.draining = False
         self.in_flight = 0
         self.idle = asyncio.Event()
+        self.on_accept: Callable[[], None] | None = None  # counts accepted connections
 
 
 class _Detect(asyncio.Protocol):
@@ -63,6 +64,8 @@ class _Detect(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast("asyncio.Transport", transport)
+        if self.ctx.on_accept is not None:
+            self.ctx.on_accept()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

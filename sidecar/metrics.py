@@ -66,6 +66,13 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.downstream_connections = Counter(
+            "opus_downstream_connections_opened",
+            "Connections accepted from callers, by listener (outbound: the local app; "
+            "inbound: peer sidecars).",
+            ["listener"],
+            registry=r,
+        )
         self.upstream_connections = Gauge(
             "opus_upstream_connections",
             "Upstream connections open now, by cluster and protocol.",
