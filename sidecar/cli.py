@@ -20,6 +20,7 @@ from sidecar.config import (
     load_config,
     unknown_env_overrides,
 )
+from sidecar.inject.command import add_commands as add_inject_commands
 
 PROG = "opus-sidecar"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -43,10 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
 
-    # The demo parses its own flags; add_help=False lets `demo -h` reach it too.
+    stat = commands.add_parser("stat", help="live table of a sidecar's traffic per service")
+    stat.add_argument("--admin", default="http://127.0.0.1:9090", help="the sidecar's admin URL")
+    stat.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    stat.add_argument("--once", action="store_true", help="print one table and exit")
+
+    # These parse their own flags; add_help=False lets `demo -h` reach the demo too.
+    commands.add_parser(
+        "iptables", help="print or apply the transparent-interception rules", add_help=False
+    )
     commands.add_parser(
         "demo", help="run the local demo (arguments go to the demo)", add_help=False
     )
+    add_inject_commands(commands)  # `injector` and `inject` (sidecar/inject/)
     return parser
 
 
@@ -56,10 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         from sidecar.demo import main as demo_main
 
         return demo_main(rest)
+    if args.command == "iptables":
+        from sidecar.iptables import main as iptables_main
+
+        return iptables_main(rest)
     if rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "check-config":
         return _check_config(args.file)
+    if args.command == "stat":
+        from sidecar.stat import run as stat_run
+
+        return stat_run(args.admin, args.interval, args.once)
+    if args.command in ("injector", "inject"):
+        from sidecar.inject.command import run_command
+
+        return run_command(args)
     return _run(args.config, args.ports_file)
 
 

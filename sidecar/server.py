@@ -23,7 +23,7 @@ from sidecar.accesslog import AccessLog
 from sidecar.admin import AdminServer
 from sidecar.capture import CaptureListener
 from sidecar.cluster import Cluster, ClusterManager, pool_limits
-from sidecar.config import SidecarConfig, advertise_host, resolve_instance_id
+from sidecar.config import SidecarConfig, advertise_host, config_to_dict, resolve_instance_id
 from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.factory import create_discovery
 from sidecar.lb import RoundRobin
@@ -57,6 +57,7 @@ class Sidecar:
         self.ports: dict[str, int] = {}
         self.handlers: tuple[CallHandler, ...] = ()
         self._stop = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
 
     # -- AdminState --
     def clusters_snapshot(self) -> dict[str, Any]:
@@ -66,7 +67,22 @@ class Sidecar:
         return snapshot
 
     def begin_drain(self) -> None:
+        """Stop taking calls (readiness 503, out of discovery, GOAWAY) but keep running:
+        the preStop hook's step before SIGTERM."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain_listeners())
+
+    def quit(self) -> None:
+        """Drain and exit (SIGTERM, or POST /quitquitquit for Jobs whose app has exited)."""
         self._stop.set()
+
+    def config_dump(self) -> dict[str, Any]:
+        dumped: dict[str, Any] = redact(config_to_dict(self.cfg))
+        return dumped
+
+    def set_log_level(self, level: str) -> None:
+        logging.getLogger().setLevel(level)
+        logging.getLogger("sidecar").setLevel(level)
 
     # -- lifecycle --
     async def start(self) -> dict[str, int]:
@@ -104,6 +120,7 @@ class Sidecar:
             ("inbound", inbound, cfg.listeners.inbound),
         ):
             ctx = ListenerContext(name, handler, cfg.http2, cfg.limits)
+            ctx.on_accept = self.metrics.downstream_connections.labels(name).inc
             listener = Listener(ctx, spec.host, spec.port)
             self.ports[name] = await listener.start()
             self.listeners[name] = listener
@@ -144,8 +161,9 @@ class Sidecar:
     async def wait_for_stop(self) -> None:
         await self._stop.wait()
 
-    async def drain(self) -> None:
-        """Graceful shutdown; returns when in-flight calls are done or drain_timeout passed."""
+    async def _drain_listeners(self) -> None:
+        if self.draining:
+            return
         self.draining = True
         self.ready = False
         log.info("draining: leaving discovery, refusing new calls")
@@ -153,6 +171,10 @@ class Sidecar:
             await self.discovery.deregister()
         for listener in self.listeners.values():
             listener.begin_drain()
+
+    async def drain(self) -> None:
+        """Graceful shutdown; returns when in-flight calls are done or drain_timeout passed."""
+        await self._drain_listeners()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.drain_timeout
         finished = True
@@ -179,6 +201,21 @@ class Sidecar:
         self.tracing.shutdown()
 
 
+_SECRET_WORDS = ("secret", "password", "token", "credential", "private")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """The config with anything that looks like a secret replaced, for /config_dump.
+    (Keys themselves live in files the config only names: key_file, key_dir, key_env.)"""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if isinstance(value, str) and value and any(w in key.lower() for w in _SECRET_WORDS):
+        return "[redacted]"
+    return value
+
+
 def _write_ports(path: str, ports: dict[str, int]) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -190,7 +227,7 @@ async def serve(cfg: SidecarConfig, ports_file: str | None = None) -> int:
     sidecar = Sidecar(cfg)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, sidecar.begin_drain)
+        loop.add_signal_handler(signum, sidecar.quit)
     try:
         ports = await sidecar.start()
     except OSError as exc:

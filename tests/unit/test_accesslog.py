@@ -11,8 +11,9 @@ import pytest
 from sidecar.accesslog import AccessLog, record
 
 KEYS = [
-    "time", "direction", "service", "method", "path", "authority", "protocol",
-    "status", "duration_ms", "upstream", "bytes_in", "bytes_out", "flags",
+    "time", "trace_id", "direction", "service", "route", "method", "path", "authority",
+    "protocol", "status", "grpc_status", "duration_ms", "upstream", "tries", "bytes_in",
+    "bytes_out", "flags",
 ]  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from sidecar.metrics import Metrics
 from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
 from sidecar.proxy import OutboundHandler
 from sidecar.routing import Router
+from sidecar.tracing import Tracing
 from tests.unit.chain_helpers import (
     BufferAndResend,
     LocalReply,
@@ -526,7 +527,7 @@ def outbound(tag_installed: None, tmp_path: Path) -> OutboundHandler:
     cfg = load_config(str(path), environ={})
     clusters = FakeClusters({"inventory", "catalog", "billing"})
     router = Router(cfg.routes, clusters.knows)
-    return OutboundHandler(cfg, router, clusters, Metrics(), AccessLog(""))  # type: ignore[arg-type]
+    return OutboundHandler(cfg, router, clusters, Metrics(), AccessLog(""), Tracing(None))  # type: ignore[arg-type]
 
 
 def send(handler: OutboundHandler, path: bytes) -> Response:
