@@ -353,6 +353,7 @@ class CaptureListener:
         *,
         original_dst: Callable[[Any], Address | None] = socket_original_dst,
     ) -> None:
+        self.reuse_port = False
         self.cfg = cfg
         self.outbound = outbound
         self.metrics = metrics
@@ -381,7 +382,12 @@ class CaptureListener:
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: _Capture(self), self.host, self.port, reuse_address=True, backlog=1024
+            lambda: _Capture(self),
+            self.host,
+            self.port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,  # workers share the port
+            backlog=1024,
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port

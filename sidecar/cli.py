@@ -8,6 +8,7 @@ stops the process before any port is bound.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
 import sys
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the bound ports here as JSON once listening (for port-0 configs)",
     )
+    run.add_argument("--workers", type=int, metavar="N", help="worker processes (config: workers)")
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from sidecar.inject.command import run_command
 
         return run_command(args)
-    return _run(args.config, args.ports_file)
+    return _run(args.config, args.ports_file, args.workers, args.worker_index)
 
 
 def _load(path: str | None) -> SidecarConfig | None:
@@ -101,10 +104,17 @@ def _warn_unknown_env() -> None:
         log.warning("ignoring unknown environment variable %s%s", name, hint)
 
 
-def _run(config_path: str | None, ports_file: str | None) -> int:
+def _run(
+    config_path: str | None, ports_file: str | None, workers: int | None, worker: int | None
+) -> int:
     cfg = _load(config_path)
     if cfg is None:
         return 2
+    if workers is not None:
+        if not 1 <= workers <= 64:
+            print(f"{PROG}: error: --workers must be 1 to 64, got {workers}", file=sys.stderr)
+            return 2
+        cfg = dataclasses.replace(cfg, workers=workers)
     logging.basicConfig(stream=sys.stderr, level=cfg.log.level, format=LOG_FORMAT)
     # OPUS_LOG_LEVEL=DEBUG is about the sidecar: the HPACK codec's per-header debug
     # lines would drown it and cost real time on every call.
@@ -114,7 +124,7 @@ def _run(config_path: str | None, ports_file: str | None) -> int:
     # Imported only now: nothing that can bind a socket is loaded before the config is good.
     from sidecar.server import run_sidecar
 
-    return run_sidecar(cfg, ports_file=ports_file)
+    return run_sidecar(cfg, ports_file=ports_file, config_path=config_path, worker=worker)
 
 
 def _check_config(path: str) -> int:

@@ -298,6 +298,9 @@ class SidecarConfig:
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
     drain_timeout: float = 10.0
+    # Worker processes, each with its own event loop, sharing the listeners' ports
+    # through SO_REUSEPORT; a supervisor serves the admin port with metrics summed.
+    workers: int = 1
     capture: CaptureConfig = CaptureConfig()
 
 
@@ -402,6 +405,7 @@ _BOUNDS: dict[tuple[type, str], _Bound] = {
     # RFC 9113 section 6.5.2 limits for the SETTINGS values.
     (Http2ServerConfig, "max_concurrent_streams"): _AT_LEAST_ONE,
     (FiltersConfig, "max_body_bytes"): _AT_LEAST_ONE,
+    (SidecarConfig, "workers"): _Bound(1, 64),
     (Http2ServerConfig, "initial_window_size"): _Bound(0, 2**31 - 1),
     (Http2ServerConfig, "max_frame_size"): _Bound(16384, 2**24 - 1),
     (LimitsConfig, "max_request_line"): _AT_LEAST_ONE,

@@ -87,10 +87,13 @@ class _Detect(asyncio.Protocol):
 
 
 class Listener:
-    def __init__(self, ctx: ListenerContext, host: str, port: int) -> None:
+    def __init__(
+        self, ctx: ListenerContext, host: str, port: int, reuse_port: bool = False
+    ) -> None:
         self.ctx = ctx
         self.host = host
         self.port = port
+        self.reuse_port = reuse_port  # a worker sharing the port with its siblings
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -101,6 +104,7 @@ class Listener:
             self.host,
             self.port,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
             backlog=1024,
         )
         for sock in self.server.sockets:

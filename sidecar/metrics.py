@@ -78,6 +78,7 @@ class Metrics:
             "Upstream connections open now, by cluster and protocol.",
             ["service", "protocol"],
             registry=r,
+            multiprocess_mode="livesum",  # summed over worker processes
         )
         self.upstream_connections_opened = Counter(
             "opus_upstream_connections_opened",
@@ -102,6 +103,7 @@ class Metrics:
             "Healthy endpoints known per service.",
             ["service"],
             registry=r,
+            multiprocess_mode="max",  # every worker sees the same set
         )
         self.discovery_updates = Counter(
             "opus_discovery_updates",
@@ -162,6 +164,7 @@ class Metrics:
             "1 while the registry is unreachable and calls route on the last endpoints known.",
             ["backend"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.endpoint_ejections = Counter(
             "opus_endpoint_ejections",
@@ -175,6 +178,7 @@ class Metrics:
             "unhealthy (active health checks).",
             ["service", "health"],
             registry=r,
+            multiprocess_mode="max",
         )
         # Transparent capture (sidecar/capture.py).
         self.capture_connections = Counter(

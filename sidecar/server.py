@@ -40,8 +40,11 @@ log = logging.getLogger("sidecar.server")
 
 
 class Sidecar:
-    def __init__(self, cfg: SidecarConfig, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self, cfg: SidecarConfig, tracing: Tracing | None = None, worker: int | None = None
+    ) -> None:
         self.cfg = cfg
+        self.worker = worker  # this process's index under a supervisor (--workers), or None
         self.tracing = tracing if tracing is not None else from_env(cfg.service.name)
         self.metrics = Metrics()
         self.metrics_registry: CollectorRegistry = self.metrics.registry
@@ -121,11 +124,12 @@ class Sidecar:
         ):
             ctx = ListenerContext(name, handler, cfg.http2, cfg.limits)
             ctx.on_accept = self.metrics.downstream_connections.labels(name).inc
-            listener = Listener(ctx, spec.host, spec.port)
+            listener = Listener(ctx, spec.host, spec.port, reuse_port=self.worker is not None)
             self.ports[name] = await listener.start()
             self.listeners[name] = listener
         if cfg.listeners.capture.enabled:  # transparent interception (docs/transparent.md)
             self.capture = CaptureListener(cfg, outbound, self.clusters, self.metrics)
+            self.capture.reuse_port = self.worker is not None
             self.ports["capture"] = await self.capture.start()
         self.admin = AdminServer(self, cfg.listeners.admin.host, cfg.listeners.admin.port)
         self.ports["admin"] = await self.admin.start()
@@ -223,8 +227,10 @@ def _write_ports(path: str, ports: dict[str, int]) -> None:
     os.replace(tmp, path)
 
 
-async def serve(cfg: SidecarConfig, ports_file: str | None = None) -> int:
-    sidecar = Sidecar(cfg)
+async def serve(
+    cfg: SidecarConfig, ports_file: str | None = None, worker: int | None = None
+) -> int:
+    sidecar = Sidecar(cfg, worker=worker)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, sidecar.quit)
@@ -242,9 +248,19 @@ async def serve(cfg: SidecarConfig, ports_file: str | None = None) -> int:
     return 0
 
 
-def run_sidecar(cfg: SidecarConfig, *, ports_file: str | None = None) -> int:
+def run_sidecar(
+    cfg: SidecarConfig,
+    *,
+    ports_file: str | None = None,
+    config_path: str | None = None,
+    worker: int | None = None,
+) -> int:
+    if cfg.workers > 1 and worker is None:
+        from sidecar.workers import supervise
+
+        return supervise(cfg, config_path, ports_file)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
-        return asyncio.run(serve(cfg, ports_file))
-    return uvloop.run(serve(cfg, ports_file))
+        return asyncio.run(serve(cfg, ports_file, worker))
+    return uvloop.run(serve(cfg, ports_file, worker))
