@@ -1,7 +1,7 @@
 """Picks and builds the discovery backend named in the config.
 
-The one place that maps `discovery.backend` to a class; backends that talk to
-Consul, Nacos or Kubernetes are added here.
+The one place that maps `discovery.backend` to a class. The remote backends are
+imported only when chosen, so a sidecar on the file backend never loads py-consul.
 """
 
 from __future__ import annotations
@@ -28,5 +28,17 @@ def create_discovery(cfg: SidecarConfig) -> Discovery:
             return FileDiscovery(discovery.file, directory)
         case "static":
             return StaticDiscovery(discovery.static)
+        case "consul":
+            from sidecar.discovery.consul import ConsulDiscovery
+
+            return ConsulDiscovery(discovery.consul, cfg.app)
+        case "nacos":
+            from sidecar.discovery.nacos import NacosDiscovery
+
+            return NacosDiscovery(discovery.nacos, cfg.app)
+        case "kubernetes":
+            from sidecar.discovery.kubernetes import KubernetesDiscovery
+
+            return KubernetesDiscovery(discovery.kubernetes)
         case _:
             assert_never(discovery.backend)
