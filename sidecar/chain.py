@@ -23,6 +23,7 @@ from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
 
 if TYPE_CHECKING:
     from sidecar.config import FilterSpec, SidecarConfig
+    from sidecar.cluster import Cluster
     from sidecar.discovery.base import Endpoint
     from sidecar.metrics import Metrics
 
@@ -58,6 +59,7 @@ class Call:
     __slots__ = (
         "attrs",
         "authority",
+        "cluster",
         "deadline",
         "direction",
         "endpoint",
@@ -93,6 +95,7 @@ class Call:
         self.attrs: dict[str, Any] = {}  # scratch space filters share on one call
         self.deadline: float | None = None  # time.monotonic() by which the call must end
         self.endpoint: Endpoint | None = None  # the endpoint of the last try
+        self.cluster: Cluster | None = None  # the cluster it belongs to
         self.tried: list[Endpoint] = []  # endpoints tried so far (a retry prefers others)
         self.tries = 0
         self.upstream_protocol = ""  # h2c or http1, once sent

@@ -63,6 +63,7 @@ def router_step(cluster: Cluster) -> Next:
             call.flags = exc.flag
             return error_response(exc, grpc=call.request.is_grpc)
         call.endpoint = endpoint
+        call.cluster = cluster
         call.upstream_protocol = cluster.pool.protocol
         call.tried.append(endpoint)
         call.tries += 1
@@ -162,6 +163,9 @@ class CallHandler:
             except BodyError as exc:
                 call.flags = UpstreamReset.flag
                 log.debug("upstream body failed mid-response: %s", exc)
+                if call.cluster is not None and call.endpoint is not None:
+                    # forward() saw a good head; the failure came later: outlier detection.
+                    call.cluster.report(call.endpoint, UpstreamReset(str(exc)))
                 raise
         except asyncio.CancelledError:
             call.flags = "DC"
