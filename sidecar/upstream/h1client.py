@@ -15,7 +15,7 @@ from sidecar.discovery.base import Endpoint
 from sidecar.errors import PoolExhausted, StreamRefused, UpstreamConnectError, UpstreamReset
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
-from sidecar.upstream.pool import PoolLimits
+from sidecar.upstream.pool import PoolLimits, PoolMetrics, wake_all
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -245,18 +245,13 @@ class H1Pool:
         self._connecting = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
-        labels = (service, self.protocol)
-        self._m_open = metrics.upstream_connections.labels(*labels)
-        self._m_opened = metrics.upstream_connections_opened.labels(*labels)
-        self._m_closed = metrics.upstream_connections_closed.labels(*labels)
-        self._m_streams = metrics.upstream_streams.labels(*labels)
-        self._m_uses = metrics.streams_per_connection.labels(*labels)
+        self._metrics = PoolMetrics(metrics, service, self.protocol)
 
     async def request(
         self, endpoint: Endpoint, request: Request, authority: bytes, path: bytes
     ) -> Response:
         conn = await self._acquire(endpoint)
-        self._m_streams.inc()
+        self._metrics.stream()
         return await conn.request(request, authority, path)
 
     async def _acquire(self, endpoint: Endpoint) -> H1ClientConnection:
@@ -299,8 +294,7 @@ class H1Pool:
         finally:
             self._connecting -= 1
         self._all.add(conn)
-        self._m_opened.inc()
-        self._m_open.inc()
+        self._metrics.opened()
         return conn
 
     def _release(self, conn: H1ClientConnection, keep: bool) -> None:
@@ -322,9 +316,7 @@ class H1Pool:
         idle = self._idle.get(conn.key)
         if idle is not None and conn in idle:
             idle.remove(conn)
-        self._m_uses.observe(conn.uses)
-        self._m_closed.inc()
-        self._m_open.dec()
+        self._metrics.closed(conn.uses)
         self._wake()
 
     def _sweep(self) -> None:
@@ -341,10 +333,7 @@ class H1Pool:
             self._sweeper = self.loop.call_later(self.limits.idle_timeout / 2, self._sweep)
 
     def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        wake_all(self._waiters)
 
     def connection_count(self) -> int:
         return len(self._all)

@@ -19,7 +19,7 @@ from sidecar.errors import PoolExhausted, UpstreamConnectError
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import Request, Response
 from sidecar.upstream.h2client import H2ClientConnection, connect_h2
-from sidecar.upstream.pool import PoolLimits
+from sidecar.upstream.pool import PoolLimits, PoolMetrics, wake_all
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -39,18 +39,13 @@ class H2Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._idle_timers: dict[H2ClientConnection, asyncio.TimerHandle] = {}
         self._closed = False
-        labels = (service, self.protocol)
-        self._m_open = metrics.upstream_connections.labels(*labels)
-        self._m_opened = metrics.upstream_connections_opened.labels(*labels)
-        self._m_closed = metrics.upstream_connections_closed.labels(*labels)
-        self._m_streams = metrics.upstream_streams.labels(*labels)
-        self._m_uses = metrics.streams_per_connection.labels(*labels)
+        self._metrics = PoolMetrics(metrics, service, self.protocol)
 
     async def request(
         self, endpoint: Endpoint, request: Request, authority: bytes, path: bytes
     ) -> Response:
         conn = await self._acquire(endpoint)
-        self._m_streams.inc()
+        self._metrics.stream()
         return await conn.request(request, authority, path)
 
     # -- slots --
@@ -125,8 +120,7 @@ class H2Pool:
             raise UpstreamConnectError("pool closed", service=self.service)
         # Registered before waiters wake, so they take a slot on it rather than open another.
         self._conns.setdefault(key, []).append(conn)
-        self._m_opened.inc()
-        self._m_open.inc()
+        self._metrics.opened()
         self._wake()
         return conn
 
@@ -150,9 +144,7 @@ class H2Pool:
                 if not conns:
                     del self._conns[key]
                 self._total -= 1
-                self._m_uses.observe(conn.uses)
-                self._m_closed.inc()
-                self._m_open.dec()
+                self._metrics.closed(conn.uses)
                 return
 
     def _idle_check(self, conn: H2ClientConnection) -> None:
@@ -170,10 +162,7 @@ class H2Pool:
             )
 
     def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        wake_all(self._waiters)
 
     # -- admin and lifecycle --
     def connection_count(self) -> int:

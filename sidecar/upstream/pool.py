@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.discovery.base import Endpoint
+from sidecar.metrics import Metrics
 from sidecar.proto.messages import Request, Response
 
 
@@ -34,3 +37,35 @@ class Pool(Protocol):
     def connection_count(self) -> int: ...
 
     def close(self) -> None: ...
+
+
+class PoolMetrics:
+    """One pool's connection and stream metrics, the labelled children resolved once."""
+
+    def __init__(self, metrics: Metrics, service: str, protocol: str) -> None:
+        labels = (service, protocol)
+        self._open = metrics.upstream_connections.labels(*labels)
+        self._opened = metrics.upstream_connections_opened.labels(*labels)
+        self._closed = metrics.upstream_connections_closed.labels(*labels)
+        self._streams = metrics.upstream_streams.labels(*labels)
+        self._uses = metrics.streams_per_connection.labels(*labels)
+
+    def opened(self) -> None:
+        self._opened.inc()
+        self._open.inc()
+
+    def closed(self, uses: int) -> None:
+        self._uses.observe(uses)
+        self._closed.inc()
+        self._open.dec()
+
+    def stream(self) -> None:
+        self._streams.inc()
+
+
+def wake_all(waiters: deque[asyncio.Future[None]]) -> None:
+    """Let every call waiting for a pool slot look again."""
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
