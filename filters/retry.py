@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next
+from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next, set_response_header
 from sidecar.errors import (
     StreamRefused,
     UpstreamConnectError,
@@ -50,6 +50,7 @@ ALL_CONDITIONS: tuple[RetryOn, ...] = (
 _NEVER_SEEN = frozenset({"connect-failure", "refused-stream"})
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 RETRYABLE_HEADER = b"x-opus-retryable"
+ATTEMPT_COUNT_HEADER = b"x-opus-attempt-count"  # on the reply when the mesh retried
 GRPC_UNAVAILABLE = b"14"
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -145,9 +146,14 @@ class RetryFilter(Filter):
         replay = _Replay(call.request)
         self.active += 1
         try:
-            return await self._run(call, next, replay)
+            response = await self._run(call, next, replay)
         finally:
             self.active -= 1
+        if call.tries > 1:
+            # Tells the caller (opus_client) the mesh already retried, so it does not
+            # retry on top and multiply the attempts.
+            set_response_header(response, ATTEMPT_COUNT_HEADER, str(call.tries).encode())
+        return response
 
     async def _run(self, call: Call, next: Next, replay: _Replay) -> Response:
         response = await self._try(call, next)

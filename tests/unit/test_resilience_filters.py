@@ -138,6 +138,13 @@ def test_retry_recovers_a_get_from_503() -> None:
     assert router.cancelled == [0]  # the discarded 503's body was dropped
     assert sample(metrics, "opus_retries_total", service="inventory") == 1
     assert call.flags == "-"
+    # The caller learns the mesh retried, so its own client does not retry on top.
+    assert dict(response.headers)[b"x-opus-attempt-count"] == b"2"
+
+
+def test_no_attempt_count_header_without_a_retry() -> None:
+    response = run(retry_filter().handle(make_call(), Router(200)))
+    assert b"x-opus-attempt-count" not in dict(response.headers)
 
 
 def test_retries_exhausted_flag_urx_and_return_last_response() -> None:
