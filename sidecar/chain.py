@@ -22,8 +22,8 @@ from sidecar.errors import MeshError, error_response
 from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
 
 if TYPE_CHECKING:
-    from sidecar.config import FilterSpec, SidecarConfig
     from sidecar.cluster import Cluster
+    from sidecar.config import FilterSpec, SidecarConfig
     from sidecar.discovery.base import Endpoint
     from sidecar.metrics import Metrics
 

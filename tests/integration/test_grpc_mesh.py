@@ -100,7 +100,7 @@ def _wait_app_in_flight(sidecar: Sidecar) -> None:
 
 
 def test_deadline_exceeded(mesh: Mesh) -> None:
-    _, inventory, payment = _grpc_mesh(mesh)
+    _, _, payment = _grpc_mesh(mesh)
     with _channel(payment) as channel:
         unary = _method(channel, "unary_unary", "Unary")
         started = time.monotonic()
@@ -113,7 +113,7 @@ def test_deadline_exceeded(mesh: Mesh) -> None:
 def test_sidecar_honours_grpc_timeout(mesh: Mesh) -> None:
     """A raw HTTP/2 caller that never gives up itself: the sidecar enforces grpc-timeout,
     answers DEADLINE_EXCEEDED, and passes the remaining time on."""
-    _, inventory, payment = _grpc_mesh(mesh)
+    _, _, payment = _grpc_mesh(mesh)
     frame = b"\x00" + (1).to_bytes(4, "big") + b"x"
     started = time.monotonic()
     with httpx.Client() as client:
