@@ -1,0 +1,214 @@
+"""The cases: saturation, fixed-rate latency, connection reuse, memory. Targets are
+interleaved (the order rotates each repetition) so that a noisy neighbour hurts every
+target alike, and each case is repeated `reps` times.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import load
+from bench.fleet import Fleet, Target
+from bench.procs import Server
+
+PROTOCOLS = ("h1", "h2c")
+SATURATION_TARGETS = (
+    "direct",
+    "nginx",
+    "haproxy",
+    "sidecar-in",
+    "sidecar-out",
+    "aiohttp",
+    "sidecar-in+wasm",
+)
+LATENCY_TARGETS = (*SATURATION_TARGETS, "mesh", "mesh+hmac")
+CONNECTION_CALLS, CONNECTION_CALLERS = 10_000, 64
+CONNECTIONS_METRIC = "opus_upstream_connections_opened_total"
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int
+    saturation_s: float
+    warmup_s: float
+    rate: int
+    rate_s: float
+    connection_calls: int
+    codec_calls: int
+    profile_s: float  # 0: no profiles
+
+
+@dataclass
+class Sample:
+    rps: float = 0.0
+    cpu_us: float = 0.0  # proxy CPU per successful call
+    rss: int = 0
+    errors: int = 0
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+
+
+@dataclass
+class Results:
+    saturation: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)
+    latency: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)
+    idle_rss: dict[tuple[str, str], int] = field(default_factory=dict)
+    connections: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    realtime: bool = False
+
+
+def _pairs(fleet: Fleet, names: tuple[str, ...]) -> list[tuple[str, Target]]:
+    out = []
+    for name in names:
+        target = fleet.targets.get(name)
+        if target is None or target.unavailable:
+            continue
+        for proto in PROTOCOLS:
+            if getattr(target, proto):
+                out.append((proto, target))
+    return out
+
+
+def _rotated(items: list[tuple[str, Target]], rep: int) -> list[tuple[str, Target]]:
+    k = rep % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _saturate(proto: str, url: str, seconds: float, workdir: Path) -> load.LoadResult:
+    if proto == "h1":
+        return load.wrk(url, seconds, workdir / "post.lua")
+    return load.h2load(url, seconds, workdir / "body.bin")
+
+
+def run_saturation(fleet: Fleet, plan: Plan, results: Results) -> None:
+    pairs = _pairs(fleet, SATURATION_TARGETS)
+    for proto, target in pairs:
+        servers = target.servers[proto]
+        results.idle_rss[(target.name, proto)] = sum(s.rss() for s in servers)
+        try:  # warm-up: pools filled, code paths imported
+            body = fleet.workdir / "body.bin"
+            load.h2load(_url(target, proto), plan.warmup_s, body, h1=proto == "h1")
+        except load.LoadError as e:
+            results.failures.append(f"warm-up {target.name} {proto}: {e}")
+    for rep in range(plan.reps):
+        for proto, target in _rotated(pairs, rep):
+            servers = target.servers[proto]
+            before = sum(s.cpu() for s in servers)
+            try:
+                res = _saturate(proto, _url(target, proto), plan.saturation_s, fleet.workdir)
+            except load.LoadError as e:
+                results.failures.append(f"saturation {target.name} {proto}: {e}")
+                continue
+            cpu = sum(s.cpu() for s in servers) - before
+            sample = Sample(
+                rps=res.rps,
+                cpu_us=cpu / res.requests * 1e6 if res.requests else 0.0,
+                rss=sum(s.rss() for s in servers),
+                errors=res.errors,
+            )
+            results.saturation.setdefault((target.name, proto), []).append(sample)
+
+
+def _url(target: Target, proto: str) -> str:
+    url = getattr(target, proto)
+    assert url is not None
+    return str(url)
+
+
+@contextmanager
+def realtime(servers: list[Server], results: Results) -> Iterator[None]:
+    """SCHED_FIFO for every thread of the servers while the light fixed-rate cases run."""
+    tids = [
+        int(tid) for s in servers for pid in s.pids() for tid in _tasks(pid)
+    ]  # fmt: skip
+    try:
+        for tid in tids:
+            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(1))
+        results.realtime = load.realtime_available()
+    except OSError:
+        results.realtime = False
+    try:
+        yield
+    finally:
+        for tid in tids:
+            with suppress(OSError):
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+
+
+def _tasks(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+
+
+def run_latency(fleet: Fleet, plan: Plan, results: Results) -> None:
+    pairs = _pairs(fleet, LATENCY_TARGETS)
+    with realtime(fleet.servers, results):
+        for rep in range(plan.reps):
+            for proto, target in _rotated(pairs, rep):
+                url = _url(target, proto)
+                try:
+                    if proto == "h1":
+                        res = load.paced(url, plan.rate, plan.rate_s, 1024)
+                    else:
+                        res = load.h2load_rate(
+                            url, plan.rate, plan.rate_s, fleet.workdir / "body.bin", fleet.workdir
+                        )
+                except load.LoadError as e:
+                    results.failures.append(f"latency {target.name} {proto}: {e}")
+                    continue
+                # The first 5% includes connection set-up; it is not the steady state.
+                steady = sorted(res.latencies_us[len(res.latencies_us) // 20 :])
+                sample = Sample(
+                    rps=res.rps,
+                    errors=res.errors,
+                    p50_us=_percentile(steady, 0.50),
+                    p99_us=_percentile(steady, 0.99),
+                )
+                results.latency.setdefault((target.name, proto), []).append(sample)
+
+
+def _metric(admin_port: int, name: str) -> float:
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+def run_connections(fleet: Fleet, plan: Plan, results: Results) -> None:
+    """HTTP/1.1 callers into the outbound listener; the pool behind it is h2c or http1."""
+    for pool, sidecar in (("h2c", fleet.sidecar_h2c), ("http1", fleet.sidecar_h1)):
+        admin = sidecar.ports["admin"]
+        url = sidecar.url("outbound", "/v1/invoke/nginx/bench")
+        before = _metric(admin, CONNECTIONS_METRIC)
+        try:
+            res = load.h2load_count(
+                url, plan.connection_calls, CONNECTION_CALLERS, fleet.workdir / "body.bin", h1=True
+            )
+        except load.LoadError as e:
+            results.failures.append(f"connections {pool}: {e}")
+            continue
+        after = _metric(admin, CONNECTIONS_METRIC)
+        results.connections[pool] = {
+            "calls": float(res.requests),
+            "opened": after - before,
+            "opened_total": after,
+            "errors": float(res.errors),
+        }
