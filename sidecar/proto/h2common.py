@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-import h2.connection
-import h2.exceptions
 from hyperframe.frame import GoAwayFrame
+
+from sidecar.proto import h2lib as h2
 
 # Connection-level receive window: the 64 KiB default starves a multiplexed
 # connection (Linkerd uses 1 MiB per connection, 64 KiB per stream).
@@ -28,8 +28,18 @@ class H2Base(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._window_waiters: dict[int, asyncio.Future[None]] = {}
+        self._flush_pending = False
 
     def flush(self) -> None:
+        """Write what h2 has queued, once per loop pass: the frames of every stream that
+        moved in this pass (headers, data, window updates) leave in one send() call."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        """Write now (before closing the transport, or ahead of a frame written beside h2)."""
+        self._flush_pending = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
@@ -66,11 +76,13 @@ class H2Base(asyncio.Protocol):
         """Wake a sender blocked on this stream so it sees the stream is gone."""
         self.window_opened(stream_id)
 
-    async def send_data(self, stream_id: int, data: bytes) -> None:
-        """Send `data` on a stream as the peer's flow-control windows allow."""
+    async def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """Send `data` on a stream as the peer's flow-control windows allow (ending the
+        stream with its last frame when `end_stream`)."""
         h2c = self.h2
-        view = memoryview(data)
-        while view:
+        sent = 0
+        total = len(data)
+        while sent < total:
             if self.closed:
                 raise StreamGone("connection closed")
             try:
@@ -82,17 +94,21 @@ class H2Base(asyncio.Protocol):
                 self._window_waiters[stream_id] = waiter
                 await waiter
                 continue
-            size = min(window, h2c.max_outbound_frame_size, len(view))
+            size = min(window, h2c.max_outbound_frame_size, total - sent)
+            # The common case, all of it in one frame, goes without a copy.
+            chunk = data if size == total else data[sent : sent + size]
+            sent += size
             try:
-                h2c.send_data(stream_id, view[:size].tobytes())
+                h2c.send_data(stream_id, chunk, end_stream=end_stream and sent == total)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 raise StreamGone(f"stream {stream_id} closed") from None
-            view = view[size:]
             self.flush()
             if self._write_paused:
                 waiter = self.loop.create_future()
                 self._drain_waiters.append(waiter)
                 await waiter
+        if end_stream and total == 0:
+            self.end_stream(stream_id, None)
 
     def end_stream(self, stream_id: int, trailers: list[tuple[bytes, bytes]] | None) -> None:
         try:
@@ -126,7 +142,7 @@ class H2Base(asyncio.Protocol):
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = 0
-        self.flush()
+        self.flush_now()
         if self.transport is not None and not self.closed:
             self.transport.write(frame.serialize())
 

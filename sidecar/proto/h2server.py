@@ -10,13 +10,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, cast
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
+from sidecar.proto import h2lib as h2
 from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
 from sidecar.proto.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
 
@@ -86,7 +80,7 @@ class H2ServerProtocol(H2Base):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self.ctx.log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
-            self.flush()
+            self.flush_now()
             if self.transport is not None:
                 self.transport.close()
             return
@@ -226,6 +220,7 @@ class H2ServerProtocol(H2Base):
             self.send_goaway()
             return
         if not self.streams and self.transport is not None:
+            self.flush_now()
             self.transport.close()
 
 
@@ -255,8 +250,7 @@ class _H2Sink:
                     conn.flush()
                     return 0
                 h2c.send_headers(stream_id, headers)
-                await conn.send_data(stream_id, data)
-                conn.end_stream(stream_id, None)
+                await conn.send_data(stream_id, data, end_stream=True)
                 return len(data)
             h2c.send_headers(stream_id, headers)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:

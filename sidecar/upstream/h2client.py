@@ -13,14 +13,8 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
 from sidecar.errors import StreamRefused, UpstreamReset
+from sidecar.proto import h2lib as h2
 from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
 from sidecar.proto.messages import Body, BodyError, Headers, Request, Response
 
@@ -311,8 +305,7 @@ class H2ClientConnection(H2Base):
                 h2c.send_headers(stream_id, headers, end_stream=not data)
                 self.flush()
                 if data:
-                    await self.send_data(stream_id, data)
-                    self.end_stream(stream_id, None)
+                    await self.send_data(stream_id, data, end_stream=True)
             else:
                 h2c.send_headers(stream_id, headers)
                 self.flush()
@@ -345,7 +338,7 @@ class H2ClientConnection(H2Base):
         if self.transport is not None and not self.closed:
             try:
                 self.h2.close_connection()
-                self.flush()
+                self.flush_now()
             except h2.exceptions.ProtocolError:
                 pass
             self.transport.close()
