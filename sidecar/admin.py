@@ -7,6 +7,7 @@ anything else on the pod network must not be able to drain the sidecar.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -124,6 +125,7 @@ class AdminServer:
         app.router.add_get("/clusters", self._clusters)
         app.router.add_get("/config_dump", self._config_dump)
         app.router.add_get("/stats", self._stats)
+        app.router.add_get("/debug/tasks", self._tasks)
         app.router.add_post("/drain", self._drain)
         app.router.add_post("/logging", self._logging)
         app.router.add_post("/quitquitquit", self._quit)
@@ -195,6 +197,10 @@ class AdminServer:
             body=json.dumps(stats_snapshot(self._state.metrics_registry, prefix)).encode(),
             content_type=_JSON,
         )
+
+    async def _tasks(self, request: web.Request) -> web.Response:
+        """asyncio tasks alive in this process (leak checks after faults)."""
+        return _json_response(200, {"tasks": len(asyncio.all_tasks())})
 
     async def _logging(self, request: web.Request) -> web.Response:
         level = request.query.get("level", "").upper()

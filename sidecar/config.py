@@ -719,6 +719,8 @@ def _read_yaml(path: str) -> object:
             text = f.read()
     except OSError as e:
         raise ConfigError("", f"cannot read config file: {e.strerror}", path=path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"not UTF-8 text (byte {e.start})", path=path) from None
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no object tags
     except yaml.MarkedYAMLError as e:

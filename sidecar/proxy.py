@@ -21,7 +21,16 @@ import logging
 import time
 
 from sidecar.accesslog import AccessLog, record
-from sidecar.chain import Call, Filter, FilterContext, Next, build_filters, compose
+from sidecar.chain import (
+    Call,
+    Filter,
+    FilterContext,
+    FilterFailed,
+    Next,
+    build_filters,
+    compose,
+    set_response_header,
+)
 from sidecar.cluster import Cluster, ClusterManager
 from sidecar.config import FilterSpec, SidecarConfig
 from sidecar.errors import (
@@ -34,7 +43,7 @@ from sidecar.errors import (
 from sidecar.listener import ResponseSink
 from sidecar.metrics import Metrics
 from sidecar.proto.h2common import StreamGone
-from sidecar.proto.messages import BodyError, Request, Response
+from sidecar.proto.messages import BodyError, Request, Response, unsafe_header
 from sidecar.routing import INVOKE_PREFIX, Router
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
 
@@ -42,6 +51,17 @@ log = logging.getLogger("sidecar.proxy")
 
 _CLIENT_GONE = (ConnectionError, StreamGone)
 DEADLINE_HEADER = b"x-opus-deadline-ms"
+# Response headers only the mesh sets (filters included); stripped from apps' replies.
+MESH_RESPONSE_HEADERS = frozenset(
+    {
+        b"x-opus-error",
+        b"x-opus-upstream",
+        b"x-opus-upstream-protocol",
+        b"x-opus-attempt-count",
+        b"x-opus-overloaded",
+        b"x-opus-circuit",
+    }
+)
 
 
 def router_step(cluster: Cluster) -> Next:
@@ -150,11 +170,28 @@ class CallHandler:
             if call.local_reply_by or (call.error is not None and call.endpoint is None):
                 who = call.local_reply_by or "router"
                 self.metrics.local_replies.labels(who, str(response.status)).inc()
-            if self.direction == "outbound" and call.endpoint is not None:
-                response.headers.append((b"x-opus-upstream", call.endpoint.address.encode()))
-                response.headers.append(
-                    (b"x-opus-upstream-protocol", call.upstream_protocol.encode())
-                )
+            if self.filters and (bad := unsafe_header(response.headers)) is not None:
+                # Parsers reject such bytes on the way in; only a filter can put them here.
+                log.error("refusing a reply whose header %r holds CR, LF or NUL", bad)
+                response.body.cancel()
+                error = FilterFailed(f"a filter set an invalid header {bad.decode('latin-1')!r}")
+                call.error, call.flags = error, error.flag
+                response = error_response(error, grpc=request.is_grpc)
+            if call.endpoint is not None:
+                if self.direction == "outbound":
+                    # Ours to say: replace anything upstream sent under these names.
+                    set_response_header(
+                        response, b"x-opus-upstream", call.endpoint.address.encode()
+                    )
+                    set_response_header(
+                        response, b"x-opus-upstream-protocol", call.upstream_protocol.encode()
+                    )
+                elif not call.local_reply_by:
+                    # The app's own reply may not speak for the mesh: a forged x-opus-error
+                    # would make callers resend calls the app already served.
+                    response.headers[:] = [
+                        (n, v) for n, v in response.headers if n not in MESH_RESPONSE_HEADERS
+                    ]
             try:
                 sent = await sink.send(response)
             except _CLIENT_GONE:
@@ -317,6 +354,20 @@ class OutboundHandler(CallHandler):
         await self._run(request, sink, call, self._chain(service, route, cluster))
 
 
+def _append_forwarded_for(request: Request) -> None:
+    """Add the caller's address to x-forwarded-for (what the app sees is who called, not
+    only what the caller claims)."""
+    peer = request.peer.rsplit(":", 1)[0].encode()
+    if not peer:
+        return
+    headers = request.headers
+    for i, (name, value) in enumerate(headers):
+        if name == b"x-forwarded-for":
+            headers[i] = (name, value + b", " + peer)
+            return
+    headers.append((b"x-forwarded-for", peer))
+
+
 class InboundHandler(CallHandler):
     def __init__(
         self,
@@ -332,5 +383,6 @@ class InboundHandler(CallHandler):
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
         authority = request.authority or self.service.encode()
+        _append_forwarded_for(request)
         call = Call(request, "inbound", self.service, authority, request.path, self.max_body_bytes)
         await self._run(request, sink, call, self.chain)

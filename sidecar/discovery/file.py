@@ -120,6 +120,7 @@ class FileDiscovery(Discovery):
         *,
         now: Callable[[], float] = time.time,
     ) -> None:
+        self._unreadable = False  # the registry root could not be listed last scan
         super().__init__()
         self._config = config
         self._root = directory
@@ -241,10 +242,20 @@ class FileDiscovery(Discovery):
         now = self._now()
         try:
             service_dirs = _list_service_dirs(self._root)
-        except OSError:
-            # Keep serving the last known sets rather than dropping every endpoint.
-            logger.warning("cannot list registry %s", self._root, exc_info=True)
+        except OSError as exc:
+            # Keep serving the last known sets rather than dropping every endpoint
+            # (a removed or unmounted registry is an outage, not "no services").
+            if not self._unreadable:
+                logger.warning(
+                    "cannot list registry %s (%s): routing on the last endpoints known",
+                    self._root,
+                    exc,
+                )
+                self._unreadable = True
             return
+        if self._unreadable:
+            logger.warning("registry %s readable again", self._root)
+            self._unreadable = False
         previous = self._endpoints
         seen_files: dict[str, _CachedFile] = {}
         current: dict[str, tuple[Endpoint, ...]] = {}
@@ -312,11 +323,9 @@ class FileDiscovery(Discovery):
 
 
 def _list_service_dirs(root: str) -> list[tuple[str, str]]:
-    try:
-        with os.scandir(root) as it:
-            return [(e.name, e.path) for e in it if not e.name.startswith(".") and _is_dir(e)]
-    except FileNotFoundError:
-        return []
+    # A missing root raises: start() creates it, so later it is an outage.
+    with os.scandir(root) as it:
+        return [(e.name, e.path) for e in it if not e.name.startswith(".") and _is_dir(e)]
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:

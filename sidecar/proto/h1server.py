@@ -45,6 +45,13 @@ def status_line(status: int) -> bytes:
     return line
 
 
+_INVALID_BODY = b'{"error":"the response had an invalid header","status":500}'
+_INVALID_RESPONSE = (
+    b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_INVALID_BODY), _INVALID_BODY)
+)
+
+
 def _no_body_status(status: int) -> bool:
     return status < 200 or status in (204, 304)
 
@@ -310,10 +317,15 @@ class H1ServerProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         self._stopped_parsing = True
+        parsing = self._parsing
+        if parsing is not None:
+            # Its body can never be read whole now: whoever reads it gets an error.
+            self._parsing = None
+            parsing.body.fail(BodyError(f"malformed request body: {reason}"))
         if self._active is not None:
-            # The call in progress still gets its reply; the connection closes after it.
+            # The call in progress ends (with a reply if its request was whole; with an
+            # error if this broke its body); then the connection closes.
             self._close_after_active = True
-            self._pause_reading()
             return
         body = json.dumps({"error": reason, "status": status}).encode()
         transport.write(
@@ -363,6 +375,7 @@ class _H1Sink:
         status = response.status
         body = response.body
         parts = [status_line(status)]
+        lines = 2  # the status line and the blank line that ends the head
         has_length = False
         for name, value in response.headers:
             if name in HOP_BY_HOP:
@@ -370,39 +383,48 @@ class _H1Sink:
             if name == b"content-length":
                 has_length = True
             parts += (name, b": ", value, b"\r\n")
+            lines += 1
         no_body = _no_body_status(status) or self.request.method == b"HEAD"
         keep_alive = self.keep_alive and not conn.ctx.draining
         chunked = False
+        data: bytes | None = None
         if not no_body and not has_length:
             if body.complete:
                 data = body.read_nowait() or b""
                 parts += (b"content-length: ", str(len(data)).encode(), b"\r\n")
-                if not keep_alive:
-                    parts.append(b"connection: close\r\n")
-                parts.append(b"\r\n")
-                parts.append(data)
-                transport.write(b"".join(parts))
-                return len(data)
-            if self.request.protocol == "http1.0":
+                lines += 1
+            elif self.request.protocol == "http1.0":
                 keep_alive = False  # no chunked coding in HTTP/1.0: the close ends the body
             else:
                 chunked = True
                 parts.append(b"transfer-encoding: chunked\r\n")
+                lines += 1
         if not keep_alive:
             parts.append(b"connection: close\r\n")
+            lines += 1
             self.keep_alive = False
         parts.append(b"\r\n")
+        head = b"".join(parts)
+        # Every line ends in CRLF: one CR and one LF per line, no NUL. Anything else is a
+        # header value carrying CR/LF (a filter's doing: parsers refuse them on the way in),
+        # which must never reach the wire, where it would split the header block.
+        if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
+            body.cancel()
+            self.keep_alive = False
+            conn.ctx.log.error("refused to write a response header holding CR, LF or NUL")
+            transport.write(_INVALID_RESPONSE)
+            return 0
         if no_body:
             body.cancel()
-            transport.write(b"".join(parts))
+            transport.write(head)
             return 0
-        sent = 0
-        if body.complete:
+        if data is None and body.complete:
             data = body.read_nowait() or b""
-            parts.append(data)
-            transport.write(b"".join(parts))
+        if data is not None:
+            transport.write(head + data if data else head)
             return len(data)
-        transport.write(b"".join(parts))
+        sent = 0
+        transport.write(head)
         while True:
             chunk = await body.read()
             if not chunk:
@@ -417,8 +439,8 @@ class _H1Sink:
         if chunked:
             trailers = body.trailers
             if trailers:
-                lines = b"".join(b"%s: %s\r\n" % (n, v) for n, v in trailers)
-                transport.write(b"0\r\n" + lines + b"\r\n")
+                block = b"".join(b"%s: %s\r\n" % (n, v) for n, v in trailers)
+                transport.write(b"0\r\n" + block + b"\r\n")
             else:
                 transport.write(b"0\r\n\r\n")
         return sent

@@ -136,12 +136,12 @@ class H2Base(asyncio.Protocol):
         Callers stop opening streams themselves."""
         self.h2.state_machine.state = state
 
-    def send_graceful_goaway(self, last_stream_id: int) -> None:
-        """GOAWAY(NO_ERROR) written beside h2, whose own close_connection() would end
-        the in-flight streams too."""
+    def send_graceful_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
+        """GOAWAY written beside h2, whose own close_connection() would end the in-flight
+        streams too (NO_ERROR by default)."""
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
-        frame.error_code = 0
+        frame.error_code = error_code
         self.flush_now()
         if self.transport is not None and not self.closed:
             self.transport.write(frame.serialize())

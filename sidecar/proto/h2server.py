@@ -19,6 +19,31 @@ if TYPE_CHECKING:
 
 _STATUS_BYTES = {code: str(code).encode() for code in range(100, 600)}
 
+# What a client may make us do without sending calls. Legitimate clients stay far below:
+# a cancel now and then, a keepalive PING every few seconds, SETTINGS once or twice.
+RESETS_PER_SECOND, RESET_BURST = 100.0, 500.0
+CONTROL_PER_SECOND, CONTROL_BURST = 50.0, 200.0
+MAX_WRITE_BUFFER = 16 * 1024 * 1024  # far above what flow control lets replies queue
+LINGER_SECONDS = 1.0
+
+
+class _Budget:
+    """A token bucket: `spend()` is False once the rate has been outrun by the burst."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def spend(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1.0
+        return self.tokens >= 0.0
+
 
 class _Stream:
     __slots__ = ("request", "task")
@@ -42,6 +67,9 @@ class H2ServerProtocol(H2Base):
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0
         self.goaway_sent = False
+        self._calmed = False
+        self._resets = _Budget(RESETS_PER_SECOND, RESET_BURST)
+        self._control = _Budget(CONTROL_PER_SECOND, CONTROL_BURST)
         settings = ctx.http2
         self.h2.local_settings = h2.settings.Settings(
             client=False,
@@ -76,6 +104,8 @@ class H2ServerProtocol(H2Base):
         self._wake_all()
 
     def data_received(self, data: bytes) -> None:
+        if self._calmed:
+            return  # lingering before close: read and dropped
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -102,14 +132,47 @@ class H2ServerProtocol(H2Base):
                 self.window_opened(event.stream_id)  # type: ignore[attr-defined]
             elif kind is h2.events.StreamReset:
                 self._reset(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is h2.events.RemoteSettingsChanged:
-                self.window_opened(0)
+                if not self._resets.spend(time.monotonic()):
+                    # CVE-2023-44487 (rapid reset): streams opened and cancelled at once.
+                    self._calm("too many stream resets")
+                    return
+            elif kind is h2.events.RemoteSettingsChanged or kind is h2.events.PingReceived:
+                if kind is h2.events.RemoteSettingsChanged:
+                    self.window_opened(0)
+                if not self._control.spend(time.monotonic()):
+                    # Each SETTINGS or PING makes us queue an ACK: a flood is work for free.
+                    self._calm("too many SETTINGS or PING frames")
+                    return
             elif kind is h2.events.ConnectionTerminated:
                 # The client is leaving: no new streams, but the open ones may finish.
                 self.keep_open_after_goaway(h2.connection.ConnectionState.SERVER_OPEN)
                 self.goaway_sent = True
                 self.close_if_idle()
         self.flush()
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            # A client that sends but never reads (our replies, ACKs) piles up our buffer.
+            self._calm("client is not reading")
+
+    def _calm(self, reason: str) -> None:
+        """GOAWAY(ENHANCE_YOUR_CALM) and close: the client is abusing the connection.
+
+        The close lingers: what the client still sends is read and dropped for a moment,
+        since closing with unread input makes the kernel send RST, and an RST can reach
+        the client before the GOAWAY that says why."""
+        if self._calmed or self.transport is None:
+            return
+        self._calmed = True
+        self.ctx.log.warning("closing HTTP/2 connection from %s: %s", self.peer, reason)
+        self.send_graceful_goaway(self.last_stream_id, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self.goaway_sent = True
+        for stream in self.streams.values():
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel()
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, transport.close)
 
     # -- events --
     def _request(self, event: h2.events.RequestReceived) -> None:

@@ -258,6 +258,15 @@ class Response:
         self.body = body
 
 
+def unsafe_header(headers: Headers) -> bytes | None:
+    """The name of the first header whose name or value holds CR, LF or NUL (which
+    would split or end the header block on the wire), or None."""
+    for name, value in headers:
+        if b"\r" in value or b"\n" in value or b"\0" in value or b"\r" in name or b"\n" in name:
+            return name
+    return None
+
+
 # Connection-specific headers (RFC 9110 7.6.1, RFC 9113 8.2.2): never forwarded.
 # `te` is handled apart: only `te: trailers` survives (gRPC needs it over HTTP/2).
 HOP_BY_HOP = frozenset(

@@ -263,11 +263,14 @@ class H2ClientConnection(H2Base):
         if self.on_change is not None:
             self.on_change(self)
 
-    def _cancel(self, stream_id: int) -> None:
-        """The caller went away: reset the upstream stream."""
+    def _cancel(self, stream_id: int, error: Exception | None = None) -> None:
+        """The caller went away (or its request body failed): reset the upstream stream.
+        With `error`, a call still waiting for its response head fails with it."""
         stream = self.streams.get(stream_id)
         if stream is None:
             return
+        if error is not None and not stream.response.done():
+            stream.response.set_exception(error)
         if stream.sender is not None and not stream.sender.done():
             stream.sender.cancel()
         self.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
@@ -330,9 +333,9 @@ class H2ClientConnection(H2Base):
             self.end_stream(stream_id, body.trailers)
         except (StreamGone, asyncio.CancelledError):
             return
-        except BodyError:
+        except BodyError as exc:
             # The downstream caller went away mid-body: the upstream call is void.
-            self._cancel(stream_id)
+            self._cancel(stream_id, UpstreamReset(f"the request body failed: {exc}"))
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
