@@ -40,6 +40,7 @@ BUILTIN_FILTERS: dict[str, str] = {
     "rate_limit": "filters.rate_limit:factory",
     "circuit_breaker": "filters.circuit_breaker:factory",
     "headers": "filters.headers:factory",
+    "wasm": "filters.wasm:factory",
 }
 
 

@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "demo", help="run the local demo (arguments go to the demo)", add_help=False
     )
+    commands.add_parser("wasm", help="run or inspect a proxy-wasm filter", add_help=False)
     add_inject_commands(commands)  # `injector` and `inject` (sidecar/inject/)
     return parser
 
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from sidecar.demo import main as demo_main
 
         return demo_main(rest)
+    if args.command == "wasm":
+        from filters.wasm.cli import main as wasm_main
+
+        return wasm_main(rest)
     if args.command == "iptables":
         from sidecar.iptables import main as iptables_main
 

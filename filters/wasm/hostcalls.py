@@ -1,0 +1,402 @@
+"""The host functions a guest imports (module `env`, plus the WASI subset SDKs need).
+
+Each is a method taking the raw i32/i64 arguments and returning a WasmResult; guest memory
+is reached through the instance's raw buffer. `HostCalls` holds the per-instance state the
+functions act on; `WasmVM` (vm.py) links them and drives the callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from .abi import (
+    WASI_FAULT,
+    WASI_SUCCESS,
+    BufferType,
+    MapType,
+    PairsError,
+    WasmResult,
+    decode_pairs,
+    encode_pairs,
+)
+from .context import HttpStream, LocalReply
+from .native import ExportCaller, HostError, PublicMemory, RawMemory
+from .properties import lookup_property
+
+if TYPE_CHECKING:
+    from .plugin import Plugin
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_OK = int(WasmResult.OK)
+_NOT_FOUND = int(WasmResult.NOT_FOUND)
+_BAD_ARGUMENT = int(WasmResult.BAD_ARGUMENT)
+_BAD_MEMORY = int(WasmResult.INVALID_MEMORY_ACCESS)
+_PY_LEVELS = {0: 5, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+class ProcExit(Exception):
+    """The guest called proc_exit (the AssemblyScript SDK's abort): a trap."""
+
+
+class CalloutResponse:
+    __slots__ = ("body", "headers", "trailers")
+
+    def __init__(
+        self, headers: list[tuple[bytes, bytes]], body: bytes, trailers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self.headers = headers
+        self.body = body
+        self.trailers = trailers
+
+
+class HostCalls:
+    """Host-function implementations over one instance's memory and contexts."""
+
+    plugin: Plugin
+    mem: RawMemory | PublicMemory
+    malloc: ExportCaller | None
+    root_id: int
+    active_id: int  # the context whose callback is running
+    effective_id: int  # what proxy_set_effective_context chose (0: the active one)
+    streams: dict[int, HttpStream]
+    callout: CalloutResponse | None
+    min_level: int  # guest log levels below this are dropped before decoding
+    abi: str
+
+    # -- memory -----------------------------------------------------------------------
+
+    def _at(self, ptr: int, size: int) -> int:
+        """The view index of guest bytes [ptr, ptr + size), bounds-checked."""
+        mem = self.mem
+        if ptr + size > mem.size and ptr + size > mem.refresh():
+            raise HostError(_BAD_MEMORY)
+        return mem.base + ptr
+
+    def _read(self, ptr: int, size: int) -> bytes:
+        at = self._at(ptr, size)
+        return self.mem.view[at : at + size].tobytes()
+
+    def _write(self, ptr: int, data: bytes) -> None:
+        at = self._at(ptr, len(data))
+        self.mem.view[at : at + len(data)] = data
+
+    def _put_u32(self, ptr: int, value: int) -> None:
+        _U32.pack_into(self.mem.view, self._at(ptr, 4), value)
+
+    def _put_u64(self, ptr: int, value: int) -> None:
+        _U64.pack_into(self.mem.view, self._at(ptr, 8), value & 0xFFFFFFFFFFFFFFFF)
+
+    def _give(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
+        """Copy `data` into guest-allocated memory; write its address and size (cpp-host's
+        copyToPointerSize: an empty value is 0/0 without calling the allocator)."""
+        size = len(data)
+        if size == 0:
+            self._put_u32(ptr_ptr, 0)
+            self._put_u32(size_ptr, 0)
+            return _OK
+        if self.malloc is None:
+            return _BAD_MEMORY
+        addr = self.malloc(size) & 0xFFFFFFFF
+        if addr == 0:
+            return _BAD_MEMORY
+        self._write(addr, data)  # the allocator may have grown memory: _at re-reads the size
+        self._put_u32(ptr_ptr, addr)
+        self._put_u32(size_ptr, size)
+        return _OK
+
+    def _stream(self) -> HttpStream | None:
+        return self.streams.get(self.effective_id or self.active_id)
+
+    # -- logging, time, context ---------------------------------------------------------
+
+    def proxy_log(self, level: int, ptr: int, size: int) -> int:
+        if level < self.min_level:
+            return _OK
+        message = self._read(ptr, size).decode("utf-8", "replace")
+        self.plugin.guest_log(_PY_LEVELS.get(level, logging.CRITICAL), message)
+        return _OK
+
+    def proxy_get_log_level(self, ret: int) -> int:
+        self._put_u32(ret, self.min_level)
+        return _OK
+
+    def proxy_get_current_time_nanoseconds(self, ret: int) -> int:
+        self._put_u64(ret, time.time_ns())
+        return _OK
+
+    def proxy_set_tick_period_milliseconds(self, period: int) -> int:
+        self.plugin.set_tick_period(period)
+        return _OK
+
+    def proxy_done(self) -> int:
+        return _OK  # the host always finishes a stream's contexts itself
+
+    def proxy_set_effective_context(self, context_id: int) -> int:
+        if context_id != self.root_id and context_id not in self.streams:
+            return _BAD_ARGUMENT
+        self.effective_id = context_id
+        return _OK
+
+    def proxy_get_status(self, code_ptr: int, ptr_ptr: int, size_ptr: int) -> int:
+        self._put_u32(code_ptr, 0)
+        return self._give(b"", ptr_ptr, size_ptr)
+
+    # -- buffers ------------------------------------------------------------------------
+
+    def _buffer(self, buffer_type: int) -> bytes | None:
+        if buffer_type == BufferType.PLUGIN_CONFIGURATION:
+            return self.plugin.configuration
+        if buffer_type == BufferType.VM_CONFIGURATION:
+            return self.plugin.vm_configuration
+        if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY:
+            return self.callout.body if self.callout is not None else None
+        stream = self._stream()
+        if stream is None:
+            return None
+        if buffer_type == BufferType.HTTP_REQUEST_BODY:
+            return stream.request_body
+        if buffer_type == BufferType.HTTP_RESPONSE_BODY:
+            return stream.response_body
+        return None
+
+    def proxy_get_buffer_bytes(
+        self, buffer_type: int, start: int, max_size: int, ptr_ptr: int, size_ptr: int
+    ) -> int:
+        data = self._buffer(buffer_type)
+        if data is None:
+            return _NOT_FOUND
+        return self._give(data[start : start + max_size], ptr_ptr, size_ptr)
+
+    def proxy_get_configuration(self, ptr_ptr: int, size_ptr: int) -> int:
+        return self._give(self.plugin.configuration, ptr_ptr, size_ptr)
+
+    def proxy_get_buffer_status(self, buffer_type: int, size_ptr: int, flags_ptr: int) -> int:
+        data = self._buffer(buffer_type)
+        if data is None:
+            return _NOT_FOUND
+        self._put_u32(size_ptr, len(data))
+        self._put_u32(flags_ptr, 0)
+        return _OK
+
+    def proxy_set_buffer_bytes(
+        self, buffer_type: int, start: int, size: int, ptr: int, value_size: int
+    ) -> int:
+        stream = self._stream()
+        if stream is None or buffer_type not in (0, 1):
+            return _NOT_FOUND
+        value = self._read(ptr, value_size)
+        old = stream.request_body if buffer_type == 0 else stream.response_body
+        if start == 0 and size == 0:
+            new = value + old  # prepend
+        elif start >= len(old):
+            new = old + value  # append
+        else:
+            new = old[:start] + value + old[start + size :]
+        if buffer_type == 0:
+            stream.request_body = new
+        else:
+            stream.response_body = new
+        stream.changed(-1 - buffer_type)  # bodies are tracked as dirty maps -1 and -2
+        return _OK
+
+    # -- header maps --------------------------------------------------------------------
+
+    def _map(self, map_type: int) -> tuple[list[tuple[bytes, bytes]] | None, HttpStream | None]:
+        if map_type >= MapType.HTTP_CALL_RESPONSE_HEADERS:
+            if self.callout is None:
+                return None, None
+            is_headers = map_type == MapType.HTTP_CALL_RESPONSE_HEADERS
+            return (self.callout.headers if is_headers else self.callout.trailers), None
+        stream = self._stream()
+        if stream is None:
+            return None, None
+        return stream.maps.get(map_type), stream
+
+    def proxy_get_header_map_size(self, map_type: int, ret: int) -> int:
+        pairs, stream = self._map(map_type)
+        if pairs is None:
+            return _NOT_FOUND
+        size = len(stream.encode(map_type)) if stream is not None else len(encode_pairs(pairs))
+        self._put_u32(ret, size)
+        return _OK
+
+    def proxy_get_header_map_pairs(self, map_type: int, ptr_ptr: int, size_ptr: int) -> int:
+        pairs, stream = self._map(map_type)
+        if pairs is None:
+            return _NOT_FOUND
+        data = stream.encode(map_type) if stream is not None else encode_pairs(pairs)
+        return self._give(data, ptr_ptr, size_ptr)
+
+    def proxy_set_header_map_pairs(self, map_type: int, ptr: int, size: int) -> int:
+        pairs, stream = self._map(map_type)
+        if pairs is None or stream is None:
+            return _NOT_FOUND
+        try:
+            new = decode_pairs(self._read(ptr, size))
+        except PairsError:
+            return int(WasmResult.PARSE_FAILURE)
+        pairs[:] = [(k.lower(), v) for k, v in new]
+        stream.changed(map_type)
+        return _OK
+
+    def proxy_get_header_map_value(
+        self, map_type: int, key_ptr: int, key_size: int, ptr_ptr: int, size_ptr: int
+    ) -> int:
+        pairs, _ = self._map(map_type)
+        if pairs is None:
+            return _NOT_FOUND
+        key = self._read(key_ptr, key_size).lower()
+        for name, value in pairs:
+            if name == key:
+                return self._give(value, ptr_ptr, size_ptr)
+        if self.abi == "0.1.0":
+            return self._give(b"", ptr_ptr, size_ptr)
+        return _NOT_FOUND
+
+    def proxy_add_header_map_value(
+        self, map_type: int, key_ptr: int, key_size: int, value_ptr: int, value_size: int
+    ) -> int:
+        pairs, stream = self._map(map_type)
+        if pairs is None or stream is None:
+            return _NOT_FOUND
+        pairs.append((self._read(key_ptr, key_size).lower(), self._read(value_ptr, value_size)))
+        stream.changed(map_type)
+        return _OK
+
+    def proxy_replace_header_map_value(
+        self, map_type: int, key_ptr: int, key_size: int, value_ptr: int, value_size: int
+    ) -> int:
+        pairs, stream = self._map(map_type)
+        if pairs is None or stream is None:
+            return _NOT_FOUND
+        key = self._read(key_ptr, key_size).lower()
+        value = self._read(value_ptr, value_size)
+        kept = [(n, v) for n, v in pairs if n != key]
+        at = next((i for i, (n, _) in enumerate(pairs) if n == key), len(kept))
+        kept.insert(at, (key, value))
+        pairs[:] = kept
+        stream.changed(map_type)
+        return _OK
+
+    def proxy_remove_header_map_value(self, map_type: int, key_ptr: int, key_size: int) -> int:
+        pairs, stream = self._map(map_type)
+        if pairs is None or stream is None:
+            return _NOT_FOUND
+        key = self._read(key_ptr, key_size).lower()
+        pairs[:] = [(n, v) for n, v in pairs if n != key]
+        stream.changed(map_type)
+        return _OK
+
+    # -- stream control -----------------------------------------------------------------
+
+    def proxy_continue_stream(self, stream_type: int) -> int:
+        stream = self._stream()
+        if stream is None:
+            return _NOT_FOUND
+        stream.resume()
+        return _OK
+
+    def proxy_close_stream(self, stream_type: int) -> int:
+        stream = self._stream()
+        if stream is None:
+            return _NOT_FOUND
+        stream.closed = True
+        stream.resume()
+        return _OK
+
+    def proxy_continue_request(self) -> int:
+        return self.proxy_continue_stream(0)
+
+    def proxy_continue_response(self) -> int:
+        return self.proxy_continue_stream(1)
+
+    def proxy_send_local_response(
+        self,
+        status: int,
+        details_ptr: int,
+        details_size: int,
+        body_ptr: int,
+        body_size: int,
+        headers_ptr: int,
+        headers_size: int,
+        grpc_status: int,
+    ) -> int:
+        stream = self._stream()
+        if stream is None:
+            return _NOT_FOUND
+        try:
+            headers = decode_pairs(self._read(headers_ptr, headers_size))
+        except PairsError:
+            return int(WasmResult.PARSE_FAILURE)
+        if grpc_status >= 1 << 31:
+            grpc_status -= 1 << 32
+        stream.local_reply = LocalReply(
+            status,
+            self._read(details_ptr, details_size),
+            self._read(body_ptr, body_size),
+            [(k.lower(), v) for k, v in headers],
+            grpc_status,
+        )
+        stream.resume()
+        return _OK
+
+    # -- properties ---------------------------------------------------------------------
+
+    def proxy_get_property(self, path_ptr: int, path_size: int, ptr_ptr: int, size_ptr: int) -> int:
+        path = self._read(path_ptr, path_size).replace(b"\0", b".").decode("utf-8", "replace")
+        value = lookup_property(path, self._stream(), self.plugin)
+        if value is None:
+            return _NOT_FOUND
+        return self._give(value, ptr_ptr, size_ptr)
+
+    def proxy_set_property(
+        self, path_ptr: int, path_size: int, value_ptr: int, value_size: int
+    ) -> int:
+        path = self._read(path_ptr, path_size).replace(b"\0", b".").decode("utf-8", "replace")
+        value = self._read(value_ptr, value_size)
+        stream = self._stream()
+        (stream.properties if stream is not None else self.plugin.properties)[path] = value
+        return _OK
+
+    # -- WASI subset --------------------------------------------------------------------
+
+    def fd_write(self, fd: int, iovs: int, iovs_len: int, nwritten_ptr: int) -> int:
+        if iovs_len > 1024:
+            return WASI_FAULT
+        table = self._read(iovs, 8 * iovs_len)
+        parts = []
+        for i in range(iovs_len):
+            ptr, size = struct.unpack_from("<II", table, 8 * i)
+            parts.append(self._read(ptr, size))
+        data = b"".join(parts)
+        level = logging.ERROR if fd == 2 else logging.INFO
+        self.plugin.guest_log(level, data.decode("utf-8", "replace").rstrip("\n"))
+        self._put_u32(nwritten_ptr, len(data))
+        return WASI_SUCCESS
+
+    def clock_time_get(self, clock_id: int, precision: int, ret: int) -> int:
+        self._put_u64(ret, time.time_ns() if clock_id == 0 else time.monotonic_ns())
+        return WASI_SUCCESS
+
+    def random_get(self, ptr: int, size: int) -> int:
+        self._write(ptr, os.urandom(size))
+        return WASI_SUCCESS
+
+    def environ_sizes_get(self, count_ptr: int, size_ptr: int) -> int:
+        self._put_u32(count_ptr, 0)
+        self._put_u32(size_ptr, 0)
+        return WASI_SUCCESS
+
+    def environ_get(self, environ: int, buf: int) -> int:
+        return WASI_SUCCESS
+
+    args_sizes_get = environ_sizes_get
+    args_get = environ_get
+
+    def proc_exit(self, code: int) -> None:
+        raise ProcExit(f"guest called proc_exit({code})")

@@ -1,0 +1,237 @@
+"""One instance of a filter module: links every import, finds the callbacks, and drives
+them with the CPU deadline set and the active context recorded.
+
+A WasmVM is used until a callback traps; then its owner (plugin.py) throws it away and a
+fresh one serves the next call, so no state from a broken instance is ever read again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import wasmtime
+
+from . import native
+from .abi import ABI_MARKERS, PROXY_FUNCS, WASI_FUNCS, WASI_MODULES, WASI_NOTSUP, WasmResult
+from .context import HttpStream
+from .servicecalls import ServiceCalls
+
+if TYPE_CHECKING:
+    from .plugin import Plugin
+
+log = logging.getLogger("sidecar.wasm")
+
+Callback = Callable[..., int]
+
+
+class LoadError(Exception):
+    """The module cannot serve as a proxy-wasm filter (no ABI marker, no memory, ...)."""
+
+
+def abi_version(module: wasmtime.Module) -> str | None:
+    names = {export.name for export in module.exports}
+    for marker, version in ABI_MARKERS.items():
+        if marker in names:
+            return version
+    return None
+
+
+def _signature(ty: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results)
+
+
+def implemented(module_name: str, name: str, ty: wasmtime.FuncType) -> bool:
+    """Whether this host serves `module_name.name` with the shape the module declares."""
+    if module_name == "env":
+        table = PROXY_FUNCS
+    elif module_name in WASI_MODULES:
+        table = WASI_FUNCS
+    else:
+        return False
+    return table.get(name) == _signature(ty)
+
+
+class WasmVM(ServiceCalls):
+    def __init__(self, plugin: Plugin, module: wasmtime.Module) -> None:
+        self.plugin = plugin
+        self.abi = abi_version(module) or ""
+        if not self.abi:
+            raise LoadError(
+                "no proxy_abi_version_0_2_1/_0_2_0/_0_1_0 export: not a proxy-wasm module"
+            )
+        self.root_id = 1
+        self.active_id = 0
+        self.effective_id = 0
+        self.streams = {}
+        self.callout = None
+        self.min_level = plugin.min_log_level
+        self.broken = False
+        self._next_id = 2
+        self._raised: list[BaseException] = []
+        self._keep: list[Any] = []  # ctypes callbacks must outlive the store
+        use_native = plugin.native and native.available()
+
+        store = wasmtime.Store(plugin.engine)
+        store.set_limits(memory_size=plugin.max_memory_bytes)
+        self.store = store
+        self._set_deadline = native.epoch_deadline_setter(store, use_native)
+        self._ticks = plugin.deadline_ticks
+        self._runtime = plugin.runtime
+        self._deadline_epoch = -1
+        self._set_deadline(self._ticks)  # the start function runs inside instantiate
+        linker = wasmtime.Linker(plugin.engine)
+        define = native.define_host_func if use_native else native.define_public_host_func
+        for imp in module.imports:
+            ty = imp.type
+            if not isinstance(ty, wasmtime.FuncType):
+                raise LoadError(f"imports {imp.module}.{imp.name}, which is not a function")
+            name = imp.name or ""
+            fn: Callable[..., int | None]
+            if implemented(imp.module, name, ty):
+                fn = getattr(self, name)
+            else:
+                fn = self._stub(imp.module, name, ty)
+            if use_native and imp.module == "env" and name == "proxy_log" and fn == self.proxy_log:
+                self._link_log_gate(linker, store, ty)
+                continue
+            define(linker, imp.module, name, ty, fn, self._raised, self._keep)
+        try:
+            instance = linker.instantiate(store, module)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            raise native.WasmCallError(f"instantiation failed: {exc}") from None
+        exports = instance.exports(store)
+        memory = exports.get("memory") if "memory" in exports else None
+        if not isinstance(memory, wasmtime.Memory):
+            raise LoadError("the module exports no memory named 'memory'")
+        self.mem = (native.RawMemory if use_native else native.PublicMemory)(store, memory)
+        caller_type = native.ExportCaller if use_native else native.PublicExportCaller
+
+        def export(name: str) -> Callback | None:
+            func = exports.get(name)
+            if not isinstance(func, wasmtime.Func):
+                return None
+            arity = max(len(func.type(store).params), len(func.type(store).results))
+            return caller_type(store, func, name, arity, self._raised)
+
+        self.export = export
+        self.malloc = export("malloc") or export("proxy_on_memory_allocate")  # type: ignore[assignment]
+        if "_initialize" in exports:
+            self._run_start(export("_initialize"))
+            main = export("main")
+            if main is not None:
+                self._run_start(main, 0, 0)
+        elif "_start" in exports:
+            self._run_start(export("_start"))
+        self.cb_context_create = export("proxy_on_context_create")
+        self.cb_vm_start = export("proxy_on_vm_start")
+        self.cb_configure = export("proxy_on_configure")
+        self.cb_tick = export("proxy_on_tick")
+        self.cb_request_headers = export("proxy_on_request_headers")
+        self.cb_request_body = export("proxy_on_request_body")
+        self.cb_request_trailers = export("proxy_on_request_trailers")
+        self.cb_response_headers = export("proxy_on_response_headers")
+        self.cb_response_body = export("proxy_on_response_body")
+        self.cb_response_trailers = export("proxy_on_response_trailers")
+        self.cb_done = export("proxy_on_done")
+        self.cb_log = export("proxy_on_log")
+        self.cb_delete = export("proxy_on_delete")
+        self.cb_http_call_response = export("proxy_on_http_call_response")
+        self.cb_queue_ready = export("proxy_on_queue_ready")
+        # 0.1.0 header callbacks take (context, num_headers); 0.2.x adds end_of_stream.
+        self.headers_take_eos = self.abi != "0.1.0"
+
+    def _link_log_gate(
+        self, linker: wasmtime.Linker, store: wasmtime.Store, ty: wasmtime.FuncType
+    ) -> None:
+        """Link env.proxy_log to a wasm function that drops messages below the log level.
+
+        SDKs log a lot at debug level (the AssemblyScript SDK ~10 times per request), and
+        crossing into Python only to drop a message costs more than the rest of the call;
+        the gate answers those in wasm and crosses only for messages that will be logged.
+        """
+        gate = self.plugin.runtime.log_gate(self.min_level)
+        native.define_host_func(
+            linker, "opus_host", "proxy_log", ty, self.proxy_log, self._raised, self._keep
+        )
+        instance = linker.instantiate(store, gate)
+        linker.define(store, "env", "proxy_log", instance.exports(store)["proxy_log"])
+
+    def _stub(self, module: str, name: str, ty: wasmtime.FuncType) -> Callable[..., int | None]:
+        plugin = self.plugin
+        answer = WASI_NOTSUP if module in WASI_MODULES else int(WasmResult.UNIMPLEMENTED)
+        has_result = bool(ty.results)
+
+        def unimplemented(*_args: int) -> int | None:
+            plugin.note_unimplemented(f"{module}.{name}")
+            return answer if has_result else None
+
+        return unimplemented
+
+    def _run_start(self, func: Callback | None, *args: int) -> None:
+        if func is not None:
+            self._set_deadline(self._ticks)
+            self._deadline_epoch = self._runtime.epoch
+            func(*args)
+
+    # -- driving callbacks ----------------------------------------------------------------
+
+    def invoke(self, callback: Callback, context_id: int, *args: int) -> int:
+        """Run one callback as `context_id`; WasmCallError (a trap) breaks the instance."""
+        self.active_id = context_id
+        self.effective_id = 0
+        # The deadline is `ticks` past the epoch when it was set; while the epoch has not
+        # moved since, the one set for an earlier callback still grants the whole budget.
+        epoch = self._runtime.epoch
+        if epoch != self._deadline_epoch:
+            self._set_deadline(self._ticks)
+            self._deadline_epoch = epoch
+        try:
+            return callback(context_id, *args)
+        except native.WasmCallError:
+            self.broken = True
+            raise
+        finally:
+            self.active_id = 0
+            self.effective_id = 0
+
+    def start(self) -> bool:
+        """Create the root context, then vm_start and configure (cpp-host's order)."""
+        root = self.root_id
+        if self.cb_context_create is not None:
+            self.invoke(self.cb_context_create, root, 0)
+        vm_config = len(self.plugin.vm_configuration)
+        if self.cb_vm_start is not None and not self.invoke(self.cb_vm_start, root, vm_config):
+            return False
+        config = len(self.plugin.configuration)
+        return self.cb_configure is None or bool(self.invoke(self.cb_configure, root, config))
+
+    def open_stream(self) -> HttpStream:
+        stream = HttpStream(self._next_id)
+        self._next_id += 1
+        self.streams[stream.id] = stream
+        if self.cb_context_create is not None:
+            self.invoke(self.cb_context_create, stream.id, self.root_id)
+        return stream
+
+    def close_stream(self, stream: HttpStream) -> None:
+        """on_done, then on_log and on_delete (the Go SDK's proxytest ends a stream so)."""
+        try:
+            if self.broken:
+                return
+            if self.cb_done is not None:
+                self.invoke(self.cb_done, stream.id)
+            if self.cb_log is not None:
+                self.invoke(self.cb_log, stream.id)
+            if self.cb_delete is not None:
+                self.invoke(self.cb_delete, stream.id)
+        finally:
+            self.streams.pop(stream.id, None)
+
+    def headers_callback(
+        self, callback: Callback, stream: HttpStream, count: int, eos: bool
+    ) -> int:
+        if self.headers_take_eos:
+            return self.invoke(callback, stream.id, count, int(eos))
+        return self.invoke(callback, stream.id, count)

@@ -1,0 +1,23 @@
+;; An ABI 0.1.0 filter: two-parameter header callbacks and proxy_get_configuration.
+;; Adds `x-abi: 0.1.0` and `x-config: <plugin configuration>` to the response.
+(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_configuration" (func $config (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "x-abi")
+  (data (i32.const 24) "0.1.0")
+  (data (i32.const 32) "x-config")
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_1_0"))
+  (func (export "malloc") (param $size i32) (result i32)
+    (local $ptr i32)
+    (local.set $ptr (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
+    (local.get $ptr))
+  (func (export "proxy_on_response_headers") (param i32 i32) (result i32)
+    (global.set $heap (i32.const 1024))
+    (drop (call $add (i32.const 2) (i32.const 16) (i32.const 5) (i32.const 24) (i32.const 5)))
+    (drop (call $config (i32.const 200) (i32.const 204)))
+    (drop (call $add (i32.const 2) (i32.const 32) (i32.const 8) (i32.load (i32.const 200)) (i32.load (i32.const 204))))
+    (i32.const 0))
+)

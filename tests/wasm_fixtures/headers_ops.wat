@@ -1,0 +1,48 @@
+;; Exercises header maps and properties. Request: replace x-a with "1", remove x-b, add
+;; x-c: 3. Response: round-trips the whole map (get pairs, set pairs), then adds x-path
+;; (property request.path), x-root (plugin_root_id) and x-source (source.address).
+(module
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_pairs" (func $get_pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_header_map_pairs" (func $set_pairs (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "x-a")
+  (data (i32.const 20) "1")
+  (data (i32.const 24) "x-b")
+  (data (i32.const 28) "x-c")
+  (data (i32.const 32) "3")
+  (data (i32.const 40) "request\00path")     ;; 12
+  (data (i32.const 56) "plugin_root_id")     ;; 14
+  (data (i32.const 72) "source\00address")   ;; 14
+  (data (i32.const 88) "x-path")
+  (data (i32.const 96) "x-root")
+  (data (i32.const 104) "x-source")          ;; 8
+  (global $heap (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $ptr i32)
+    (local.set $ptr (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
+    (local.get $ptr))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (global.set $heap (i32.const 1024))
+    (drop (call $replace (i32.const 0) (i32.const 16) (i32.const 3) (i32.const 20) (i32.const 1)))
+    (drop (call $remove (i32.const 0) (i32.const 24) (i32.const 3)))
+    (drop (call $add (i32.const 0) (i32.const 28) (i32.const 3) (i32.const 32) (i32.const 1)))
+    (i32.const 0))
+  (func $add_prop (param $path i32) (param $len i32) (param $name i32) (param $name_len i32)
+    (if (i32.eqz (call $prop (local.get $path) (local.get $len) (i32.const 208) (i32.const 212)))
+      (then (drop (call $add (i32.const 2) (local.get $name) (local.get $name_len)
+                    (i32.load (i32.const 208)) (i32.load (i32.const 212)))))))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (global.set $heap (i32.const 1024))
+    (drop (call $get_pairs (i32.const 2) (i32.const 200) (i32.const 204)))
+    (drop (call $set_pairs (i32.const 2) (i32.load (i32.const 200)) (i32.load (i32.const 204))))
+    (call $add_prop (i32.const 40) (i32.const 12) (i32.const 88) (i32.const 6))
+    (call $add_prop (i32.const 56) (i32.const 14) (i32.const 96) (i32.const 6))
+    (call $add_prop (i32.const 72) (i32.const 14) (i32.const 104) (i32.const 8))
+    (i32.const 0))
+)
