@@ -136,6 +136,19 @@ def _can_make_namespaces() -> str | None:
     return None
 
 
+def _open_path_for_others(*targets: Path) -> list[tuple[Path, int]]:
+    changed: list[tuple[Path, int]] = []
+    for target in targets:
+        for directory in [target, *target.parents]:
+            if not directory.is_dir():
+                continue
+            mode = directory.stat().st_mode & 0o7777
+            if not mode & 0o001 and all(d != directory for d, _ in changed):
+                directory.chmod(mode | 0o001)
+                changed.append((directory, mode))
+    return changed
+
+
 def _sh(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
@@ -223,6 +236,10 @@ def topology() -> Iterator[Topology]:
     (workdir / "registry").mkdir(mode=0o777)
     (workdir / "registry").chmod(0o777)
     topo = Topology(pod, ext, workdir, [])
+    # The sidecars run as the proxy uid and import this checkout (and its venv): every
+    # directory above it must be traversable by others. A clone under a private temp
+    # dir (mkdtemp is 0700) is not, so open it for the test and restore it after.
+    opened = _open_path_for_others(REPO, Path(sys.executable).resolve())
     try:
         _sh("ip", "netns", "add", pod)
         _sh("ip", "netns", "add", ext)
@@ -285,6 +302,8 @@ def topology() -> Iterator[Topology]:
         for ns in (pod, ext):  # deleting a namespace takes its veth end and rules with it
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
+        for path, mode in opened:
+            path.chmod(mode)
 
 
 @pytest.fixture(scope="module")
