@@ -8,8 +8,8 @@ the event loop's getaddrinfo; the port is the peers' inbound port from the confi
 (every sidecar listens on the same one). Registration is Kubernetes's business (the
 pod's readiness gates its DNS record), so register/deregister do nothing.
 
-DNS cannot list services, so `services()` is what `watch` names plus every name that
-has resolved; a name not in it is resolved on first use.
+DNS cannot list services, so `services()` is what `watch` names (plus any name that has
+resolved): list in `discovery.kubernetes.watch` every service the app calls.
 """
 
 from __future__ import annotations
