@@ -2,9 +2,9 @@
 
 Promised for each: the sidecar's memory and CPU stay bounded, a second client's calls
 keep succeeding meanwhile, and where the abuse is a protocol violation the connection
-is closed with the GOAWAY code RFC 9113 names. Where the sidecar does not yet detect a
-flood (rapid reset, SETTINGS and PING floods: no per-connection budget), the GOAWAY
-part is a strict xfail and the bounds are still asserted.
+is closed with the GOAWAY code RFC 9113 names; floods the protocol allows (rapid reset,
+SETTINGS and PING floods) run into per-connection budgets and get GOAWAY
+ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ it) may not forge, admin writes from off the host, and secrets kept out of every
 
 Headers only the mesh may set: `x-opus-error` on a 503 (a peer sidecar's claim that its
 app never saw the call, which lets the caller resend even a POST), `x-opus-upstream`
-(which endpoint served a call) and `x-forwarded-for` (who the caller was). Where the
-sidecar does not yet strip or overwrite them the tests are strict xfails naming the fix.
+(which endpoint served a call) and `x-forwarded-for` (who the caller was): the sidecar
+strips, overwrites or appends to them.
 """
 
 from __future__ import annotations
