@@ -216,7 +216,11 @@ class Fleet:
             )
             self.targets[name] = Target(name, "sidecar inbound + wasm add_header", unavailable=why)
             return
-        spec = {"inbound": [{"name": "wasm", "config": {"module": str(WASM_EXAMPLE)}}]}
+        spec = {
+            "inbound": [
+                {"name": "wasm", "config": {"path": str(WASM_EXAMPLE), "root_id": "add_header"}}
+            ]
+        }
         try:
             sc = self._sidecar("sidecar-wasm", app_port=app_port, filters=spec)
         except StartError as e:
