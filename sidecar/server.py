@@ -29,6 +29,7 @@ from sidecar.discovery.factory import create_discovery
 from sidecar.lb import RoundRobin
 from sidecar.listener import Listener, ListenerContext
 from sidecar.metrics import Metrics
+from sidecar.proto.h2server import GOAWAY_GRACE_SECONDS
 from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
 from sidecar.routing import Router
 from sidecar.tracing import Tracing, from_env
@@ -186,6 +187,10 @@ class Sidecar:
             finished &= await listener.wait_idle(max(0.0, deadline - loop.time()))
         if not finished:
             log.warning("drain_timeout (%ss) passed with calls in flight", self.cfg.drain_timeout)
+        # Idle HTTP/2 connections close themselves a moment after their GOAWAY (so a
+        # stream the peer opened meanwhile is refused, not lost): give them that moment.
+        if any(lst.ctx.connections for lst in self.listeners.values()):
+            await asyncio.sleep(GOAWAY_GRACE_SECONDS + 0.1)
         await self.close()
 
     async def close(self) -> None:

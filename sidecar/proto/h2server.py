@@ -25,6 +25,8 @@ RESETS_PER_SECOND, RESET_BURST = 100.0, 500.0
 CONTROL_PER_SECOND, CONTROL_BURST = 50.0, 200.0
 MAX_WRITE_BUFFER = 16 * 1024 * 1024  # far above what flow control lets replies queue
 LINGER_SECONDS = 1.0
+# After a graceful GOAWAY, an idle connection stays this long before it closes.
+GOAWAY_GRACE_SECONDS = 0.5
 
 
 class _Budget:
@@ -68,6 +70,8 @@ class H2ServerProtocol(H2Base):
         self.last_stream_id = 0
         self.goaway_sent = False
         self._calmed = False
+        self._client_left = False  # the client sent GOAWAY: nothing more will come
+        self._closing: asyncio.TimerHandle | None = None
         self._resets = _Budget(RESETS_PER_SECOND, RESET_BURST)
         self._control = _Budget(CONTROL_PER_SECOND, CONTROL_BURST)
         settings = ctx.http2
@@ -95,6 +99,8 @@ class H2ServerProtocol(H2Base):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._closing is not None:
+            self._closing.cancel()
         self.ctx.connections.discard(self)
         for stream in self.streams.values():
             stream.request.body.fail(ConnectionResetError("client connection lost"))
@@ -146,6 +152,7 @@ class H2ServerProtocol(H2Base):
             elif kind is h2.events.ConnectionTerminated:
                 # The client is leaving: no new streams, but the open ones may finish.
                 self.keep_open_after_goaway(h2.connection.ConnectionState.SERVER_OPEN)
+                self._client_left = True
                 self.goaway_sent = True
                 self.close_if_idle()
         self.flush()
@@ -282,7 +289,21 @@ class H2ServerProtocol(H2Base):
         if self.ctx.draining and not self.goaway_sent:
             self.send_goaway()
             return
-        if not self.streams and self.transport is not None:
+        if self.streams or self.transport is None or self._closing is not None:
+            return
+        self.flush_now()
+        if self._client_left:
+            self.transport.close()
+            return
+        # Our GOAWAY may still be on its way: streams the client opens meanwhile get
+        # REFUSED_STREAM (safe to resend) if the connection is still here. Closing at
+        # once would make the kernel answer them with RST, which can destroy the
+        # GOAWAY before the client reads it, so the client could not tell they were
+        # never processed.
+        self._closing = self.loop.call_later(GOAWAY_GRACE_SECONDS, self._close_now)
+
+    def _close_now(self) -> None:
+        if self.transport is not None:
             self.flush_now()
             self.transport.close()
 
