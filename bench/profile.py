@@ -35,7 +35,7 @@ def _frame(raw: str) -> str:
     return f"{raw[: m.start()].strip()} ({path})"
 
 
-def summarize(raw_text: str, top: int = 15) -> dict[str, list[tuple[str, float]]]:
+def summarize(raw_text: str, top: int = 25) -> dict[str, list[tuple[str, float]]]:
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
