@@ -1,14 +1,13 @@
-"""What the HTTP/2 server and client connections share: one h2 state machine
-driven from an asyncio transport, flow-controlled sends and write backpressure.
+"""What the HTTP/2 server and client connections share: one HTTP/2 connection state
+(sidecar/proto/h2engine.py) driven from an asyncio transport, flow-controlled sends and
+write backpressure.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from hyperframe.frame import GoAwayFrame
-
-from sidecar.proto import h2lib as h2
+from sidecar.proto import h2engine as h2
 
 # Connection-level receive window: the 64 KiB default starves a multiplexed
 # connection (Linkerd uses 1 MiB per connection, 64 KiB per stream).
@@ -20,7 +19,7 @@ class StreamGone(ConnectionError):
 
 
 class H2Base(asyncio.Protocol):
-    def __init__(self, h2conn: h2.connection.H2Connection) -> None:
+    def __init__(self, h2conn: h2.H2Connection) -> None:
         self.loop = asyncio.get_running_loop()
         self.h2 = h2conn
         self.transport: asyncio.Transport | None = None
@@ -31,7 +30,7 @@ class H2Base(asyncio.Protocol):
         self._flush_pending = False
 
     def flush(self) -> None:
-        """Write what h2 has queued, once per loop pass: the frames of every stream that
+        """Write what the connection has queued, once per loop pass: the frames of every stream that
         moved in this pass (headers, data, window updates) leave in one send() call."""
         if not self._flush_pending:
             self._flush_pending = True
@@ -87,7 +86,7 @@ class H2Base(asyncio.Protocol):
                 raise StreamGone("connection closed")
             try:
                 window = h2c.local_flow_control_window(stream_id)
-            except h2.exceptions.StreamClosedError:
+            except h2.StreamClosedError:
                 raise StreamGone(f"stream {stream_id} closed") from None
             if window <= 0:
                 waiter = self.loop.create_future()
@@ -100,7 +99,7 @@ class H2Base(asyncio.Protocol):
             sent += size
             try:
                 h2c.send_data(stream_id, chunk, end_stream=end_stream and sent == total)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            except (h2.StreamClosedError, h2.ProtocolError):
                 raise StreamGone(f"stream {stream_id} closed") from None
             self.flush()
             if self._write_paused:
@@ -116,7 +115,7 @@ class H2Base(asyncio.Protocol):
                 self.h2.send_headers(stream_id, trailers, end_stream=True)
             else:
                 self.h2.end_stream(stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except (h2.StreamClosedError, h2.ProtocolError):
             raise StreamGone(f"stream {stream_id} closed") from None
         self.flush()
 
@@ -126,25 +125,15 @@ class H2Base(asyncio.Protocol):
             return
         try:
             self.h2.reset_stream(stream_id, error_code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except h2.StreamClosedError:
             return
         self.flush()
 
-    def keep_open_after_goaway(self, state: h2.connection.ConnectionState) -> None:
-        """h2 closes its whole state machine on GOAWAY, but RFC 9113 6.8 lets streams
-        up to the last-stream-id run to completion: put the machine back so they can.
-        Callers stop opening streams themselves."""
-        self.h2.state_machine.state = state
-
     def send_graceful_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
-        """GOAWAY written beside h2, whose own close_connection() would end the in-flight
-        streams too (NO_ERROR by default)."""
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = last_stream_id
-        frame.error_code = error_code
+        """GOAWAY now: streams up to `last_stream_id` may still finish (NO_ERROR by
+        default)."""
+        self.h2.goaway(last_stream_id, error_code)
         self.flush_now()
-        if self.transport is not None and not self.closed:
-            self.transport.write(frame.serialize())
 
     def ack(self, stream_id: int, size: int) -> None:
         if self.closed:

@@ -1,4 +1,4 @@
-"""HTTP/2 (cleartext, prior knowledge) server side of a listener, on h2.
+"""HTTP/2 (cleartext, prior knowledge) server side of a listener.
 
 Each stream becomes a Request handed to the listener's handler in its own task;
 a client RST_STREAM cancels that task, which resets the upstream stream in turn.
@@ -10,8 +10,9 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, cast
 
-from sidecar.proto import h2lib as h2
+from sidecar.proto import h2engine as h2
 from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
+from sidecar.proto.h2engine import ErrorCodes, SettingCodes
 from sidecar.proto.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
 
 if TYPE_CHECKING:
@@ -57,13 +58,18 @@ class _Stream:
 
 class H2ServerProtocol(H2Base):
     def __init__(self, ctx: ListenerContext) -> None:
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
+        settings = ctx.http2
+        super().__init__(
+            h2.H2Connection(
+                client_side=False,
+                settings={
+                    SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+                    SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
+                    SettingCodes.MAX_FRAME_SIZE: settings.max_frame_size,
+                    SettingCodes.MAX_HEADER_LIST_SIZE: ctx.limits.max_header_bytes,
+                },
+            )
         )
-        super().__init__(h2.connection.H2Connection(config=config))
         self.ctx = ctx
         self.peer = ""
         self.streams: dict[int, _Stream] = {}
@@ -74,16 +80,6 @@ class H2ServerProtocol(H2Base):
         self._closing: asyncio.TimerHandle | None = None
         self._resets = _Budget(RESETS_PER_SECOND, RESET_BURST)
         self._control = _Budget(CONTROL_PER_SECOND, CONTROL_BURST)
-        settings = ctx.http2
-        self.h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window_size,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: settings.max_frame_size,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: ctx.limits.max_header_bytes,
-            },
-        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -114,7 +110,7 @@ class H2ServerProtocol(H2Base):
             return  # lingering before close: read and dropped
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+        except h2.ProtocolError as exc:
             self.ctx.log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
             self.flush_now()
             if self.transport is not None:
@@ -122,36 +118,35 @@ class H2ServerProtocol(H2Base):
             return
         for event in events:
             kind = type(event)
-            if kind is h2.events.RequestReceived:
+            if kind is h2.RequestReceived:
                 self._request(event)  # type: ignore[arg-type]
-            elif kind is h2.events.DataReceived:
+            elif kind is h2.DataReceived:
                 self._data(event)  # type: ignore[arg-type]
-            elif kind is h2.events.StreamEnded:
+            elif kind is h2.StreamEnded:
                 stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
                 if stream is not None:
                     stream.request.body.finish()
-            elif kind is h2.events.TrailersReceived:
+            elif kind is h2.TrailersReceived:
                 stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
                 if stream is not None:
                     stream.request.body.finish(list(event.headers))  # type: ignore[attr-defined]
-            elif kind is h2.events.WindowUpdated:
+            elif kind is h2.WindowUpdated:
                 self.window_opened(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is h2.events.StreamReset:
+            elif kind is h2.StreamReset:
                 self._reset(event.stream_id)  # type: ignore[attr-defined]
                 if not self._resets.spend(time.monotonic()):
                     # CVE-2023-44487 (rapid reset): streams opened and cancelled at once.
                     self._calm("too many stream resets")
                     return
-            elif kind is h2.events.RemoteSettingsChanged or kind is h2.events.PingReceived:
-                if kind is h2.events.RemoteSettingsChanged:
+            elif kind is h2.RemoteSettingsChanged or kind is h2.PingReceived:
+                if kind is h2.RemoteSettingsChanged:
                     self.window_opened(0)
                 if not self._control.spend(time.monotonic()):
                     # Each SETTINGS or PING makes us queue an ACK: a flood is work for free.
                     self._calm("too many SETTINGS or PING frames")
                     return
-            elif kind is h2.events.ConnectionTerminated:
+            elif kind is h2.ConnectionTerminated:
                 # The client is leaving: no new streams, but the open ones may finish.
-                self.keep_open_after_goaway(h2.connection.ConnectionState.SERVER_OPEN)
                 self._client_left = True
                 self.goaway_sent = True
                 self.close_if_idle()
@@ -171,7 +166,7 @@ class H2ServerProtocol(H2Base):
             return
         self._calmed = True
         self.ctx.log.warning("closing HTTP/2 connection from %s: %s", self.peer, reason)
-        self.send_graceful_goaway(self.last_stream_id, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self.send_graceful_goaway(self.last_stream_id, ErrorCodes.ENHANCE_YOUR_CALM)
         self.goaway_sent = True
         for stream in self.streams.values():
             if stream.task is not None and not stream.task.done():
@@ -182,7 +177,7 @@ class H2ServerProtocol(H2Base):
         self.loop.call_later(LINGER_SECONDS, transport.close)
 
     # -- events --
-    def _request(self, event: h2.events.RequestReceived) -> None:
+    def _request(self, event: h2.RequestReceived) -> None:
         stream_id = event.stream_id
         assert event.headers is not None
         method = path = authority = b""
@@ -205,7 +200,7 @@ class H2ServerProtocol(H2Base):
                 headers.append((name, value))
         body = Body()
         body.on_consumed = lambda size: self.ack(stream_id, size)
-        if event.stream_ended is not None:
+        if event.stream_ended:
             body.finish()
         request = Request(
             method,
@@ -222,13 +217,13 @@ class H2ServerProtocol(H2Base):
             self.last_stream_id = stream_id
         if self.goaway_sent:
             # Arrived after our GOAWAY: refuse, the client may send it elsewhere.
-            self.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
         stream = _Stream(request)
         self.streams[stream_id] = stream
         stream.task = self.loop.create_task(self._run(stream_id, stream))
 
-    def _data(self, event: h2.events.DataReceived) -> None:
+    def _data(self, event: h2.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         size = event.flow_controlled_length
         accepted = stream is not None and stream.request.body.feed(event.data or b"", size)
@@ -259,10 +254,10 @@ class H2ServerProtocol(H2Base):
             pass
         except BodyError:
             # The upstream failed mid-response: reset so the client sees an incomplete reply.
-            self.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.reset_stream(stream_id, ErrorCodes.INTERNAL_ERROR)
         except Exception:
             ctx.log.exception("unhandled error in %s handler", ctx.name)
-            self.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.reset_stream(stream_id, ErrorCodes.INTERNAL_ERROR)
         finally:
             ctx.in_flight -= 1
             if ctx.in_flight == 0:
@@ -272,7 +267,7 @@ class H2ServerProtocol(H2Base):
                 if not body.at_eof:
                     # The reply is done but the client is still sending: stop it.
                     body.discard()
-                    self.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                    self.reset_stream(stream_id, ErrorCodes.NO_ERROR)
             if self.goaway_sent:
                 self.close_if_idle()
 
@@ -337,7 +332,7 @@ class _H2Sink:
                 await conn.send_data(stream_id, data, end_stream=True)
                 return len(data)
             h2c.send_headers(stream_id, headers)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+        except (h2.StreamClosedError, h2.ProtocolError) as exc:
             raise StreamGone(str(exc)) from None
         conn.flush()
         sent = 0

@@ -1,4 +1,4 @@
-"""One multiplexed HTTP/2 (h2c) connection to a peer, on h2.
+"""One multiplexed HTTP/2 (h2c) connection to a peer.
 
 `request()` opens a stream, sends the head and (in the background when it is
 still arriving) the body, and returns once the response head is here; the
@@ -14,15 +14,16 @@ from collections.abc import Callable
 from typing import cast
 
 from sidecar.errors import StreamRefused, UpstreamReset
-from sidecar.proto import h2lib as h2
+from sidecar.proto import h2engine as h2
 from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
+from sidecar.proto.h2engine import ErrorCodes, SettingCodes
 from sidecar.proto.messages import Body, BodyError, Headers, Request, Response
 
 log = logging.getLogger("sidecar.upstream")
 
-_CLIENT_SETTINGS = {
-    h2.settings.SettingCodes.ENABLE_PUSH: 0,
-    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 256 * 1024,
+_CLIENT_SETTINGS: dict[int, int] = {
+    SettingCodes.ENABLE_PUSH: 0,
+    SettingCodes.INITIAL_WINDOW_SIZE: 256 * 1024,
 }
 
 
@@ -41,14 +42,7 @@ class H2ClientConnection(H2Base):
         on_change: Callable[[H2ClientConnection], None] | None = None,
         keepalive: tuple[float, float] = (0.0, 0.0),
     ) -> None:
-        config = h2.config.H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        super().__init__(h2.connection.H2Connection(config=config))
-        self.h2.local_settings = h2.settings.Settings(client=True, initial_values=_CLIENT_SETTINGS)
+        super().__init__(h2.H2Connection(client_side=True, settings=_CLIENT_SETTINGS))
         self.streams: dict[int, _ClientStream] = {}
         self.reserved = 0  # streams promised to callers, not yet opened
         self.uses = 0  # streams opened over the connection's life
@@ -65,7 +59,7 @@ class H2ClientConnection(H2Base):
     # -- capacity --
     @property
     def max_streams(self) -> int:
-        limit = int(self.h2.remote_settings.max_concurrent_streams)
+        limit = self.h2.remote_max_concurrent_streams
         # Until the peer's SETTINGS arrive the limit is "unlimited"; assume RFC 9113's
         # recommended minimum of 100 rather than flood a peer with a lower one.
         return limit if limit < 2**31 else 100
@@ -116,31 +110,31 @@ class H2ClientConnection(H2Base):
         self.last_received = self.loop.time()
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError:
+        except h2.ProtocolError:
             self.flush()
             self.close()
             return
         for event in events:
             kind = type(event)
-            if kind is h2.events.ResponseReceived:
+            if kind is h2.ResponseReceived:
                 self._response(event)  # type: ignore[arg-type]
-            elif kind is h2.events.DataReceived:
+            elif kind is h2.DataReceived:
                 self._data(event)  # type: ignore[arg-type]
-            elif kind is h2.events.StreamEnded:
+            elif kind is h2.StreamEnded:
                 self._ended(event.stream_id, None)  # type: ignore[attr-defined]
-            elif kind is h2.events.TrailersReceived:
+            elif kind is h2.TrailersReceived:
                 self._ended(event.stream_id, list(event.headers))  # type: ignore[attr-defined]
-            elif kind is h2.events.WindowUpdated:
+            elif kind is h2.WindowUpdated:
                 self.window_opened(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is h2.events.StreamReset:
+            elif kind is h2.StreamReset:
                 self._reset(event)  # type: ignore[arg-type]
-            elif kind is h2.events.RemoteSettingsChanged:
+            elif kind is h2.RemoteSettingsChanged:
                 self.window_opened(0)
                 if self.on_change is not None:
                     self.on_change(self)
-            elif kind is h2.events.ConnectionTerminated:
+            elif kind is h2.ConnectionTerminated:
                 self._goaway(event)  # type: ignore[arg-type]
-            elif kind is h2.events.PingAckReceived:
+            elif kind is h2.PingAckReceived:
                 self._ping_pending = None
         self.flush()
 
@@ -163,7 +157,7 @@ class H2ClientConnection(H2Base):
             self._ping_pending = now.hex().encode()[-8:].rjust(8, b"0")
             try:
                 self.h2.ping(self._ping_pending)
-            except h2.exceptions.ProtocolError:
+            except h2.ProtocolError:
                 return
             self.flush()
             self._ping_timer = self.loop.call_later(self.keepalive_timeout, self._keepalive)
@@ -178,7 +172,7 @@ class H2ClientConnection(H2Base):
             self.transport.abort()
 
     # -- events --
-    def _response(self, event: h2.events.ResponseReceived) -> None:
+    def _response(self, event: h2.ResponseReceived) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.response.done():
             return
@@ -195,11 +189,11 @@ class H2ClientConnection(H2Base):
         body.on_consumed = lambda size: self.ack(stream_id, size)
         body.on_cancel = lambda: self._cancel(stream_id)
         stream.body = body
-        if event.stream_ended is not None:
+        if event.stream_ended:
             body.finish()
         stream.response.set_result(Response(status, headers, body))
 
-    def _data(self, event: h2.events.DataReceived) -> None:
+    def _data(self, event: h2.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         size = event.flow_controlled_length
         body = stream.body if stream is not None else None
@@ -218,11 +212,11 @@ class H2ClientConnection(H2Base):
             stream.response.set_exception(UpstreamReset("response ended before its headers"))
         self._release(stream_id)
 
-    def _reset(self, event: h2.events.StreamReset) -> None:
+    def _reset(self, event: h2.StreamReset) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None:
             return
-        if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
+        if event.error_code == ErrorCodes.REFUSED_STREAM:
             error: Exception = StreamRefused("upstream refused the stream")
         else:
             error = UpstreamReset(f"upstream reset the stream ({event.error_code!s})")
@@ -232,11 +226,9 @@ class H2ClientConnection(H2Base):
         self.stream_closed(event.stream_id)
         self._release(event.stream_id)
 
-    def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
+    def _goaway(self, event: h2.ConnectionTerminated) -> None:
         self.goaway = True
-        if event.error_code == h2.errors.ErrorCodes.NO_ERROR:
-            self.keep_open_after_goaway(h2.connection.ConnectionState.CLIENT_OPEN)
-        last = event.last_stream_id if event.last_stream_id is not None else 0
+        last = event.last_stream_id
         for stream_id in [sid for sid in self.streams if sid > last]:
             stream = self.streams[stream_id]
             self._fail(stream, StreamRefused("stream above the peer's GOAWAY last-stream-id"))
@@ -273,7 +265,7 @@ class H2ClientConnection(H2Base):
             stream.response.set_exception(error)
         if stream.sender is not None and not stream.sender.done():
             stream.sender.cancel()
-        self.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.reset_stream(stream_id, ErrorCodes.CANCEL)
         self.stream_closed(stream_id)
         self._release(stream_id)
 
@@ -294,7 +286,7 @@ class H2ClientConnection(H2Base):
         h2c = self.h2
         try:
             stream_id = h2c.get_next_available_stream_id()
-        except h2.exceptions.NoAvailableStreamIDError:
+        except h2.NoAvailableStreamIDError:
             self.goaway = True
             raise StreamRefused("stream ids exhausted on this connection") from None
         waiter: asyncio.Future[Response] = self.loop.create_future()
@@ -313,7 +305,7 @@ class H2ClientConnection(H2Base):
                 h2c.send_headers(stream_id, headers)
                 self.flush()
                 stream.sender = self.loop.create_task(self._send_body(stream_id, body))
-        except (StreamGone, h2.exceptions.ProtocolError) as exc:
+        except (StreamGone, h2.ProtocolError, h2.StreamClosedError) as exc:
             self._release(stream_id)
             if not waiter.done():
                 raise UpstreamReset(f"upstream stream failed while sending: {exc}") from None
@@ -342,7 +334,7 @@ class H2ClientConnection(H2Base):
             try:
                 self.h2.close_connection()
                 self.flush_now()
-            except h2.exceptions.ProtocolError:
+            except h2.ProtocolError:
                 pass
             self.transport.close()
         self.closed = True

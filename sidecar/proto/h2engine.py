@@ -1,0 +1,756 @@
+"""HTTP/2 (RFC 9113) connection state, Sans-IO: bytes in, events and bytes out.
+
+Written for the sidecar's data path, where h2's general machinery (a state machine
+object per stream, a frame object per frame, validation layers, a record of every
+closed stream) cost ~0.47 ms per request/response exchange on this machine. Here a
+frame is parsed with one `struct` call and handled in place, a stream is a small
+record, and HPACK is jh2's compiled codec (h2's `hpack` when jh2 is missing).
+
+What it keeps from the RFC: the preface and SETTINGS exchange, flow control on both
+windows (inbound windows refilled in batches, outbound ones enforced), header blocks
+split across CONTINUATION, padding, stream-id ordering, MAX_CONCURRENT_STREAMS
+(REFUSED_STREAM), request/response header validation, content-length versus DATA,
+PING, RST_STREAM and GOAWAY. Where it is lenient (a frame on a stream that has since
+closed is ignored, not a connection error) it says so below. Streams that closed are
+not remembered: ids only grow, so any id at or below the highest seen and not open is
+closed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
+
+__all__ = [
+    "ConnectionTerminated",
+    "DataReceived",
+    "ErrorCodes",
+    "Event",
+    "H2Connection",
+    "NoAvailableStreamIDError",
+    "PingAckReceived",
+    "PingReceived",
+    "ProtocolError",
+    "RemoteSettingsChanged",
+    "RequestReceived",
+    "ResponseReceived",
+    "SettingCodes",
+    "StreamClosedError",
+    "StreamEnded",
+    "StreamReset",
+    "TrailersReceived",
+    "WindowUpdated",
+]
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0, 1, 2, 3, 4
+PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 5, 6, 7, 8, 9
+END_STREAM = ACK = 0x1
+END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+
+DEFAULT_WINDOW = 65535
+MAX_WINDOW = 2**31 - 1
+MAX_STREAM_ID = 2**31 - 1
+DEFAULT_MAX_FRAME = 16384
+
+_FRAME_HEAD = struct.Struct(">HBBBI")  # length hi 16, length lo 8, type, flags, stream id
+_U32 = struct.Struct(">I")
+_GOAWAY = struct.Struct(">II")
+_SETTING = struct.Struct(">HI")
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9113 8.2.2: connection-specific fields make a message malformed.
+_CONNECTION_HEADERS = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_UPPER = bytes(range(65, 91))
+
+
+def _hpack() -> tuple[Any, Any, bool]:
+    """jh2's compiled HPACK codec (~5 us to encode and decode a request head here),
+    else the pure-Python `hpack` that h2 depends on (~70 us)."""
+    try:
+        codec = importlib.import_module("jh2._hazmat")
+        return codec.Encoder, codec.Decoder, True
+    except ImportError:  # pragma: no cover - jh2 is a dependency
+        codec = importlib.import_module("hpack")
+        return codec.Encoder, codec.Decoder, False
+
+
+_Encoder, _Decoder, COMPILED_HPACK = _hpack()
+
+
+class ProtocolError(Exception):
+    """A connection error: a GOAWAY with `code` is queued; close after sending it."""
+
+    def __init__(self, message: str, code: int = ErrorCodes.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StreamClosedError(Exception):
+    """Sending on a stream that is closed (reset, finished or never opened)."""
+
+
+class NoAvailableStreamIDError(Exception):
+    """The connection has used every client stream id."""
+
+
+class _StreamError(Exception):
+    def __init__(self, stream_id: int, code: int) -> None:
+        super().__init__(stream_id, code)
+        self.stream_id = stream_id
+        self.code = code
+
+
+# -- events -------------------------------------------------------------------------
+
+
+class Event:
+    __slots__ = ()
+
+
+class RequestReceived(Event):
+    __slots__ = ("headers", "stream_ended", "stream_id")
+
+    def __init__(self, stream_id: int, headers: Headers, stream_ended: bool) -> None:
+        self.stream_id = stream_id
+        self.headers = headers
+        self.stream_ended = stream_ended
+
+
+class ResponseReceived(RequestReceived):
+    __slots__ = ()
+
+
+class TrailersReceived(Event):
+    __slots__ = ("headers", "stream_id")
+
+    def __init__(self, stream_id: int, headers: Headers) -> None:
+        self.stream_id = stream_id
+        self.headers = headers
+
+
+class DataReceived(Event):
+    __slots__ = ("data", "flow_controlled_length", "stream_id")
+
+    def __init__(self, stream_id: int, data: bytes, flow_controlled_length: int) -> None:
+        self.stream_id = stream_id
+        self.data = data
+        self.flow_controlled_length = flow_controlled_length
+
+
+class StreamEnded(Event):
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class StreamReset(Event):
+    """The peer reset the stream, or we did because what it sent was malformed."""
+
+    __slots__ = ("error_code", "remote", "stream_id")
+
+    def __init__(self, stream_id: int, error_code: int, remote: bool = True) -> None:
+        self.stream_id = stream_id
+        self.error_code = error_code
+        self.remote = remote
+
+
+class WindowUpdated(Event):
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class RemoteSettingsChanged(Event):
+    __slots__ = ()
+
+
+class PingReceived(Event):
+    __slots__ = ()
+
+
+class PingAckReceived(Event):
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class ConnectionTerminated(Event):
+    __slots__ = ("error_code", "last_stream_id")
+
+    def __init__(self, error_code: int, last_stream_id: int) -> None:
+        self.error_code = error_code
+        self.last_stream_id = last_stream_id
+
+
+# -- streams ------------------------------------------------------------------------
+
+
+class _Stream:
+    __slots__ = (
+        "expected_length",
+        "head_received",
+        "local_closed",
+        "out_window",
+        "received_length",
+        "remote_closed",
+        "unacked",
+        "window",
+    )
+
+    def __init__(self, out_window: int, window: int) -> None:
+        self.out_window = out_window  # what we may still send
+        self.window = window  # what the peer may still send
+        self.unacked = 0  # consumed by the application, not yet returned to the peer
+        self.local_closed = False
+        self.remote_closed = False
+        self.head_received = False
+        self.expected_length = -1  # the peer's content-length, -1: none
+        self.received_length = 0
+
+
+# -- the connection -----------------------------------------------------------------
+
+
+class H2Connection:
+    """One HTTP/2 connection's state. `receive_data()` returns events; every send
+    method queues bytes that `data_to_send()` hands over."""
+
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        settings: Mapping[int, int] | None = None,
+    ) -> None:
+        self.client_side = client_side
+        local: dict[int, int] = {
+            SettingCodes.HEADER_TABLE_SIZE: 4096,
+            SettingCodes.INITIAL_WINDOW_SIZE: DEFAULT_WINDOW,
+            SettingCodes.MAX_FRAME_SIZE: DEFAULT_MAX_FRAME,
+        }
+        if client_side:
+            local[SettingCodes.ENABLE_PUSH] = 0
+        local.update(settings or {})
+        self.local_settings = local
+        self.local_window = local[SettingCodes.INITIAL_WINDOW_SIZE]
+        self.local_max_frame = local[SettingCodes.MAX_FRAME_SIZE]
+        self.local_max_streams = local.get(SettingCodes.MAX_CONCURRENT_STREAMS, MAX_STREAM_ID)
+        self.max_header_list_size = local.get(SettingCodes.MAX_HEADER_LIST_SIZE, 65536)
+        # Peer settings (RFC 9113 6.5.2 initial values until its SETTINGS arrive).
+        self.remote_window = DEFAULT_WINDOW
+        self.max_outbound_frame_size = DEFAULT_MAX_FRAME
+        self.remote_max_concurrent_streams = MAX_STREAM_ID
+        self.outbound_flow_control_window = DEFAULT_WINDOW  # connection level, what we may send
+        self.inbound_flow_control_window = DEFAULT_WINDOW  # connection level, what the peer may send
+        self.inbound_window_max = DEFAULT_WINDOW
+        self._inbound_unacked = 0
+        self.streams: dict[int, _Stream] = {}
+        self.highest_remote_id = 0
+        self._next_id = 1 if client_side else 2
+        self.goaway_received = False
+        self._encoder = _Encoder()
+        self._decoder = _Decoder(self.max_header_list_size)
+        self._out: list[bytes] = []
+        self._buffer = b""
+        self._preface_pending = not client_side
+        self._settings_seen = False
+        # A header block being assembled: (stream id, flags of its HEADERS, fragments).
+        self._block_stream = 0
+        self._block_flags = 0
+        self._block: list[bytes] = []
+        self._block_size = 0
+
+    # -- sending ------------------------------------------------------------------
+
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        n = len(payload)
+        self._out.append(_FRAME_HEAD.pack(n >> 8, n & 0xFF, kind, flags, stream_id))
+        if payload:
+            self._out.append(payload)
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return b"".join(out)
+
+    def initiate_connection(self) -> None:
+        if self.client_side:
+            self._out.append(PREFACE)
+        payload = b"".join(_SETTING.pack(k, v) for k, v in self.local_settings.items())
+        self._frame(SETTINGS, 0, 0, payload)
+
+    def increment_flow_control_window(self, increment: int) -> None:
+        """Let the peer send `increment` more bytes on the connection."""
+        self.inbound_flow_control_window += increment
+        self.inbound_window_max += increment
+        self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(increment))
+
+    def get_next_available_stream_id(self) -> int:
+        stream_id = self._next_id
+        if stream_id > MAX_STREAM_ID:
+            raise NoAvailableStreamIDError("no stream ids left on this connection")
+        return stream_id
+
+    def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if not self.client_side or stream_id != self._next_id:
+                raise StreamClosedError(f"stream {stream_id} is not open")
+            stream = _Stream(self.remote_window, self.local_window)
+            self.streams[stream_id] = stream
+            self._next_id = stream_id + 2
+        elif stream.local_closed:
+            raise StreamClosedError(f"stream {stream_id} already ended")
+        block = self._encoder.encode([(name, value, False) for name, value in headers])
+        flags = END_STREAM if end_stream else 0
+        limit = self.max_outbound_frame_size
+        if len(block) <= limit:
+            self._frame(HEADERS, flags | END_HEADERS, stream_id, block)
+        else:
+            self._frame(HEADERS, flags, stream_id, block[:limit])
+            for start in range(limit, len(block), limit):
+                last = start + limit >= len(block)
+                piece = block[start : start + limit]
+                self._frame(CONTINUATION, END_HEADERS if last else 0, stream_id, piece)
+        if end_stream:
+            self._end_local(stream_id, stream)
+
+    def local_flow_control_window(self, stream_id: int) -> int:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise StreamClosedError(f"stream {stream_id} is closed")
+        return min(self.outbound_flow_control_window, stream.out_window)
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_closed:
+            raise StreamClosedError(f"stream {stream_id} is closed")
+        size = len(data)
+        if size > min(self.outbound_flow_control_window, stream.out_window, self.max_outbound_frame_size):
+            raise ProtocolError(f"{size} bytes exceed the peer's window or frame size")
+        self.outbound_flow_control_window -= size
+        stream.out_window -= size
+        self._frame(DATA, END_STREAM if end_stream else 0, stream_id, data)
+        if end_stream:
+            self._end_local(stream_id, stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def _end_local(self, stream_id: int, stream: _Stream) -> None:
+        stream.local_closed = True
+        if stream.remote_closed:
+            del self.streams[stream_id]
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        if self.streams.pop(stream_id, None) is None:
+            raise StreamClosedError(f"stream {stream_id} is closed")
+        self._frame(RST_STREAM, 0, stream_id, _U32.pack(error_code))
+
+    def acknowledge_received_data(self, size: int, stream_id: int) -> None:
+        """The application consumed `size` flow-controlled bytes: return the window to
+        the peer once half of it is used (a WINDOW_UPDATE per frame would double the
+        frames on the wire)."""
+        self._inbound_unacked += size
+        if self._inbound_unacked * 2 >= self.inbound_window_max:
+            increment, self._inbound_unacked = self._inbound_unacked, 0
+            self.inbound_flow_control_window += increment
+            self._frame(WINDOW_UPDATE, 0, 0, _U32.pack(increment))
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed:
+            return  # the peer will send nothing more on it
+        stream.unacked += size
+        if stream.unacked * 2 >= self.local_window:
+            increment, stream.unacked = stream.unacked, 0
+            stream.window += increment
+            self._frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment))
+
+    def ping(self, data: bytes) -> None:
+        self._frame(PING, 0, 0, data)
+
+    def goaway(self, last_stream_id: int, error_code: int = ErrorCodes.NO_ERROR) -> None:
+        """Queue a GOAWAY; streams up to `last_stream_id` may still finish (RFC 9113 6.8)."""
+        self._frame(GOAWAY, 0, 0, _GOAWAY.pack(last_stream_id, error_code))
+
+    def close_connection(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
+        self.goaway(self.highest_remote_id, error_code)
+
+    # -- receiving ----------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Parse what arrived. Raises ProtocolError (with a GOAWAY queued) on a
+        connection error."""
+        events: list[Event] = []
+        buf = self._buffer + data if self._buffer else data
+        pos = 0
+        if self._preface_pending:
+            if len(buf) < len(PREFACE):
+                if not PREFACE.startswith(buf):
+                    raise self._fail("invalid connection preface")
+                self._buffer = buf
+                return events
+            if not buf.startswith(PREFACE):
+                raise self._fail("invalid connection preface")
+            self._preface_pending = False
+            pos = len(PREFACE)
+        end = len(buf)
+        max_frame = self.local_max_frame
+        try:
+            while end - pos >= 9:
+                length_hi, length_lo, kind, flags, stream_id = _FRAME_HEAD.unpack_from(buf, pos)
+                length = (length_hi << 8) | length_lo
+                if length > max_frame:
+                    raise ProtocolError(
+                        f"frame of {length} bytes over {max_frame}", ErrorCodes.FRAME_SIZE_ERROR
+                    )
+                if end - pos - 9 < length:
+                    break
+                payload = buf[pos + 9 : pos + 9 + length]
+                pos += 9 + length
+                stream_id &= MAX_STREAM_ID
+                if not self._settings_seen and kind != SETTINGS:
+                    raise ProtocolError("the first frame must be SETTINGS")
+                if self._block_stream and kind != CONTINUATION:
+                    raise ProtocolError("a header block was interrupted by another frame")
+                try:
+                    self._dispatch(kind, flags, stream_id, payload, events)
+                except _StreamError as err:
+                    self._reset_on_error(err.stream_id, err.code, events)
+        except ProtocolError as exc:
+            self._buffer = b""
+            raise self._fail(str(exc), exc.code) from None
+        self._buffer = buf[pos:] if pos < end else b""
+        return events
+
+    def _fail(self, message: str, code: int = ErrorCodes.PROTOCOL_ERROR) -> ProtocolError:
+        self.goaway(self.highest_remote_id, code)
+        return ProtocolError(message, code)
+
+    def _reset_on_error(self, stream_id: int, code: int, events: list[Event]) -> None:
+        stream = self.streams.pop(stream_id, None)
+        self._frame(RST_STREAM, 0, stream_id, _U32.pack(code))
+        # Our own streams always have a caller waiting; a peer's only once announced.
+        if stream is not None and (self.client_side or stream.head_received):
+            events.append(StreamReset(stream_id, code, remote=False))
+
+    def _dispatch(
+        self, kind: int, flags: int, stream_id: int, payload: bytes, events: list[Event]
+    ) -> None:
+        if kind == DATA:
+            self._on_data(flags, stream_id, payload, events)
+        elif kind == HEADERS:
+            self._on_headers(flags, stream_id, payload, events)
+        elif kind == CONTINUATION:
+            self._on_continuation(flags, stream_id, payload, events)
+        elif kind == WINDOW_UPDATE:
+            self._on_window_update(stream_id, payload, events)
+        elif kind == SETTINGS:
+            self._on_settings(flags, stream_id, payload, events)
+        elif kind == RST_STREAM:
+            self._on_rst_stream(stream_id, payload, events)
+        elif kind == PING:
+            if stream_id or len(payload) != 8:
+                raise ProtocolError("malformed PING", ErrorCodes.FRAME_SIZE_ERROR)
+            if flags & ACK:
+                events.append(PingAckReceived(payload))
+            else:
+                self._frame(PING, ACK, 0, payload)
+                events.append(PingReceived())
+        elif kind == GOAWAY:
+            if stream_id or len(payload) < 8:
+                raise ProtocolError("malformed GOAWAY", ErrorCodes.FRAME_SIZE_ERROR)
+            last, code = _GOAWAY.unpack_from(payload)
+            self.goaway_received = True
+            events.append(ConnectionTerminated(code, last & MAX_STREAM_ID))
+        elif kind == PRIORITY:
+            if not stream_id:
+                raise ProtocolError("PRIORITY on stream 0")
+            if len(payload) != 5:
+                raise _StreamError(stream_id, ErrorCodes.FRAME_SIZE_ERROR)
+        elif kind == PUSH_PROMISE:
+            raise ProtocolError("PUSH_PROMISE was not enabled")
+        # Unknown frame types are ignored (RFC 9113 5.5).
+
+    def _on_data(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if not stream_id:
+            raise ProtocolError("DATA on stream 0")
+        size = len(payload)
+        if size > self.inbound_flow_control_window:
+            raise ProtocolError(
+                "the peer overran the connection window", ErrorCodes.FLOW_CONTROL_ERROR
+            )
+        self.inbound_flow_control_window -= size
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed or not stream.head_received:
+            if self._is_idle(stream_id):
+                raise ProtocolError(f"DATA on idle stream {stream_id}")
+            # A stream that closed meanwhile (we reset it, or it finished): the data is
+            # dropped and its connection window given back at once.
+            self.acknowledge_received_data(size, 0)
+            if stream is not None:
+                raise _StreamError(stream_id, ErrorCodes.STREAM_CLOSED)
+            return
+        if size > stream.window:
+            self.acknowledge_received_data(size, 0)
+            raise _StreamError(stream_id, ErrorCodes.FLOW_CONTROL_ERROR)
+        stream.window -= size
+        data = payload
+        if flags & PADDED:
+            if not size or payload[0] >= size:
+                raise ProtocolError("padding longer than the DATA frame")
+            data = payload[1 : size - payload[0]]
+        if stream.expected_length >= 0:
+            stream.received_length += len(data)
+            if stream.received_length > stream.expected_length or (
+                flags & END_STREAM and stream.received_length != stream.expected_length
+            ):
+                self.acknowledge_received_data(size, 0)
+                raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        events.append(DataReceived(stream_id, data, size))
+        if flags & END_STREAM:
+            self._end_remote(stream_id, stream, events)
+
+    def _end_remote(self, stream_id: int, stream: _Stream, events: list[Event]) -> None:
+        stream.remote_closed = True
+        if stream.local_closed:
+            del self.streams[stream_id]
+        events.append(StreamEnded(stream_id))
+
+    def _is_idle(self, stream_id: int) -> bool:
+        """Never opened: above the highest id either side has used."""
+        if (stream_id & 1) == (1 if self.client_side else 0):
+            return stream_id >= self._next_id  # one of ours
+        return stream_id > self.highest_remote_id
+
+    def _on_headers(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if not stream_id:
+            raise ProtocolError("HEADERS on stream 0")
+        start, end = 0, len(payload)
+        if flags & PADDED:
+            if not end or payload[0] + 1 > end:
+                raise ProtocolError("padding longer than the HEADERS frame")
+            start, end = 1, end - payload[0]
+        if flags & PRIORITY_FLAG:
+            start += 5
+            if start > end:
+                raise ProtocolError("HEADERS too short for its priority fields")
+        fragment = payload[start:end]
+        if flags & END_HEADERS:
+            self._header_block(stream_id, flags, fragment, events)
+        else:
+            self._block_stream, self._block_flags = stream_id, flags
+            self._block, self._block_size = [fragment], len(fragment)
+
+    def _on_continuation(
+        self, flags: int, stream_id: int, payload: bytes, events: list[Event]
+    ) -> None:
+        if stream_id != self._block_stream or not stream_id:
+            raise ProtocolError("CONTINUATION without a header block to continue")
+        self._block.append(payload)
+        self._block_size += len(payload)
+        if self._block_size > 2 * self.max_header_list_size + 16384:
+            raise ProtocolError("header block too large", ErrorCodes.ENHANCE_YOUR_CALM)
+        if flags & END_HEADERS:
+            block, self._block = b"".join(self._block), []
+            block_flags, self._block_stream = self._block_flags, 0
+            self._header_block(stream_id, block_flags, block, events)
+
+    def _decode(self, block: bytes) -> Headers:
+        try:
+            if COMPILED_HPACK:
+                return [(h[0], h[1]) for h in self._decoder.decode(block, True)]
+            return [(bytes(n), bytes(v)) for n, v in self._decoder.decode(block, raw=True)]
+        except (KeyboardInterrupt, SystemExit):  # pragma: no cover
+            raise
+        except BaseException as exc:
+            # jh2's codec reports some malformed input as a Rust panic, which Python
+            # sees as a BaseException: either way the decoder state is lost.
+            code = ErrorCodes.COMPRESSION_ERROR
+            if "DDoS" in str(exc) or "Oversized" in type(exc).__name__:
+                code = ErrorCodes.ENHANCE_YOUR_CALM
+            raise ProtocolError(f"header block not decodable: {exc}", code) from None
+
+    def _header_block(self, stream_id: int, flags: int, block: bytes, events: list[Event]) -> None:
+        # Decode first, whatever happens to the stream: HPACK state is per connection.
+        headers = self._decode(block)
+        end_stream = bool(flags & END_STREAM)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if self.client_side or not (stream_id & 1):
+                if self._is_idle(stream_id):
+                    raise ProtocolError(f"HEADERS on unopened stream {stream_id}")
+                return  # a stream of ours that closed: lenient, ignored
+            if stream_id <= self.highest_remote_id:
+                # A closed stream (finished, reset, or skipped over: RFC 9113 5.1.1).
+                # Late trailers on it are ignored; a new request is an error, since new
+                # streams must use ids higher than every id before them.
+                if any(name[:1] == b":" for name, _ in headers):
+                    raise ProtocolError(f"stream id {stream_id} is not higher than the last")
+                return
+            self.highest_remote_id = stream_id
+            if len(self.streams) >= self.local_max_streams:
+                raise _StreamError(stream_id, ErrorCodes.REFUSED_STREAM)
+            # Until our SETTINGS are acknowledged the peer may assume the default window.
+            stream = _Stream(self.remote_window, max(self.local_window, DEFAULT_WINDOW))
+            self.streams[stream_id] = stream
+            self._on_head(stream_id, stream, headers, end_stream, events)
+            return
+        if stream.remote_closed:
+            raise _StreamError(stream_id, ErrorCodes.STREAM_CLOSED)
+        if not stream.head_received:
+            self._on_head(stream_id, stream, headers, end_stream, events)
+            return
+        # Trailers: they end the stream and carry no pseudo-header.
+        if not end_stream or any(name[:1] == b":" for name, _ in headers):
+            raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        events.append(TrailersReceived(stream_id, headers))
+        self._end_remote(stream_id, stream, events)
+
+    def _on_head(
+        self,
+        stream_id: int,
+        stream: _Stream,
+        headers: Headers,
+        end_stream: bool,
+        events: list[Event],
+    ) -> None:
+        if self.client_side:
+            status = headers[0][1] if headers and headers[0][0] == b":status" else b""
+            if not _valid_response(headers):
+                raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            if status[:1] == b"1":
+                if end_stream:
+                    raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+                return  # informational: the real response follows
+            event: RequestReceived = ResponseReceived(stream_id, headers, end_stream)
+        else:
+            if not _valid_request(headers):
+                stream.head_received = False
+                raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            event = RequestReceived(stream_id, headers, end_stream)
+        for name, value in headers:
+            if name == b"content-length":
+                if not value.isdigit() or (
+                    stream.expected_length >= 0 and int(value) != stream.expected_length
+                ):
+                    raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+                stream.expected_length = int(value)
+        if end_stream and stream.expected_length > 0:
+            raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        stream.head_received = True
+        events.append(event)
+        if end_stream:
+            self._end_remote(stream_id, stream, events)
+
+    def _on_window_update(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if len(payload) != 4:
+            raise ProtocolError("malformed WINDOW_UPDATE", ErrorCodes.FRAME_SIZE_ERROR)
+        increment = _U32.unpack(payload)[0] & MAX_WINDOW
+        if not stream_id:
+            if not increment:
+                raise ProtocolError("WINDOW_UPDATE of 0 on the connection")
+            self.outbound_flow_control_window += increment
+            if self.outbound_flow_control_window > MAX_WINDOW:
+                raise ProtocolError("connection window over 2^31-1", ErrorCodes.FLOW_CONTROL_ERROR)
+            events.append(WindowUpdated(0))
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if self._is_idle(stream_id):
+                raise ProtocolError(f"WINDOW_UPDATE on idle stream {stream_id}")
+            return
+        if not increment:
+            raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        stream.out_window += increment
+        if stream.out_window > MAX_WINDOW:
+            raise _StreamError(stream_id, ErrorCodes.FLOW_CONTROL_ERROR)
+        events.append(WindowUpdated(stream_id))
+
+    def _on_settings(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if stream_id:
+            raise ProtocolError("SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise ProtocolError("SETTINGS ACK with a payload", ErrorCodes.FRAME_SIZE_ERROR)
+            return
+        if len(payload) % 6:
+            raise ProtocolError(
+                "SETTINGS of a length not a multiple of 6", ErrorCodes.FRAME_SIZE_ERROR
+            )
+        self._settings_seen = True
+        for offset in range(0, len(payload), 6):
+            code, value = _SETTING.unpack_from(payload, offset)
+            if code == SettingCodes.INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ProtocolError(
+                        "INITIAL_WINDOW_SIZE over 2^31-1", ErrorCodes.FLOW_CONTROL_ERROR
+                    )
+                delta = value - self.remote_window
+                self.remote_window = value
+                for stream in self.streams.values():
+                    stream.out_window += delta
+            elif code == SettingCodes.MAX_FRAME_SIZE:
+                if not DEFAULT_MAX_FRAME <= value <= 2**24 - 1:
+                    raise ProtocolError(f"MAX_FRAME_SIZE {value} out of range")
+                self.max_outbound_frame_size = value
+            elif code == SettingCodes.MAX_CONCURRENT_STREAMS:
+                self.remote_max_concurrent_streams = value
+            elif code == SettingCodes.HEADER_TABLE_SIZE:
+                self._encoder.header_table_size = min(value, 4096)
+            elif code == SettingCodes.ENABLE_PUSH and value > 1:
+                raise ProtocolError(f"ENABLE_PUSH {value}")
+        self._frame(SETTINGS, ACK, 0)
+        events.append(RemoteSettingsChanged())
+
+    def _on_rst_stream(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if not stream_id:
+            raise ProtocolError("RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise ProtocolError("malformed RST_STREAM", ErrorCodes.FRAME_SIZE_ERROR)
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            if self._is_idle(stream_id):
+                raise ProtocolError(f"RST_STREAM on idle stream {stream_id}")
+            return
+        events.append(StreamReset(stream_id, _U32.unpack(payload)[0]))
+
+
+def _valid_request(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """RFC 9113 8.3.1: the pseudo-headers first, each at most once, the three required
+    ones present (CONNECT aside, which the sidecar does not serve); lowercase names;
+    no connection-specific field; `te` only as "trailers"."""
+    seen: set[bytes] = set()
+    regular = False
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular or name in seen or name not in _REQUEST_PSEUDO:
+                return False
+            seen.add(name)
+        else:
+            regular = True
+            if name in _CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
+                return False
+            if name.translate(None, _UPPER) != name or not name:
+                return False
+    return b":method" in seen and b":path" in seen and b":scheme" in seen
+
+
+def _valid_response(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    if not headers or headers[0][0] != b":status":
+        return False
+    return not any(name[:1] == b":" or name in _CONNECTION_HEADERS for name, _ in headers[1:])
