@@ -206,3 +206,19 @@ def test_stream_ids_must_increase_and_the_last_one_works(target: tuple[Proc, Sid
     goaway = backwards.goaway(timeout=3)
     backwards.close()
     assert goaway is not None and goaway.error_code == PROTOCOL_ERROR
+
+
+def test_undecodable_header_block_gets_compression_error(target: tuple[Proc, Sidecar]) -> None:
+    """Three bytes on which jh2's compiled HPACK decoder panics (Python sees a
+    BaseException, not an Exception): the connection ends with COMPRESSION_ERROR and the
+    sidecar lives on."""
+    _, sidecar = target
+    with Bounds(sidecar, max_cpu=5.0):
+        client = RawH2(sidecar.ports["inbound"])
+        head = HeadersFrame(1)
+        head.data = b"\xff\xff\xff"
+        head.flags.add("END_HEADERS")
+        client.send(head)
+        goaway = client.goaway(timeout=3)
+        client.close()
+    assert goaway is not None and goaway.error_code == COMPRESSION_ERROR
