@@ -1,10 +1,21 @@
 """Prometheus metrics of one sidecar, held in a registry passed in (no globals).
 
-The data path calls `observe_request()` once per call; the labelled children it
-needs are cached so a call costs two dictionary look-ups and two updates.
+The per-call figures (`observe_request()`, `PoolMetrics.stream()`) stay off
+prometheus_client's locked values: a call adds to plain counts (per label key, and per
+histogram bucket with a running sum) that are folded into the prometheus children when
+metrics are read. A collector registered ahead of every metric folds on each
+`registry.collect()`, so /metrics, /stats and `get_sample_value` see every call. Under
+`workers: N` the supervisor reads the workers' multiprocess files, not their registries,
+so a worker also folds on a timer while figures are pending (`fold_every()`) and once
+more when it closes. The data path and the reads run on the event loop's thread, so
+the plain structures need no lock.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Hashable
+from typing import Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,7 +25,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 
 # Sub-millisecond to seconds: a sidecar hop costs ~0.1 ms, a slow call seconds.
 DURATION_BUCKETS = (
@@ -22,12 +33,101 @@ DURATION_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 SIZE_BUCKETS = (0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000)
+# Under `workers: N`, the longest a worker's figures wait to reach the supervisor's /metrics.
+WORKER_FOLD_SECONDS = 0.5
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+_RequestKey = tuple[str, str, str, int, str]  # direction, service, method, status, grpc_status
+_ServiceKey = tuple[str, str]  # direction, service
+_PoolKey = tuple[str, str]  # service, protocol
+_Tallies = tuple[list[float], list[float], list[float]]  # duration, request size, response size
+
+# A histogram tally is its child's counts per bucket since the last fold (+Inf last),
+# then the child's running sum, at these indexes (constants: list[-1] is slower).
+_DURATION_SUM = len(DURATION_BUCKETS) + 1
+_SIZE_SUM = len(SIZE_BUCKETS) + 1
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+# loop.call_later's shape, injected so the fold timer is testable without sleeping.
+CallLater = Callable[[float, Callable[[], None]], Cancellable]
+
+
+class PendingCounts(dict[_K, _V]):
+    """What was counted per label key since the last fold. A key's first use after a fold
+    goes through `__missing__`, which makes its entry with `new(key)` (and so can tell
+    the fold timer that figures are pending): the hot path pays nothing for either."""
+
+    __slots__ = ("_new",)
+
+    def __init__(self, new: Callable[[_K], _V]) -> None:
+        super().__init__()
+        self._new = new
+
+    def __missing__(self, key: _K) -> _V:
+        value = self[key] = self._new(key)
+        return value
+
+
+class Count:
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class _Calls(Count):
+    """Calls under one request-counter key, and their (direction, service)'s tallies."""
+
+    __slots__ = ("tallies",)
+
+    def __init__(self, tallies: _Tallies) -> None:
+        super().__init__()
+        self.tallies = tallies
+
+
+class _FoldOnCollect:
+    """Registered ahead of the metrics, so every read of the registry folds first."""
+
+    def __init__(self, fold: Callable[[], None]) -> None:
+        self._fold = fold
+
+    def describe(self) -> list[Metric]:
+        return []  # no series of its own
+
+    def collect(self) -> list[Metric]:
+        self._fold()
+        return []
+
+
+def _new_tally(child: Histogram) -> list[float]:
+    # The sum starts from the child's own: a multiprocess file left by a dead worker
+    # whose pid this process reuses already holds one.
+    return [0] * len(child._upper_bounds) + [child._sum.get()]
+
+
+def _fold_histogram(tally: list[float], child: Histogram) -> None:
+    # The child keeps per-bucket (not cumulative) values and cumulates when collected,
+    # so adding each bucket's count gives what observe() would have left.
+    for i, value in enumerate(child._buckets):
+        count = tally[i]
+        if count:
+            value.inc(count)
+            tally[i] = 0
+    # The sum is carried whole, not as a delta since the last fold: added up call by
+    # call in observe()'s order, it is the same float observe() would have made.
+    child._sum.set(tally[-1])
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        r.register(_FoldOnCollect(self.fold))
         self.requests = Counter(
             "opus_requests",
             "Calls handled, by direction (outbound: from the local app; inbound: from a peer), "
@@ -196,8 +296,17 @@ class Metrics:
             ["direction"],
             registry=r,
         )
-        self._request_children: dict[tuple[str, str, str, int, str], MetricWrapperBase] = {}
-        self._per_service: dict[tuple[str, str], tuple[MetricWrapperBase, ...]] = {}
+        # requests, request_duration, request_size and response_size are fed only by
+        # fold(), which sets the histograms' sums: an observe() elsewhere would be lost.
+        self._request_children: dict[_RequestKey, Counter] = {}
+        self._histograms: dict[_ServiceKey, tuple[Histogram, Histogram, Histogram]] = {}
+        self._tallies: dict[_ServiceKey, _Tallies] = {}
+        self._pending_calls = PendingCounts[_RequestKey, _Calls](self._first_call)
+        # PoolMetrics.stream() counts here, per (service, protocol).
+        self.pending_streams = PendingCounts[_PoolKey, Count](self._first_stream)
+        self._call_later: CallLater | None = None
+        self._fold_interval = 0.0
+        self._fold_timer: Cancellable | None = None
 
     def observe_request(
         self,
@@ -210,24 +319,87 @@ class Metrics:
         bytes_in: int = 0,
         bytes_out: int = 0,
     ) -> None:
-        key = (direction, service, grpc_method, status, grpc_status)
-        counter = self._request_children.get(key)
-        if counter is None:
-            counter = self.requests.labels(
-                direction, service, grpc_method, str(status), grpc_status
+        calls = self._pending_calls[direction, service, grpc_method, status, grpc_status]
+        calls.count += 1
+        duration, size_in, size_out = calls.tallies
+        # bisect_left finds the first bound >= the value, the bucket observe()'s
+        # `value <= bound` scan finds; past the last bound, the +Inf bucket.
+        duration[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        duration[_DURATION_SUM] += seconds
+        size_in[bisect_left(SIZE_BUCKETS, bytes_in)] += 1
+        size_in[_SIZE_SUM] += bytes_in
+        size_out[bisect_left(SIZE_BUCKETS, bytes_out)] += 1
+        size_out[_SIZE_SUM] += bytes_out
+
+    def fold(self) -> None:
+        """Add what was counted since the last fold to the prometheus children."""
+        pending = self._pending_calls
+        if pending:
+            services: set[_ServiceKey] = set()
+            for key, calls in pending.items():
+                self._request_children[key].inc(calls.count)
+                services.add((key[0], key[1]))
+            pending.clear()
+            for skey in services:
+                for tally, child in zip(self._tallies[skey], self._histograms[skey], strict=True):
+                    _fold_histogram(tally, child)
+        streams = self.pending_streams
+        if streams:
+            for labels, streamed in streams.items():
+                self.upstream_streams.labels(*labels).inc(streamed.count)
+            streams.clear()
+
+    def fold_every(self, interval: float, call_later: CallLater) -> None:
+        """Fold at most `interval` seconds after figures start pending, until close():
+        for multiprocess mode, where the supervisor reads this process's files."""
+        self._call_later = call_later
+        self._fold_interval = interval
+        if self._pending_calls or self.pending_streams:
+            self._arm()
+
+    def close(self) -> None:
+        """Stop the fold timer and fold what is pending."""
+        if self._fold_timer is not None:
+            self._fold_timer.cancel()
+            self._fold_timer = None
+        self._call_later = None
+        self.fold()
+
+    def _arm(self) -> None:
+        if self._call_later is not None and self._fold_timer is None:
+            self._fold_timer = self._call_later(self._fold_interval, self._fold_on_timer)
+
+    def _fold_on_timer(self) -> None:
+        self._fold_timer = None
+        # fold() empties the pending entries, so the next call misses and re-arms.
+        self.fold()
+
+    def _first_call(self, key: _RequestKey) -> _Calls:
+        """A request-counter key's first call since the last fold."""
+        direction, service, method, status, grpc_status = key
+        if key not in self._request_children:
+            # Made at the key's first call, as .labels() on each call would have: the
+            # series' _created time stays that call's.
+            self._request_children[key] = self.requests.labels(
+                direction, service, method, str(status), grpc_status
             )
-            self._request_children[key] = counter
-        counter.inc()  # type: ignore[attr-defined]
-        skey = (direction, service)
-        children = self._per_service.get(skey)
-        if children is None:
-            children = (
-                self.request_duration.labels(direction, service),
-                self.request_size.labels(direction, service),
-                self.response_size.labels(direction, service),
-            )
-            self._per_service[skey] = children
-        duration, size_in, size_out = children
-        duration.observe(seconds)  # type: ignore[attr-defined]
-        size_in.observe(bytes_in)  # type: ignore[attr-defined]
-        size_out.observe(bytes_out)  # type: ignore[attr-defined]
+        tallies = self._tallies.get((direction, service))
+        if tallies is None:
+            tallies = self._new_tallies(direction, service)
+        self._arm()
+        return _Calls(tallies)
+
+    def _first_stream(self, key: _PoolKey) -> Count:
+        self._arm()
+        return Count()
+
+    def _new_tallies(self, direction: str, service: str) -> _Tallies:
+        children = (
+            self.request_duration.labels(direction, service),
+            self.request_size.labels(direction, service),
+            self.response_size.labels(direction, service),
+        )
+        tallies = (_new_tally(children[0]), _new_tally(children[1]), _new_tally(children[2]))
+        self._histograms[direction, service] = children
+        self._tallies[direction, service] = tallies
+        return tallies

@@ -29,7 +29,7 @@ from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.factory import create_discovery
 from sidecar.lb import RoundRobin
 from sidecar.listener import Listener, ListenerContext
-from sidecar.metrics import Metrics
+from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
 from sidecar.proto.h2server import GOAWAY_GRACE_SECONDS
 from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
 from sidecar.routing import Router
@@ -94,6 +94,8 @@ class Sidecar:
     # -- lifecycle --
     async def start(self) -> dict[str, int]:
         cfg = self.cfg
+        if self.worker is not None:  # the supervisor reads our multiprocess files, not /metrics
+            self.metrics.fold_every(WORKER_FOLD_SECONDS, asyncio.get_running_loop().call_later)
         await self.discovery.start()
         app_endpoint = Endpoint(cfg.app.host, cfg.app.port, instance_id="app")
         app_limits = pool_limits(cfg, cfg.service.name)
@@ -212,6 +214,7 @@ class Sidecar:
         await self.discovery.close()
         self.access_log.close()
         self.tracing.shutdown()
+        self.metrics.close()  # a worker's last figures, for the supervisor
 
 
 _SECRET_WORDS = ("secret", "password", "token", "credential", "private")

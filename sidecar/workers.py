@@ -6,7 +6,8 @@ the kernel hands connections only to the workers' listening sockets and a port 0
 still gives every worker the same port), starts the workers with their config plus
 overrides (admin on an internal loopback port, only worker 0 registering the app), and
 serves the admin port itself: /metrics and /stats sum the workers' metrics through
-prometheus-client's multiprocess mode, /ready is 200 when every worker is ready,
+prometheus-client's multiprocess mode (a worker's per-call counts reach its files within
+WORKER_FOLD_SECONDS, see sidecar/metrics.py), /ready is 200 when every worker is ready,
 /clusters shows each worker's view, and state changes are passed on to every worker.
 A worker that dies is restarted; SIGTERM drains every worker, then the supervisor exits.
 """

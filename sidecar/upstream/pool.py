@@ -43,11 +43,13 @@ class PoolMetrics:
     """One pool's connection and stream metrics, the labelled children resolved once."""
 
     def __init__(self, metrics: Metrics, service: str, protocol: str) -> None:
-        labels = (service, protocol)
+        labels = self._labels = (service, protocol)
         self._open = metrics.upstream_connections.labels(*labels)
         self._opened = metrics.upstream_connections_opened.labels(*labels)
         self._closed = metrics.upstream_connections_closed.labels(*labels)
-        self._streams = metrics.upstream_streams.labels(*labels)
+        metrics.upstream_streams.labels(*labels)  # the series shows 0 from the start
+        # Once per call: a plain count, folded into upstream_streams when metrics are read.
+        self._streams = metrics.pending_streams
         self._uses = metrics.streams_per_connection.labels(*labels)
 
     def opened(self) -> None:
@@ -60,7 +62,7 @@ class PoolMetrics:
         self._open.dec()
 
     def stream(self) -> None:
-        self._streams.inc()
+        self._streams[self._labels].count += 1
 
 
 def wake_all(waiters: deque[asyncio.Future[None]]) -> None:
