@@ -75,6 +75,22 @@ class H2Base(asyncio.Protocol):
         """Wake a sender blocked on this stream so it sees the stream is gone."""
         self.window_opened(stream_id)
 
+    def send_whole(self, stream_id: int, data: bytes) -> bool:
+        """Send all of `data` ending the stream, now, if the windows and the frame size
+        allow it (the usual case for a small body); False when the caller must await
+        `send_data()` instead. Raises StreamClosedError if the stream is gone."""
+        h2c = self.h2
+        if (
+            self._write_paused
+            or self.closed
+            or len(data) > h2c.max_outbound_frame_size
+            or len(data) > h2c.local_flow_control_window(stream_id)
+        ):
+            return False
+        h2c.send_data(stream_id, data, end_stream=True)
+        self.flush()
+        return True
+
     async def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Send `data` on a stream as the peer's flow-control windows allow (ending the
         stream with its last frame when `end_stream`)."""

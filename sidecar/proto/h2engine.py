@@ -253,8 +253,9 @@ class H2Connection:
         self.remote_window = DEFAULT_WINDOW
         self.max_outbound_frame_size = DEFAULT_MAX_FRAME
         self.remote_max_concurrent_streams = MAX_STREAM_ID
-        self.outbound_flow_control_window = DEFAULT_WINDOW  # connection level, what we may send
-        self.inbound_flow_control_window = DEFAULT_WINDOW  # connection level, what the peer may send
+        # Connection level: what we may send, what the peer may send.
+        self.outbound_flow_control_window = DEFAULT_WINDOW
+        self.inbound_flow_control_window = DEFAULT_WINDOW
         self.inbound_window_max = DEFAULT_WINDOW
         self._inbound_unacked = 0
         self.streams: dict[int, _Stream] = {}
@@ -341,7 +342,8 @@ class H2Connection:
         if stream is None or stream.local_closed:
             raise StreamClosedError(f"stream {stream_id} is closed")
         size = len(data)
-        if size > min(self.outbound_flow_control_window, stream.out_window, self.max_outbound_frame_size):
+        limit = min(self.outbound_flow_control_window, stream.out_window)
+        if size > limit or size > self.max_outbound_frame_size:
             raise ProtocolError(f"{size} bytes exceed the peer's window or frame size")
         self.outbound_flow_control_window -= size
         stream.out_window -= size

@@ -329,7 +329,8 @@ class _H2Sink:
                     conn.flush()
                     return 0
                 h2c.send_headers(stream_id, headers)
-                await conn.send_data(stream_id, data, end_stream=True)
+                if not conn.send_whole(stream_id, data):
+                    await conn.send_data(stream_id, data, end_stream=True)
                 return len(data)
             h2c.send_headers(stream_id, headers)
         except (h2.StreamClosedError, h2.ProtocolError) as exc:

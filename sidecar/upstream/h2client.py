@@ -299,7 +299,7 @@ class H2ClientConnection(H2Base):
                 data = body.read_nowait()
                 h2c.send_headers(stream_id, headers, end_stream=not data)
                 self.flush()
-                if data:
+                if data and not self.send_whole(stream_id, data):
                     await self.send_data(stream_id, data, end_stream=True)
             else:
                 h2c.send_headers(stream_id, headers)
