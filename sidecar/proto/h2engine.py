@@ -425,12 +425,18 @@ class H2Connection:
                 payload = buf[pos + 9 : pos + 9 + length]
                 pos += 9 + length
                 stream_id &= MAX_STREAM_ID
-                if not self._settings_seen and kind != SETTINGS:
-                    raise ProtocolError("the first frame must be SETTINGS")
-                if self._block_stream and kind != CONTINUATION:
-                    raise ProtocolError("a header block was interrupted by another frame")
+                if self._block_stream or not self._settings_seen:
+                    if not self._settings_seen and kind != SETTINGS:
+                        raise ProtocolError("the first frame must be SETTINGS")
+                    if self._block_stream and kind != CONTINUATION:
+                        raise ProtocolError("a header block was interrupted by another frame")
                 try:
-                    self._dispatch(kind, flags, stream_id, payload, events)
+                    if kind == DATA:
+                        self._on_data(flags, stream_id, payload, events)
+                    elif kind == HEADERS:
+                        self._on_headers(flags, stream_id, payload, events)
+                    else:
+                        self._dispatch(kind, flags, stream_id, payload, events)
                 except _StreamError as err:
                     self._reset_on_error(err.stream_id, err.code, events)
         except ProtocolError as exc:
@@ -632,28 +638,18 @@ class H2Connection:
         events: list[Event],
     ) -> None:
         if self.client_side:
-            status = headers[0][1] if headers and headers[0][0] == b":status" else b""
-            if not _valid_response(headers):
-                raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
-            if status[:1] == b"1":
+            length = _response_length(headers)
+            if length is not None and headers[0][1][:1] == b"1":
                 if end_stream:
                     raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
                 return  # informational: the real response follows
             event: RequestReceived = ResponseReceived(stream_id, headers, end_stream)
         else:
-            if not _valid_request(headers):
-                stream.head_received = False
-                raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            length = _request_length(headers)
             event = RequestReceived(stream_id, headers, end_stream)
-        for name, value in headers:
-            if name == b"content-length":
-                if not value.isdigit() or (
-                    stream.expected_length >= 0 and int(value) != stream.expected_length
-                ):
-                    raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
-                stream.expected_length = int(value)
-        if end_stream and stream.expected_length > 0:
+        if length is None or (end_stream and length > 0):
             raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        stream.expected_length = length
         stream.head_received = True
         events.append(event)
         if end_stream:
@@ -732,27 +728,61 @@ class H2Connection:
         events.append(StreamReset(stream_id, _U32.unpack(payload)[0]))
 
 
-def _valid_request(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """RFC 9113 8.3.1: the pseudo-headers first, each at most once, the three required
+def _bad_field(name: bytes, value: bytes) -> bool:
+    return (
+        name in _CONNECTION_HEADERS
+        or (name == b"te" and value != b"trailers")
+        or not name
+        or name.translate(None, _UPPER) != name
+    )
+
+
+def _content_length(value: bytes, length: int) -> int | None:
+    """A content-length value, None when it is not digits or disagrees with one before."""
+    if not value.isdigit() or (length >= 0 and int(value) != length):
+        return None
+    return int(value)
+
+
+def _request_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    """The request's content-length (-1: none), or None if the head is malformed
+    (RFC 9113 8.3.1): the pseudo-headers first, each at most once, the three required
     ones present (CONNECT aside, which the sidecar does not serve); lowercase names;
     no connection-specific field; `te` only as "trailers"."""
     seen: set[bytes] = set()
     regular = False
+    length = -1
     for name, value in headers:
         if name[:1] == b":":
             if regular or name in seen or name not in _REQUEST_PSEUDO:
-                return False
+                return None
             seen.add(name)
-        else:
-            regular = True
-            if name in _CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
-                return False
-            if name.translate(None, _UPPER) != name or not name:
-                return False
-    return b":method" in seen and b":path" in seen and b":scheme" in seen
+            continue
+        regular = True
+        if name == b"content-length":
+            parsed = _content_length(value, length)
+            if parsed is None:
+                return None
+            length = parsed
+        elif _bad_field(name, value):
+            return None
+    if len(seen) < 3 or (b":authority" in seen and len(seen) < 4):
+        return None  # one of :method, :scheme, :path is missing
+    return length
 
 
-def _valid_response(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+def _response_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    """The response's content-length (-1: none), or None if the head is malformed:
+    :status first and alone among pseudo-headers, no connection-specific field."""
     if not headers or headers[0][0] != b":status":
-        return False
-    return not any(name[:1] == b":" or name in _CONNECTION_HEADERS for name, _ in headers[1:])
+        return None
+    length = -1
+    for name, value in headers[1:]:
+        if name == b"content-length":
+            parsed = _content_length(value, length)
+            if parsed is None:
+                return None
+            length = parsed
+        elif name[:1] == b":" or name in _CONNECTION_HEADERS:
+            return None
+    return length
