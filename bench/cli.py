@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         _step("saturation", suite.run_saturation, fl, plan, results)
         _step("latency", suite.run_latency, fl, plan, results)
         _step("connections", suite.run_connections, fl, plan, results)
+        _step("scaling", suite.run_scaling, fl, plan, results)
         print("bench: json vs protobuf", file=sys.stderr)
         try:
             mesh = fl.targets["mesh"].servers["h1"][0]
@@ -185,6 +186,7 @@ def _raw(results: suite.Results, codec_results: Any, profiles: Any) -> dict[str,
         "latency": table(results.latency),
         "idle_rss": {f"{n} {p}": v for (n, p), v in results.idle_rss.items()},
         "connections": results.connections,
+        "scaling": {str(w): [asdict(s) for s in v] for w, v in results.scaling.items()},
         "codec": codec_results,
         "profiles": profiles,
         "failures": results.failures,

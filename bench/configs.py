@@ -129,6 +129,7 @@ def sidecar(
     services: dict[str, int] | None = None,
     upstream_protocol: str = "h2c",
     filters: dict[str, Any] | None = None,
+    workers: int = 1,
 ) -> Path:
     """One sidecar: inbound hands calls to `app_port`; outbound reaches `services` (name to
     port on 127.0.0.1) through static discovery."""
@@ -154,6 +155,8 @@ def sidecar(
     }
     if filters:
         config["filters"] = filters
+    if workers > 1:
+        config["workers"] = workers
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

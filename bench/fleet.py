@@ -9,6 +9,7 @@ as a proxied call, with the proxy's cost at zero.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from bench.procs import REPO, Server, StartError, free_port
 PROXY_CORE, UPSTREAM_CORE = 0, 1
 PY = sys.executable
 HMAC_KEYS = {"bench": "bench-secret-0123456789"}
+SCALING_WORKERS = (1, 2)
 WASM_EXAMPLE = REPO / "wasm_examples" / "build" / "add_header.wasm"
 
 
@@ -43,12 +45,13 @@ class Fleet:
         self.workdir = workdir
         self.servers: list[Server] = []
         self.targets: dict[str, Target] = {}
+        self.scaling: dict[int, Target] = {}  # workers: N -> the inbound hop
         self.docroot = workdir / "files"
         self.docroot.mkdir()
 
     # --- processes ---------------------------------------------------------------
 
-    def _start(self, name: str, argv: list[str], core: int) -> Server:
+    def _start(self, name: str, argv: list[str], core: int | str) -> Server:
         server = Server(name, argv, core, self.workdir)
         self.servers.append(server)
         return server
@@ -59,12 +62,12 @@ class Fleet:
         server.wait_ports({"h1": h1, "h2c": h2c})
         return server
 
-    def _sidecar(self, name: str, **kw: object) -> Server:
+    def _sidecar(self, name: str, core: int | str = PROXY_CORE, **kw: object) -> Server:
         name = name.replace("+", "-")  # service names: letters, digits, "-" and "."
         path = configs.sidecar(self.workdir, name, **kw)  # type: ignore[arg-type]
         ports = self.workdir / f"{name}.ports.json"
         argv = [PY, "-m", "sidecar", "run", "--config", str(path), "--ports-file", str(ports)]
-        server = self._start(name, argv, PROXY_CORE)
+        server = self._start(name, argv, core)
         server.wait_ports_file(ports)
         return server
 
@@ -172,6 +175,22 @@ class Fleet:
         # replays to hmac_verify (docs/filters/hmac.md); the paced client varies the query.
         self.targets["mesh+hmac"].h2c = None
         self._wasm(uh1)
+        self._scaling(uh1)
+
+    def _scaling(self, app_port: int) -> None:
+        """`workers: N`: the inbound hop with 1 and with 2 worker processes, free to use
+        every core (which the load generator and the upstream share)."""
+        cores = ",".join(str(c) for c in range(os.cpu_count() or 1))
+        for workers in SCALING_WORKERS:
+            name = f"sidecar-in-w{workers}"
+            sc = self._sidecar(name, core=cores, app_port=app_port, workers=workers)
+            self.scaling[workers] = Target(
+                name,
+                f"sidecar inbound, workers: {workers}, cores {cores}",
+                sc.url("inbound", "/bench"),
+                None,
+                {"h1": [sc]},
+            )
 
     def _add(self, name: str, description: str, server: Server, h1: str, h2c: str) -> None:
         self.targets[name] = Target(

@@ -36,7 +36,7 @@ RESPONSE = [
 
 
 def _pair_ours() -> tuple[Any, Any]:
-    settings = {h2engine.SettingCodes.MAX_CONCURRENT_STREAMS: 100}
+    settings: dict[int, int] = {h2engine.SettingCodes.MAX_CONCURRENT_STREAMS: 100}
     return (
         h2engine.H2Connection(client_side=True),
         h2engine.H2Connection(client_side=False, settings=settings),

@@ -104,9 +104,10 @@ def wait_ports_file(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dic
 
 
 class Server:
-    """One server process pinned to `core`; `ports` names its listening ports."""
+    """One server process pinned to `core` (a core number or a taskset list such as
+    "0,1"); `ports` names its listening ports."""
 
-    def __init__(self, name: str, argv: list[str], core: int, workdir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], core: int | str, workdir: Path) -> None:
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")

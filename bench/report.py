@@ -84,6 +84,25 @@ def saturation_table(fleet: Fleet, results: Results) -> list[str]:
     return rows
 
 
+def scaling_table(fleet: Fleet, results: Results) -> list[str]:
+    rows = _header(
+        "workers", "req/s median [min..max]", "x 1 worker", "CPU µs/call (all processes)",
+        "RSS MB loaded", "errors",
+    )  # fmt: skip
+    one = stat(results.scaling.get(1), lambda s: s.rps)
+    for workers in fleet.scaling:
+        samples = results.scaling.get(workers)
+        rps = stat(samples, lambda s: s.rps)
+        cpu = stat(samples, lambda s: s.cpu_us)
+        rss = stat(samples, lambda s: s.rss / MB)
+        rows.append(
+            f"| {workers} | {rps.fmt() if rps else 'failed'} | {_ratio(rps, one)} | "
+            f"{cpu.fmt(1) if cpu else '-'} | {rss.high if rss else 0:.1f} | "
+            f"{sum(s.errors for s in samples or [])} |"
+        )
+    return rows
+
+
 def latency_table(fleet: Fleet, results: Results, plan: Plan) -> list[str]:
     rows = [
         *_header(
@@ -308,6 +327,14 @@ def render(
         f"### Latency at a fixed {plan.rate} calls/s (POST 1 KiB in and out)",
         "",
         *latency_table(fleet, results, plan),
+        "",
+        "### Scaling: `workers: N`, sidecar inbound HTTP/1.1 at saturation",
+        "",
+        "Every process of the sidecar may use every core, which the load generator and",
+        "the upstream nginx share, so this shows what a second worker buys on this",
+        "machine, not a per-core figure.",
+        "",
+        *scaling_table(fleet, results),
         "",
         f"### Connections: {plan.connection_calls:,} calls from 64 concurrent HTTP/1.1 callers",
         "",

@@ -59,6 +59,7 @@ class Results:
     latency: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)
     idle_rss: dict[tuple[str, str], int] = field(default_factory=dict)
     connections: dict[str, dict[str, float]] = field(default_factory=dict)
+    scaling: dict[int, list[Sample]] = field(default_factory=dict)  # workers -> samples
     failures: list[str] = field(default_factory=list)
     realtime: bool = False
 
@@ -119,6 +120,35 @@ def run_saturation(fleet: Fleet, plan: Plan, results: Results) -> None:
                 errors=res.errors,
             )
             results.saturation.setdefault((target.name, proto), []).append(sample)
+
+
+def run_scaling(fleet: Fleet, plan: Plan, results: Results) -> None:
+    """The inbound hop at saturation (HTTP/1.1) with each `workers: N`, interleaved."""
+    items = list(fleet.scaling.items())
+    for _, target in items:
+        try:
+            load.h2load(_url(target, "h1"), plan.warmup_s, fleet.workdir / "body.bin", h1=True)
+        except load.LoadError as e:
+            results.failures.append(f"warm-up {target.name}: {e}")
+    for rep in range(plan.reps):
+        k = rep % len(items) if items else 0
+        for workers, target in items[k:] + items[:k]:
+            servers = target.servers["h1"]
+            before = sum(s.cpu() for s in servers)
+            try:
+                res = _saturate("h1", _url(target, "h1"), plan.saturation_s, fleet.workdir)
+            except load.LoadError as e:
+                results.failures.append(f"scaling {target.name}: {e}")
+                continue
+            cpu = sum(s.cpu() for s in servers) - before
+            results.scaling.setdefault(workers, []).append(
+                Sample(
+                    rps=res.rps,
+                    cpu_us=cpu / res.requests * 1e6 if res.requests else 0.0,
+                    rss=sum(s.rss() for s in servers),
+                    errors=res.errors,
+                )
+            )
 
 
 def _url(target: Target, proto: str) -> str:
