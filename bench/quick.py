@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench import configs, load
-from bench.fleet import PROXY_CORE, UPSTREAM_CORE, Fleet
+from bench.fleet import PROXY_CORE, UPSTREAM_CORE, WASM_EXAMPLE, Fleet
 from bench.procs import Server
 from bench.profile import profile, py_spy
 
@@ -51,6 +51,18 @@ def _targets(fl: Fleet, names: list[str], proto: str) -> dict[str, tuple[str, li
             sc: Server = fl.__dict__["sidecar"]
             path = "/bench" if name == "sidecar-in" else "/v1/invoke/nginx/bench"
             out[name] = (sc.url("inbound" if name == "sidecar-in" else "outbound", path), [sc])
+        elif name == "sidecar-in+wasm":
+            # The inbound hop with the header-adding wasm filter, as bench/fleet.py runs it.
+            if not WASM_EXAMPLE.exists():
+                raise SystemExit(f"{WASM_EXAMPLE} is missing (run wasm_examples/build.sh)")
+            wasm = {"name": "wasm", "config": {"path": str(WASM_EXAMPLE), "root_id": "add_header"}}
+            sc = fl._sidecar(
+                "sidecar-wasm",
+                app_port=uport,
+                app_protocol=upstream_protocol,
+                filters={"inbound": [wasm]},
+            )
+            out[name] = (sc.url("inbound", "/bench"), [sc])
         elif name == "mesh":
             b = fl._sidecar("mesh-b", app_port=up.ports["h1"])
             a = fl._sidecar("mesh-a", app_port=up.ports["h1"], services={"svc": b.ports["inbound"]})

@@ -31,7 +31,7 @@ from sidecar.proto.messages import Headers, Response, fixed_body
 
 from .abi import LogLevel, MapType
 from .cache import wasm_bytes
-from .context import HttpStream
+from .context import HttpStream, dirty_bit
 from .metrics import export_to
 from .native import WasmCallError
 from .plugin import Plugin, PluginSettings, Unavailable
@@ -43,8 +43,12 @@ _REQ = int(MapType.HTTP_REQUEST_HEADERS)
 _REQ_TRAILERS = int(MapType.HTTP_REQUEST_TRAILERS)
 _RESP = int(MapType.HTTP_RESPONSE_HEADERS)
 _RESP_TRAILERS = int(MapType.HTTP_RESPONSE_TRAILERS)
-_REQ_BODY_DIRTY = -1
-_RESP_BODY_DIRTY = -2
+_REQ_DIRTY = dirty_bit(_REQ)
+_REQ_TRAILERS_DIRTY = dirty_bit(_REQ_TRAILERS)
+_RESP_DIRTY = dirty_bit(_RESP)
+_RESP_TRAILERS_DIRTY = dirty_bit(_RESP_TRAILERS)
+_REQ_BODY_DIRTY = dirty_bit(-1)
+_RESP_BODY_DIRTY = dirty_bit(-2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,17 +146,27 @@ class WasmFilter(Filter):
 
     async def handle(self, call: Call, next: Next) -> Response:
         plugin = self.plugin
+        vm = plugin.vm
         try:
-            vm = plugin.acquire()
-            plugin.arm_tick()
-            stream = vm.open_stream()
+            if vm is None or vm.broken:
+                vm = plugin.acquire()
+            if plugin.tick_period:
+                plugin.arm_tick()
+            stream = vm.new_stream()
         except (WasmCallError, LoadError, Unavailable) as exc:
             if plugin.vm is not None:
                 plugin.trapped(plugin.vm, exc)
             return await self._failed(call, next, exc)
         try:
             try:
-                reply = await self._request(vm, stream, call)
+                # The common case (no pause, local reply or body callback) stays synchronous.
+                action = self._request_headers(vm, stream, call)
+                if action is None:
+                    reply = None
+                    if stream.dirty:
+                        self._write_request(stream, call)
+                else:
+                    reply = await self._request(vm, stream, call, action)
             except WasmCallError as exc:
                 plugin.trapped(vm, exc)
                 return await self._failed(call, next, exc)
@@ -161,7 +175,12 @@ class WasmFilter(Filter):
                 return reply
             response = await next(call)
             try:
-                return await self._response(vm, stream, call, response)
+                action = self._response_headers(vm, stream, call, response)
+                if action is None:
+                    if stream.dirty:
+                        self._write_response(stream, response)
+                    return response
+                return await self._response(vm, stream, call, response, action)
             except WasmCallError as exc:
                 plugin.trapped(vm, exc)
                 if self.fail_open:
@@ -169,10 +188,13 @@ class WasmFilter(Filter):
                 response.body.cancel()
                 raise self._error(exc) from None
         finally:
-            try:
-                vm.close_stream(stream)
-            except WasmCallError as exc:
-                plugin.trapped(vm, exc)
+            if stream.ended and stream.end_error is None:
+                vm.streams.pop(stream.id, None)  # what close_stream would do
+            else:
+                try:
+                    vm.close_stream(stream)
+                except WasmCallError as exc:
+                    plugin.trapped(vm, exc)
 
     def _error(self, exc: BaseException) -> FilterFailed:
         return FilterFailed(f"wasm filter {self.name!r} failed: {exc}")
@@ -184,24 +206,27 @@ class WasmFilter(Filter):
 
     # -- request --------------------------------------------------------------------------
 
-    async def _request(self, vm: WasmVM, stream: HttpStream, call: Call) -> Response | None:
+    def _request_headers(self, vm: WasmVM, stream: HttpStream, call: Call) -> int | None:
+        """on_context_create, then on_request_headers (one call into wasm when fused);
+        the action for _request, or None when the request phase is over."""
+        count = stream.stage_request(call)
+        action = vm.begin(stream, count, call.request.body.buffered_whole == b"")
+        if (
+            action
+            or self.buffer_bodies
+            or stream.local_reply is not None
+            or stream.closed
+            or stream.continued
+        ):
+            return action
+        return None
+
+    async def _request(
+        self, vm: WasmVM, stream: HttpStream, call: Call, action: int
+    ) -> Response | None:
         req = call.request
-        info = stream.info
-        info["source"] = req.peer
-        info["cluster"] = call.service
-        info["protocol"] = req.protocol
-        headers: Headers = [
-            (b":method", req.method),
-            (b":path", call.path),
-            (b":authority", call.authority),
-            (b":scheme", req.scheme),
-        ]
-        headers += req.headers
-        stream.maps[_REQ] = headers
         body = vm.cb_request_body if self.buffer_bodies else None
         if vm.cb_request_headers is not None:
-            empty = req.body.buffered_whole == b""
-            action = vm.headers_callback(vm.cb_request_headers, stream, len(headers), empty)
             reply = await self._settle(vm, stream, action, call)
             if reply is not None:
                 return reply
@@ -224,37 +249,57 @@ class WasmFilter(Filter):
 
     def _write_request(self, stream: HttpStream, call: Call) -> None:
         req = call.request
-        if _REQ in stream.dirty:
-            plain: Headers = []
-            for name, value in stream.maps[_REQ]:
-                if name == b":path":
-                    call.path = value
-                elif name == b":authority":
-                    call.authority = value
-                elif name == b":method":
-                    req.method = value
-                elif not name.startswith(b":"):
-                    plain.append((name, value))
-            req.headers[:] = plain
-        if _REQ_BODY_DIRTY in stream.dirty:
+        dirty = stream.dirty
+        if dirty & _REQ_DIRTY:
+            plain = stream.request_plain
+            if plain is not None:  # the map was never built: only ordinary headers changed
+                req.headers[:] = plain
+            else:
+                rebuilt: Headers = []
+                for name, value in stream.maps[_REQ]:
+                    if name == b":path":
+                        call.path = value
+                    elif name == b":authority":
+                        call.authority = value
+                    elif name == b":method":
+                        req.method = value
+                    elif not name.startswith(b":"):
+                        rebuilt.append((name, value))
+                req.headers[:] = rebuilt
+        if dirty & _REQ_BODY_DIRTY:
             call.set_body(stream.request_body)
-        if _REQ_TRAILERS in stream.dirty:
+        if dirty & _REQ_TRAILERS_DIRTY:
             req.body.trailers = stream.maps[_REQ_TRAILERS]
-        stream.dirty.clear()
+        stream.dirty = 0
 
     # -- response -------------------------------------------------------------------------
 
-    async def _response(
+    def _response_headers(
         self, vm: WasmVM, stream: HttpStream, call: Call, response: Response
+    ) -> int | None:
+        """on_response_headers and, if nothing else is to come, the stream's end (fused);
+        the action for _response, or None when the response phase is over."""
+        stream.endpoint = call.endpoint
+        count = stream.begin_response(response.status, response.headers)
+        body = vm.cb_response_body if self.buffer_bodies else None
+        if vm.cb_response_headers is None:
+            return None if body is None else 0
+        empty = response.body.buffered_whole == b""
+        action = vm.finish(stream, count, empty, may_end=body is None)
+        if (
+            action
+            or body is not None
+            or stream.local_reply is not None
+            or stream.closed
+            or stream.continued
+        ):
+            return action
+        return None
+
+    async def _response(
+        self, vm: WasmVM, stream: HttpStream, call: Call, response: Response, action: int
     ) -> Response:
-        if call.endpoint is not None:
-            stream.info["destination"] = call.endpoint.address
-        headers: Headers = [(b":status", b"%d" % response.status)]
-        headers += response.headers
-        stream.maps[_RESP] = headers
         if vm.cb_response_headers is not None:
-            empty = response.body.buffered_whole == b""
-            action = vm.headers_callback(vm.cb_response_headers, stream, len(headers), empty)
             reply = await self._settle(vm, stream, action, call)
             if reply is not None:
                 response.body.cancel()
@@ -278,21 +323,26 @@ class WasmFilter(Filter):
         return response
 
     def _write_response(self, stream: HttpStream, response: Response) -> None:
-        if _RESP in stream.dirty:
-            plain: Headers = []
-            for name, value in stream.maps[_RESP]:
-                if name == b":status":
-                    if value.isdigit():
-                        response.status = int(value)
-                elif not name.startswith(b":"):
-                    plain.append((name, value))
-            response.headers[:] = plain
-        if _RESP_BODY_DIRTY in stream.dirty or _RESP_TRAILERS in stream.dirty:
+        dirty = stream.dirty
+        if dirty & _RESP_DIRTY:
+            plain = stream.response_plain
+            if plain is not None:  # the map was never built: only ordinary headers changed
+                response.headers[:] = plain
+            else:
+                rebuilt: Headers = []
+                for name, value in stream.maps[_RESP]:
+                    if name == b":status":
+                        if value.isdigit():
+                            response.status = int(value)
+                    elif not name.startswith(b":"):
+                        rebuilt.append((name, value))
+                response.headers[:] = rebuilt
+        if dirty & (_RESP_BODY_DIRTY | _RESP_TRAILERS_DIRTY):
             trailers = stream.maps.get(_RESP_TRAILERS, response.body.trailers)
             response.body = fixed_body(stream.response_body, trailers)
             response.headers[:] = [(n, v) for n, v in response.headers if n != b"content-length"]
             response.headers.append((b"content-length", b"%d" % len(stream.response_body)))
-        stream.dirty.clear()
+        stream.dirty = 0
 
     # -- pause, resume, local replies ------------------------------------------------------
 

@@ -24,7 +24,8 @@ from .abi import (
     encode_pairs,
 )
 from .context import HttpStream, LocalReply
-from .native import ExportCaller, HostError, PublicMemory, RawMemory
+from .fused import Fused
+from .native import ExportFn, HostError, PublicMemory, RawMemory
 from .properties import lookup_property
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ _OK = int(WasmResult.OK)
 _NOT_FOUND = int(WasmResult.NOT_FOUND)
 _BAD_ARGUMENT = int(WasmResult.BAD_ARGUMENT)
 _BAD_MEMORY = int(WasmResult.INVALID_MEMORY_ACCESS)
+_CALLOUT_HEADERS = int(MapType.HTTP_CALL_RESPONSE_HEADERS)
+_REQ = int(MapType.HTTP_REQUEST_HEADERS)
+_RESP = int(MapType.HTTP_RESPONSE_HEADERS)
 _PY_LEVELS = {0: 5, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 
@@ -59,7 +63,7 @@ class HostCalls:
 
     plugin: Plugin
     mem: RawMemory | PublicMemory
-    malloc: ExportCaller | None
+    malloc: ExportFn | None
     root_id: int
     active_id: int  # the context whose callback is running
     effective_id: int  # what proxy_set_effective_context chose (0: the active one)
@@ -67,6 +71,9 @@ class HostCalls:
     callout: CalloutResponse | None
     min_level: int  # guest log levels below this are dropped before decoding
     abi: str
+    fused: Fused | None  # the fused-call driver (fused.py), when linked
+    staging: HttpStream | None  # shown once the driver reaches on_request_headers
+    effective_step: int  # the driver's step when the effective context was set
 
     # -- memory -----------------------------------------------------------------------
 
@@ -78,8 +85,11 @@ class HostCalls:
         return mem.base + ptr
 
     def _read(self, ptr: int, size: int) -> bytes:
-        at = self._at(ptr, size)
-        return self.mem.view[at : at + size].tobytes()
+        mem = self.mem  # _at, inlined: most host calls read a name or two
+        end = ptr + size
+        if end > mem.size and end > mem.refresh():
+            raise HostError(_BAD_MEMORY)
+        return mem.view[mem.base + ptr : mem.base + end].tobytes()
 
     def _write(self, ptr: int, data: bytes) -> None:
         at = self._at(ptr, len(data))
@@ -109,8 +119,19 @@ class HostCalls:
         self._put_u32(size_ptr, size)
         return _OK
 
+    def _step(self) -> int:
+        """Which callback of a fused call runs (constant between fused calls)."""
+        fused = self.fused
+        return fused.step if fused is not None else 0
+
     def _stream(self) -> HttpStream | None:
-        return self.streams.get(self.effective_id or self.active_id)
+        if self.staging is not None and self._step() > 1:
+            self.staging.show_request()
+        # An effective context lasts one callback; in a fused call, the driver's step says
+        # whether it was set by this one.
+        if self.effective_id and self.effective_step == self._step():
+            return self.streams.get(self.effective_id)
+        return self.streams.get(self.active_id)
 
     # -- logging, time, context ---------------------------------------------------------
 
@@ -140,6 +161,7 @@ class HostCalls:
         if context_id != self.root_id and context_id not in self.streams:
             return _BAD_ARGUMENT
         self.effective_id = context_id
+        self.effective_step = self._step()
         return _OK
 
     def proxy_get_status(self, code_ptr: int, ptr_ptr: int, size_ptr: int) -> int:
@@ -207,15 +229,51 @@ class HostCalls:
     # -- header maps --------------------------------------------------------------------
 
     def _map(self, map_type: int) -> tuple[list[tuple[bytes, bytes]] | None, HttpStream | None]:
-        if map_type >= MapType.HTTP_CALL_RESPONSE_HEADERS:
-            if self.callout is None:
-                return None, None
-            is_headers = map_type == MapType.HTTP_CALL_RESPONSE_HEADERS
-            return (self.callout.headers if is_headers else self.callout.trailers), None
+        """The whole map and the stream it belongs to (None: a callout's map)."""
+        if map_type >= _CALLOUT_HEADERS:
+            return self._callout_map(map_type), None
         stream = self._stream()
         if stream is None:
             return None, None
-        return stream.maps.get(map_type), stream
+        return stream.whole(map_type), stream
+
+    def _callout_map(self, map_type: int) -> list[tuple[bytes, bytes]] | None:
+        if self.callout is None:
+            return None
+        if map_type == _CALLOUT_HEADERS:
+            return self.callout.headers
+        return self.callout.trailers
+
+    def _map_for(
+        self, map_type: int, key_ptr: int, key_size: int, edit: bool = True
+    ) -> tuple[list[tuple[bytes, bytes]] | None, HttpStream | None, bytes]:
+        """For a call on one header: the pairs to act on (HttpStream.pairs_for), the
+        stream, and the lower-cased name (read only once the map is known to exist and,
+        for an edit, to be editable: a callout's maps are read-only)."""
+        if map_type >= _CALLOUT_HEADERS:
+            pairs = self._callout_map(map_type)
+            if pairs is None or edit:
+                return None, None, b""
+            return pairs, None, self._read(key_ptr, key_size).lower()
+        if self.effective_id or self.staging is not None:
+            stream = self._stream()
+        else:  # _stream(), for the usual case (the headers of the running callback)
+            stream = self.streams.get(self.active_id)
+        if stream is None:
+            return None, None, b""
+        pairs = stream.maps.get(map_type)
+        if pairs is not None:
+            return pairs, stream, self._read(key_ptr, key_size).lower()
+        if map_type == _REQ:
+            pairs = stream.request_plain
+        elif map_type == _RESP:
+            pairs = stream.response_plain
+        if pairs is None:
+            return None, None, b""
+        key = self._read(key_ptr, key_size).lower()
+        if key[:1] == b":":
+            pairs = stream.whole(map_type)  # a pseudo-header: build the map
+        return pairs, stream, key
 
     def proxy_get_header_map_size(self, map_type: int, ret: int) -> int:
         pairs, stream = self._map(map_type)
@@ -247,10 +305,9 @@ class HostCalls:
     def proxy_get_header_map_value(
         self, map_type: int, key_ptr: int, key_size: int, ptr_ptr: int, size_ptr: int
     ) -> int:
-        pairs, _ = self._map(map_type)
+        pairs, _, key = self._map_for(map_type, key_ptr, key_size, edit=False)
         if pairs is None:
             return _NOT_FOUND
-        key = self._read(key_ptr, key_size).lower()
         for name, value in pairs:
             if name == key:
                 return self._give(value, ptr_ptr, size_ptr)
@@ -261,20 +318,21 @@ class HostCalls:
     def proxy_add_header_map_value(
         self, map_type: int, key_ptr: int, key_size: int, value_ptr: int, value_size: int
     ) -> int:
-        pairs, stream = self._map(map_type)
+        pairs, stream, key = self._map_for(map_type, key_ptr, key_size)
         if pairs is None or stream is None:
             return _NOT_FOUND
-        pairs.append((self._read(key_ptr, key_size).lower(), self._read(value_ptr, value_size)))
-        stream.changed(map_type)
+        pairs.append((key, self._read(value_ptr, value_size)))
+        stream.dirty |= 1 << (map_type + 2)  # stream.changed(), inlined for the usual edit
+        if stream.encoded:
+            stream.encoded.pop(map_type, None)
         return _OK
 
     def proxy_replace_header_map_value(
         self, map_type: int, key_ptr: int, key_size: int, value_ptr: int, value_size: int
     ) -> int:
-        pairs, stream = self._map(map_type)
+        pairs, stream, key = self._map_for(map_type, key_ptr, key_size)
         if pairs is None or stream is None:
             return _NOT_FOUND
-        key = self._read(key_ptr, key_size).lower()
         value = self._read(value_ptr, value_size)
         kept = [(n, v) for n, v in pairs if n != key]
         at = next((i for i, (n, _) in enumerate(pairs) if n == key), len(kept))
@@ -284,10 +342,9 @@ class HostCalls:
         return _OK
 
     def proxy_remove_header_map_value(self, map_type: int, key_ptr: int, key_size: int) -> int:
-        pairs, stream = self._map(map_type)
+        pairs, stream, key = self._map_for(map_type, key_ptr, key_size)
         if pairs is None or stream is None:
             return _NOT_FOUND
-        key = self._read(key_ptr, key_size).lower()
         pairs[:] = [(n, v) for n, v in pairs if n != key]
         stream.changed(map_type)
         return _OK
@@ -360,7 +417,12 @@ class HostCalls:
         path = self._read(path_ptr, path_size).replace(b"\0", b".").decode("utf-8", "replace")
         value = self._read(value_ptr, value_size)
         stream = self._stream()
-        (stream.properties if stream is not None else self.plugin.properties)[path] = value
+        if stream is None:
+            self.plugin.properties[path] = value
+        else:
+            if stream.properties is None:
+                stream.properties = {}
+            stream.properties[path] = value
         return _OK
 
     # -- WASI subset --------------------------------------------------------------------

@@ -33,9 +33,8 @@ try:  # private API: see the module docstring
     _bindings: Any = _bindings_mod
     _dll = _ffi.dll
     # Prototypes over plain addresses: ints convert to c_void_p without building pointers.
-    _CALL = _c.CFUNCTYPE(
-        _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_void_p, _c.c_size_t, _c.c_void_p
-    )(("wasmtime_func_call_unchecked", _dll))
+    # No argtypes: the callers pass ctypes objects built once, which go through as they are.
+    _CALL_RAW = _c.CFUNCTYPE(_c.c_void_p)(("wasmtime_func_call_unchecked", _dll))
     _DEFINE = _bindings._wasmtime_linker_define_func_unchecked
     _TRAP_NEW = _bindings._wasmtime_trap_new
     _SET_DEADLINE = _c.CFUNCTYPE(None, _c.c_void_p, _c.c_uint64)(
@@ -59,7 +58,6 @@ except (ImportError, AttributeError, OverflowError, TypeError):  # pragma: no co
 
 _SLOT = 16  # a raw value slot can hold a v128; i32/i64 sit little-endian at offset 0
 _U32 = struct.Struct("<I")
-_I32 = struct.Struct("<i")
 _I64 = struct.Struct("<q")
 _MASK = 0xFFFFFFFF
 
@@ -90,60 +88,110 @@ def _address(obj: Any) -> int:
     return addr
 
 
-class ExportCaller:
-    """Call one exported function with i32 arguments; returns its result as an i32."""
+ExportFn = Callable[..., int]
 
-    __slots__ = (
-        "_args",
-        "_buf",
-        "_ctx",
-        "_func",
-        "_keep",
-        "_n",
-        "_raised",
-        "_trap",
-        "_trap_at",
-        "name",
+
+def export_caller(
+    store: wasmtime.Store,
+    func: wasmtime.Func,
+    name: str,
+    params: int,
+    arity: int,
+    raised: RaisedBox,
+    exact: bool = True,
+) -> ExportFn:
+    """A function calling one export with `params` i32 arguments; returns its result (or,
+    for an export with none, the first slot) as a signed i32.
+
+    Every foreign-call argument is a ctypes object built here once (ctypes passes those
+    without converting a Python int per call), and arguments and the result travel
+    through a memoryview over the value slots. The function is specialised for the usual
+    arities, since a Python-level loop or struct format per call is what this saves.
+    Not `exact`: callers may pass another number of arguments than the export takes (a
+    module declared a callback its own way); the export gets the first `params` of them,
+    and zeros for any missing.
+    """
+    slots = (_c.c_ubyte * (_SLOT * max(arity, 1)))()
+    buf = _c.addressof(slots)
+    view = _WORLD[buf : buf + _SLOT * max(arity, 1)].cast("i")  # slot k's i32: view[4 * k]
+    trap = _c.c_void_p()
+    trap_at = _c.addressof(trap)
+    trap_view = _WORLD[trap_at : trap_at + 8].cast("Q")
+    argv = (
+        _c.c_void_p(_address(store._context())),
+        _c.c_void_p(_c.addressof(func._func)),
+        _c.c_void_p(buf),
+        _c.c_size_t(max(arity, 1)),
+        _c.c_void_p(trap_at),
     )
+    call_raw = _CALL_RAW
+    keep = (store, func, slots, trap, argv)
 
-    def __init__(
-        self, store: wasmtime.Store, func: wasmtime.Func, name: str, arity: int, raised: RaisedBox
-    ) -> None:
-        self.name = name
-        self._keep: tuple[Any, ...] = (store, func, [])
-        self._ctx = _address(store._context())
-        self._func = _c.addressof(func._func)
-        slots = (_c.c_ubyte * (_SLOT * max(arity, 1)))()
-        self._keep[2].append(slots)
-        self._buf = _c.addressof(slots)
-        self._n = max(arity, 1)
-        self._args = {n: struct.Struct("<" + "i12x" * n).pack_into for n in range(arity + 1)}
-        trap = _c.c_void_p()
-        self._keep[2].append(trap)
-        self._trap = trap
-        self._trap_at = _c.addressof(trap)
-        self._raised = raised
-
-    def __call__(self, *args: int) -> int:
-        buf = self._buf
-        self._args[len(args)](_WORLD, buf, *args)
-        error = _CALL(self._ctx, self._func, buf, self._n, self._trap_at)
-        if error or self._trap.value:
-            self._fail(error)
-        return _I32.unpack_from(_WORLD, buf)[0]  # type: ignore[no-any-return]
-
-    def _fail(self, error: int | None) -> None:
-        raised = self._raised[0] if self._raised else None
-        self._raised.clear()
+    def fail(error: int | None) -> None:
+        failed = raised[0] if raised else None
+        raised.clear()
         if error:
             message = str(wasmtime.WasmtimeError._from_ptr(_c.cast(error, _c.POINTER(_ERROR_T))))
         else:
-            trap = _c.cast(self._trap.value or 0, _c.POINTER(_TRAP_T))
-            self._trap.value = None
-            message = str(wasmtime.Trap._from_ptr(trap))
-        if raised is not None:
-            message = f"{message}: host function raised {raised!r}"
-        raise WasmCallError(f"{self.name}: {message}") from raised
+            pending = _c.cast(trap_view[0], _c.POINTER(_TRAP_T))
+            trap_view[0] = 0
+            message = str(wasmtime.Trap._from_ptr(pending))
+        if failed is not None:
+            message = f"{message}: host function raised {failed!r}"
+        raise WasmCallError(f"{name}: {message}") from failed
+
+    call: ExportFn
+    if not exact or params > 3:
+
+        def call(*args: int) -> int:
+            for i in range(params):
+                view[4 * i] = args[i] if i < len(args) else 0
+            error = call_raw(*argv)
+            if error or trap_view[0]:
+                fail(error)
+            return view[0]
+
+    elif params == 0:
+
+        def call() -> int:
+            error = call_raw(*argv)
+            if error or trap_view[0]:
+                fail(error)
+            return view[0]
+
+    elif params == 1:
+
+        def call(a: int) -> int:
+            view[0] = a
+            error = call_raw(*argv)
+            if error or trap_view[0]:
+                fail(error)
+            return view[0]
+
+    elif params == 2:
+
+        def call(a: int, b: int) -> int:
+            view[0] = a
+            view[4] = b
+            error = call_raw(*argv)
+            if error or trap_view[0]:
+                fail(error)
+            return view[0]
+
+    else:
+
+        def call(a: int, b: int, c: int) -> int:
+            view[0] = a
+            view[4] = b
+            view[8] = c
+            error = call_raw(*argv)
+            if error or trap_view[0]:
+                fail(error)
+            return view[0]
+
+    call.__name__ = call.__qualname__ = name
+    setattr(call, "keep", keep)  # noqa: B010  # what the raw addresses point into
+    return call
 
 
 def define_host_func(
@@ -217,6 +265,21 @@ class RawMemory:
     def refresh(self) -> int:
         self.size = _MEM_SIZE(self._ctx, self._mem)
         return self.size
+
+
+def epoch_incrementer(engine: wasmtime.Engine) -> Callable[[], None]:
+    """`engine.increment_epoch` that keeps the GIL: an atomic add needs no other thread to
+    run meanwhile, and a ticker that let the GIL go mid-tick would have to win it back
+    from the event loop (two more thread switches per tick)."""
+    if not _AVAILABLE:
+        return engine.increment_epoch
+    increment = _c.PYFUNCTYPE(None, _c.c_void_p)(("wasmtime_engine_increment_epoch", _dll))
+    address = _c.c_void_p(_address(engine.ptr()))
+
+    def increment_epoch() -> None:
+        increment(address)
+
+    return increment_epoch
 
 
 def epoch_deadline_setter(store: wasmtime.Store, native: bool) -> Callable[[int], None]:

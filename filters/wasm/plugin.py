@@ -86,7 +86,7 @@ class Plugin:
         self.vm: WasmVM | None = None
         self._failures = 0
         self._retry_at = 0.0
-        self._tick_period = 0.0
+        self.tick_period = 0.0  # seconds; 0: no ticks
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tokens = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -104,12 +104,15 @@ class Plugin:
         now = time.monotonic()
         if now < self._retry_at:
             raise Unavailable(f"wasm filter {self.name!r} is restarting")
+        vm = None
         try:
             vm = WasmVM(self, self.module)
             self.metrics.instances += 1
             if not vm.start():
                 raise WasmCallError("the root context rejected its configuration")
         except Exception:
+            if vm is not None:
+                vm.release()
             self._failures += 1
             self._retry_at = now + min(MAX_BACKOFF_S, 0.05 * 2 ** (self._failures - 1))
             self.metrics.traps += 1
@@ -120,16 +123,19 @@ class Plugin:
 
     def drop(self) -> None:
         """Forget the current instance (after a trap): its contexts and timers die with it."""
+        if self.vm is not None:
+            self.vm.release()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
-        self._tick_period = 0.0
+        self.tick_period = 0.0
         self.vm = None
 
     def trapped(self, vm: WasmVM, exc: BaseException) -> None:
         self.metrics.traps += 1
         log.warning("wasm filter %r trapped; its instance is replaced: %s", self.name, exc)
         vm.broken = True
+        vm.release()
         for stream in vm.streams.values():
             stream.resume()  # a call paused on this instance learns of the trap now
         if self.vm is vm:
@@ -161,7 +167,7 @@ class Plugin:
     # -- ticks ----------------------------------------------------------------------------
 
     def set_tick_period(self, period_ms: int) -> None:
-        self._tick_period = period_ms / 1000
+        self.tick_period = period_ms / 1000
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
@@ -169,13 +175,13 @@ class Plugin:
 
     def arm_tick(self) -> None:
         """Schedule the next proxy_on_tick (called again once a loop runs, if none did)."""
-        if self._tick_period <= 0 or self._tick_handle is not None:
+        if self.tick_period <= 0 or self._tick_handle is not None:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._tick_handle = loop.call_later(self._tick_period, self._on_tick)
+        self._tick_handle = loop.call_later(self.tick_period, self._on_tick)
 
     def _on_tick(self) -> None:
         self._tick_handle = None

@@ -32,7 +32,7 @@ def _split_address(address: str) -> tuple[str, int | None]:
 
 
 def _header(stream: HttpStream, map_type: int, name: bytes) -> bytes | None:
-    for key, value in stream.maps.get(map_type) or ():
+    for key, value in stream.pairs_for(map_type, name) or ():
         if key == name:
             return value
     return None
@@ -57,9 +57,9 @@ def _request(stream: HttpStream, field: str) -> bytes | None:
     if field == "id":
         return _header(stream, req, b"x-request-id")
     if field == "protocol":
-        return stream.info.get("protocol", "").encode() or None
+        return stream.protocol.encode() or None
     if field == "headers":
-        return encode_pairs(stream.maps.get(req) or [])
+        return encode_pairs(stream.whole(req) or [])
     if field.startswith("headers."):
         return _header(stream, req, field[8:].lower().encode())
     return None
@@ -67,13 +67,13 @@ def _request(stream: HttpStream, field: str) -> bytes | None:
 
 def _response(stream: HttpStream, field: str) -> bytes | None:
     resp = MapType.HTTP_RESPONSE_HEADERS
-    if resp not in stream.maps:
+    if not stream.has(resp):
         return None
     if field == "code":
         status = _header(stream, resp, b":status")
         return _int(int(status)) if status and status.isdigit() else None
     if field == "headers":
-        return encode_pairs(stream.maps[resp])
+        return encode_pairs(stream.whole(resp) or [])
     if field.startswith("headers."):
         return _header(stream, resp, field[8:].lower().encode())
     return None
@@ -104,7 +104,7 @@ _PLUGIN: dict[str, Callable[[Plugin], bytes]] = {
 
 
 def lookup_property(path: str, stream: HttpStream | None, plugin: Plugin) -> bytes | None:
-    if stream is not None and path in stream.properties:
+    if stream is not None and stream.properties is not None and path in stream.properties:
         return stream.properties[path]
     if path in plugin.properties:
         return plugin.properties[path]
@@ -119,9 +119,10 @@ def lookup_property(path: str, stream: HttpStream | None, plugin: Plugin) -> byt
     if head == "response":
         return _response(stream, rest)
     if head == "source":
-        return _address(stream.info.get("source", ""), rest)
+        return _address(stream.source, rest)
     if head in ("destination", "upstream"):
-        return _address(stream.info.get("destination", ""), rest)
+        endpoint = stream.endpoint
+        return _address(endpoint.address if endpoint is not None else "", rest)
     if path in ("cluster_name", "xds.cluster_name"):
-        return stream.info.get("cluster", "").encode() or None
+        return stream.cluster.encode() or None
     return None

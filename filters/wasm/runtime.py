@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import wasmtime
 
+from . import native
 from .cache import ModuleCache, default_cache_dir
 
 EPOCH_TICK_MS = 5
@@ -86,11 +88,16 @@ class WasmRuntime:
         # raw view (native.RawMemory); growth happens inside the up-front reservation.
         config.memory_may_move = False
         self.engine = wasmtime.Engine(config)
+        self._increment_epoch = native.epoch_incrementer(self.engine)
         self.tick_ms = tick_ms
         self.epoch = 0  # mirrors the engine's epoch (advanced first, so never behind it)
         self.cache = ModuleCache(self.engine, "epoch_interruption;memory_may_move=0", cache_dir)
         self.shared = SharedData()
         self._log_gates: dict[int, wasmtime.Module] = {}
+        self._drivers: dict[str, wasmtime.Module] = {}
+        # Epoch cells (fused.py): u64 views whose [1] the ticker keeps equal to the epoch,
+        # each with (a weak reference to) what keeps the memory under it alive.
+        self._epoch_cells: dict[int, tuple[memoryview, weakref.ref[object]]] = {}
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -100,6 +107,28 @@ class WasmRuntime:
         if gate is None:
             gate = self._log_gates[min_level] = wasmtime.Module(self.engine, _LOG_GATE % min_level)
         return gate
+
+    def driver(self, wat: str) -> wasmtime.Module:
+        """The compiled fused-call driver for this text (see fused.py)."""
+        module = self._drivers.get(wat)
+        if module is None:
+            module = self._drivers[wat] = wasmtime.Module(self.engine, wat)
+        return module
+
+    def watch_epoch(self, key: int, cells: memoryview, owner: object) -> None:
+        """Keep cells[1] equal to the epoch from now on, until unwatch_epoch(key) or until
+        `owner`, which keeps the memory under `cells` alive, is gone."""
+        cells[1] = self.epoch
+        gone = functools.partial(self._unwatch_if, key)
+        self._epoch_cells[key] = (cells, weakref.ref(owner, gone))
+
+    def _unwatch_if(self, key: int, owner: weakref.ref[object]) -> None:
+        entry = self._epoch_cells.get(key)
+        if entry is not None and entry[1] is owner:
+            del self._epoch_cells[key]
+
+    def unwatch_epoch(self, key: int) -> None:
+        self._epoch_cells.pop(key, None)
 
     def deadline_ticks(self, max_cpu_ms: int) -> int:
         # +1: the first tick may come at once, so the budget is never cut short.
@@ -115,8 +144,19 @@ class WasmRuntime:
         # while a runaway callback holds the event loop.
         interval = self.tick_ms / 1000
         while not self._stop.wait(interval):
-            self.epoch += 1
-            self.engine.increment_epoch()
+            self.tick()
+
+    def tick(self) -> None:
+        """Advance the epoch by one (the ticker's step)."""
+        self.epoch += 1
+        # Before the engine's: a driver that still reads the old epoch has a deadline
+        # that still holds its whole budget.
+        for cells, owner in tuple(self._epoch_cells.values()):
+            alive = owner()  # held while writing: the memory cannot go meanwhile
+            if alive is not None:
+                cells[1] = self.epoch
+            del alive
+        self._increment_epoch()
 
     def close(self) -> None:
         self._stop.set()

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import wasmtime
 
+from . import fused as fusing
 from . import native
 from .abi import ABI_MARKERS, PROXY_FUNCS, WASI_FUNCS, WASI_MODULES, WASI_NOTSUP, WasmResult
 from .context import HttpStream
+from .fused import Fused
 from .servicecalls import ServiceCalls
 
 if TYPE_CHECKING:
@@ -24,6 +26,37 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.wasm")
 
 Callback = Callable[..., int]
+_U64_MASK = (1 << 64) - 1
+# How many arguments the host passes each export it calls (ABI 0.2.x; 0.1.0's header
+# callbacks take two). An export declared otherwise still gets called, loosely.
+_ARGS = {
+    "malloc": 1,
+    "proxy_on_memory_allocate": 1,
+    "_initialize": 0,
+    "_start": 0,
+    "main": 2,
+    "proxy_on_context_create": 2,
+    "proxy_on_vm_start": 2,
+    "proxy_on_configure": 2,
+    "proxy_on_tick": 1,
+    "proxy_on_request_headers": 3,
+    "proxy_on_request_body": 3,
+    "proxy_on_request_trailers": 2,
+    "proxy_on_response_headers": 3,
+    "proxy_on_response_body": 3,
+    "proxy_on_response_trailers": 2,
+    "proxy_on_done": 1,
+    "proxy_on_log": 1,
+    "proxy_on_delete": 1,
+    "proxy_on_http_call_response": 5,
+    "proxy_on_queue_ready": 2,
+}
+
+
+def _host_args(abi: str, name: str, default: int) -> int:
+    if abi == "0.1.0" and name in ("proxy_on_request_headers", "proxy_on_response_headers"):
+        return 2
+    return _ARGS.get(name, default)
 
 
 class LoadError(Exception):
@@ -106,17 +139,23 @@ class WasmVM(ServiceCalls):
         if not isinstance(memory, wasmtime.Memory):
             raise LoadError("the module exports no memory named 'memory'")
         self.mem = (native.RawMemory if use_native else native.PublicMemory)(store, memory)
-        caller_type = native.ExportCaller if use_native else native.PublicExportCaller
 
         def export(name: str) -> Callback | None:
             func = exports.get(name)
             if not isinstance(func, wasmtime.Func):
                 return None
-            arity = max(len(func.type(store).params), len(func.type(store).results))
-            return caller_type(store, func, name, arity, self._raised)
+            ty = func.type(store)
+            params = len(ty.params)
+            arity = max(params, len(ty.results))
+            if use_native:
+                exact = params == _host_args(self.abi, name, params)
+                return native.export_caller(
+                    store, func, name, params, arity, self._raised, exact=exact
+                )
+            return native.PublicExportCaller(store, func, name, arity, self._raised)
 
         self.export = export
-        self.malloc = export("malloc") or export("proxy_on_memory_allocate")  # type: ignore[assignment]
+        self.malloc = export("malloc") or export("proxy_on_memory_allocate")
         if "_initialize" in exports:
             self._run_start(export("_initialize"))
             main = export("main")
@@ -141,6 +180,30 @@ class WasmVM(ServiceCalls):
         self.cb_queue_ready = export("proxy_on_queue_ready")
         # 0.1.0 header callbacks take (context, num_headers); 0.2.x adds end_of_stream.
         self.headers_take_eos = self.abi != "0.1.0"
+        self.staging = None
+        self.effective_step = 0
+        self.fused = self._link_fused(store, exports) if use_native else None
+
+    def _link_fused(self, store: wasmtime.Store, exports: Any) -> Fused | None:
+        callbacks = {}
+        for name in fusing.CALLBACKS:
+            func = exports.get(name)
+            if isinstance(func, wasmtime.Func):
+                callbacks[name] = func
+        plan = fusing.plan(self.abi, {name: f.type(store) for name, f in callbacks.items()})
+        if plan is None:
+            return None
+        module = self._runtime.driver(plan.wat)
+        driver = Fused(
+            plan, module, store, callbacks, self.refresh_deadline, self._raised, self._keep
+        )
+        driver.epochs[fusing.DEADLINE_EPOCH // 8] = self._deadline_epoch & _U64_MASK
+        self._runtime.watch_epoch(id(self), driver.epochs, store)
+        return driver
+
+    def release(self) -> None:
+        """The instance serves no more calls (it trapped, or its plugin let it go)."""
+        self._runtime.unwatch_epoch(id(self))
 
     def _link_log_gate(
         self, linker: wasmtime.Linker, store: wasmtime.Store, ty: wasmtime.FuncType
@@ -185,8 +248,7 @@ class WasmVM(ServiceCalls):
         # moved since, the one set for an earlier callback still grants the whole budget.
         epoch = self._runtime.epoch
         if epoch != self._deadline_epoch:
-            self._set_deadline(self._ticks)
-            self._deadline_epoch = epoch
+            self.refresh_deadline()
         try:
             return callback(context_id, *args)
         except native.WasmCallError:
@@ -207,18 +269,110 @@ class WasmVM(ServiceCalls):
         config = len(self.plugin.configuration)
         return self.cb_configure is None or bool(self.invoke(self.cb_configure, root, config))
 
-    def open_stream(self) -> HttpStream:
+    def refresh_deadline(self) -> None:
+        """A fresh deadline (for the next callback, or one the driver starts)."""
+        epoch = self._runtime.epoch
+        self._set_deadline(self._ticks)
+        self._deadline_epoch = epoch
+        if self.fused is not None:
+            self.fused.epochs[fusing.DEADLINE_EPOCH // 8] = epoch
+
+    def _fused_failed(self, exc: native.WasmCallError, names: tuple[str, ...]) -> Exception:
+        """A trap in a fused call, reported as the callback's that trapped."""
+        self.broken = True
+        message = str(exc)
+        assert self.fused is not None
+        for export in ("begin: ", "finish: ", "close: "):
+            if message.startswith(export):
+                message = f"{self.fused.callback_name(names)}: {message[len(export) :]}"
+                break
+        error = native.WasmCallError(message)
+        error.__cause__ = exc.__cause__
+        return error
+
+    def new_stream(self) -> HttpStream:
         stream = HttpStream(self._next_id)
         self._next_id += 1
         self.streams[stream.id] = stream
-        if self.cb_context_create is not None:
-            self.invoke(self.cb_context_create, stream.id, self.root_id)
         return stream
+
+    # The fused paths below do what invoke() does, inline: on this path every Python call
+    # layer costs about as much as the callbacks of a simple filter.
+
+    def begin(self, stream: HttpStream, count: int, eos: bool) -> int:
+        """on_context_create, then, with the staged request shown, on_request_headers;
+        returns that callback's action (0 when the module has none)."""
+        driver = self.fused
+        fused = driver.begin if driver is not None else None
+        if fused is None:
+            if self.cb_context_create is not None:
+                self.invoke(self.cb_context_create, stream.id, self.root_id)
+            stream.show_request()
+            if self.cb_request_headers is None:
+                return 0
+            return self.headers_callback(self.cb_request_headers, stream, count, eos)
+        assert driver is not None
+        context = self.active_id = stream.id
+        self.effective_id = 0
+        self.staging = stream  # shown once the driver reaches on_request_headers
+        if self._runtime.epoch != self._deadline_epoch:
+            self.refresh_deadline()
+        try:
+            if self.headers_take_eos:
+                return fused(context, self.root_id, count, eos)
+            return fused(context, self.root_id, count)
+        except native.WasmCallError as exc:
+            raise self._fused_failed(exc, driver.plan.begin) from exc.__cause__
+        finally:
+            self.active_id = self.effective_id = 0
+            self.staging = None
+            stream.show_request()
+
+    def finish(self, stream: HttpStream, count: int, eos: bool, may_end: bool) -> int:
+        """on_response_headers; when `may_end` (no body callback follows) and it lets the
+        stream go on (action 0), also the stream's end (on_done, on_log, on_delete) in the
+        same call into wasm."""
+        driver = self.fused
+        fused = driver.finish if driver is not None and may_end else None
+        if fused is None:
+            assert self.cb_response_headers is not None
+            return self.headers_callback(self.cb_response_headers, stream, count, eos)
+        assert driver is not None
+        words = driver.words
+        context = self.active_id = stream.id
+        self.effective_id = 0
+        if self._runtime.epoch != self._deadline_epoch:
+            self.refresh_deadline()
+        try:
+            action = fused(context, count, eos) if self.headers_take_eos else fused(context, count)
+        except native.WasmCallError as exc:
+            error = self._fused_failed(exc, driver.plan.finish)
+            if words[fusing.STEP // 4] < 2:
+                raise error from exc.__cause__
+            # The end trapped, after the headers went well: reported when the stream
+            # closes, as a trap in close_stream is.
+            stream.ended = True
+            stream.end_error = error
+            return 0
+        finally:
+            self.active_id = self.effective_id = 0
+        if words[fusing.STEP // 4] > 1:
+            stream.ended = True
+        return action
 
     def close_stream(self, stream: HttpStream) -> None:
         """on_done, then on_log and on_delete (the Go SDK's proxytest ends a stream so)."""
         try:
-            if self.broken:
+            if stream.end_error is not None:
+                raise stream.end_error
+            if self.broken or stream.ended:
+                return
+            driver = self.fused
+            if driver is not None and driver.close is not None:
+                try:
+                    self.invoke(driver.close, stream.id)
+                except native.WasmCallError as exc:
+                    raise self._fused_failed(exc, driver.plan.close) from exc.__cause__
                 return
             if self.cb_done is not None:
                 self.invoke(self.cb_done, stream.id)

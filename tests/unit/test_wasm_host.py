@@ -16,6 +16,7 @@ from filters.wasm.runtime import WasmRuntime
 from sidecar.chain import FilterContext
 from sidecar.config import ConfigError
 from sidecar.metrics import Metrics
+from sidecar.proto.messages import Response
 from tests.unit.test_wasm_support import EXAMPLES, FIXTURES, build, call_through, calls_through
 
 
@@ -226,3 +227,56 @@ def test_bodies_are_left_alone_unless_buffer_bodies(runtime: WasmRuntime) -> Non
     response, terminal = call_through(flt, body=b"keep me")
     assert terminal.bodies == [b"keep me"]  # went through untouched
     assert response.body.buffered_whole == b"from upstream"
+
+
+def test_what_a_filter_sees_and_how_its_edits_land(runtime: WasmRuntime) -> None:
+    from sidecar.chain import compose
+    from tests.unit.chain_helpers import Terminal, make_call
+
+    flt = build(FIXTURES / "maps_probe.wat", runtime)
+    terminal = Terminal()
+    call = make_call(headers=[(b"x-a", b"A1"), (b"other", b"o")])
+
+    async def go() -> Response:
+        return await compose([flt], terminal)(call)
+
+    response = asyncio.run(go())
+    # num_headers counts the four request pseudo-headers; an empty body is end_of_stream.
+    assert terminal.headers[0] == [
+        (b"x-a", b"A1"),
+        (b"other", b"o"),
+        (b"x-seen-path", b"/echo"),
+        (b"x-upper", b"v"),
+        (b"x-n", b"6"),
+        (b"x-eos", b"1"),
+    ]
+    assert call.authority == b"rewritten"
+    assert response.status == 201
+    assert response.headers == [
+        (b"x-terminal", b"yes"),
+        (b"x-status-was", b"200"),
+        (b"x-resp-n", b"2"),
+        (b"x-prop-a", b"A1"),
+        (b"x-dest", b"127.0.0.1:9"),
+    ]
+
+
+def test_a_callback_declared_with_fewer_parameters_is_still_called(
+    runtime: WasmRuntime, tmp_path: Path
+) -> None:
+    """The native boundary passes an export the arguments it declares (here no
+    end_of_stream), as it always did; no write goes past the export's value slots."""
+    module = tmp_path / "two_params.wat"
+    module.write_text(
+        '(module (import "env" "proxy_add_header_map_value"'
+        " (func $add (param i32 i32 i32 i32 i32) (result i32)))"
+        ' (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))'
+        ' (data (i32.const 16) "x-n")'
+        ' (func (export "proxy_on_response_headers") (param i32 i32) (result i32)'
+        " (i32.store8 (i32.const 32) (i32.add (i32.const 48) (local.get 1)))"
+        " (drop (call $add (i32.const 2) (i32.const 16) (i32.const 3) (i32.const 32)"
+        " (i32.const 1))) (i32.const 0)))"
+    )
+    response, _ = call_through(build(module, runtime))
+    assert response.status == 200
+    assert (b"x-n", b"2") in response.headers  # num_headers: :status and x-terminal
