@@ -176,7 +176,8 @@ class Cluster:
         """Send the call to an endpoint (one not in `avoid` when there is one).
 
         Endpoints count as active from the send until the response head arrives, which
-        is what least-request balances on.
+        is what least-request balances on. The steps of each try are begin(), then
+        failed() or answered(), which the proxy's callback path drives the same way.
         """
         tried: list[Endpoint] = list(avoid) if avoid else []
         first_try = len(tried)
@@ -186,38 +187,71 @@ class Cluster:
             except TimeoutError:
                 self._first_update.set()  # wait once per cluster, not once per call
         while True:
-            endpoint = self._pick(request, tried)
-            if endpoint is None:
-                raise NoHealthyUpstream(
-                    f"service {self.name!r} has no healthy endpoint", service=self.name
-                )
-            active = self.active
-            active[endpoint] = active.get(endpoint, 0) + 1
+            endpoint = self.begin(request, tried)
             try:
                 response = await self.pool.request(endpoint, request, authority, path)
-            except RETRY_SAFE as exc:
-                self.record(endpoint, exc)
-                tried.append(endpoint)
-                if len(tried) - first_try > MAX_SAFE_RESENDS or not request.body.rewind():
-                    raise
-                continue
             except MeshError as exc:
-                self.record(endpoint, exc)
+                if self.failed(endpoint, exc, request, tried, first_try):
+                    continue
                 raise
-            finally:
+            except BaseException:
                 self.release(endpoint)
-            self.record(endpoint, response.status)
-            if (
-                self._resend_unavailable
-                and _peer_never_saw(response)
-                and len(tried) - first_try < MAX_SAFE_RESENDS
-                and len(self.endpoints) > 1
-                and request.body.rewind()
-            ):
-                response.body.cancel()
-                tried.append(endpoint)
+                raise
+            if self.answered(endpoint, response, request, tried, first_try):
                 continue
             return response, endpoint
+
+    def begin(self, request: Request, tried: list[Endpoint]) -> Endpoint:
+        """Pick the endpoint for one try and count it active."""
+        endpoint = self._pick(request, tried)
+        if endpoint is None:
+            raise NoHealthyUpstream(
+                f"service {self.name!r} has no healthy endpoint", service=self.name
+            )
+        active = self.active
+        active[endpoint] = active.get(endpoint, 0) + 1
+        return endpoint
+
+    def failed(
+        self,
+        endpoint: Endpoint,
+        exc: MeshError,
+        request: Request,
+        tried: list[Endpoint],
+        first_try: int,
+    ) -> bool:
+        """A try that ended in `exc`: True to send again (the peer never saw the call and
+        the body can be replayed), False to give up with `exc`."""
+        self.record(endpoint, exc)
+        self.release(endpoint)
+        if not isinstance(exc, RETRY_SAFE):
+            return False
+        tried.append(endpoint)
+        return len(tried) - first_try <= MAX_SAFE_RESENDS and request.body.rewind()
+
+    def answered(
+        self,
+        endpoint: Endpoint,
+        response: Response,
+        request: Request,
+        tried: list[Endpoint],
+        first_try: int,
+    ) -> bool:
+        """A try that got a response head: True to send again elsewhere (a peer sidecar
+        said its app never saw the call), False to return `response`."""
+        self.release(endpoint)
+        self.record(endpoint, response.status)
+        if (
+            self._resend_unavailable
+            and _peer_never_saw(response)
+            and len(tried) - first_try < MAX_SAFE_RESENDS
+            and len(self.endpoints) > 1
+            and request.body.rewind()
+        ):
+            response.body.cancel()
+            tried.append(endpoint)
+            return True
+        return False
 
     def release(self, endpoint: Endpoint) -> None:
         count = self.active.get(endpoint, 0) - 1

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
 from sidecar.config import Http2ServerConfig, LimitsConfig
-from sidecar.proto.h1server import H1ServerProtocol
+from sidecar.proto.h1server import H1ServerProtocol, RunningCall
 from sidecar.proto.h2server import H2ServerProtocol
 from sidecar.proto.messages import Request, Response
 
@@ -24,7 +24,24 @@ class ResponseSink(Protocol):
         ...
 
 
+class ImmediateSink(ResponseSink, Protocol):
+    """The HTTP/1.1 sink as a call run on callbacks sees it (h1server.py)."""
+
+    def send_now(self, response: Response) -> int | None:
+        """Write the response if its body is all here; None, writing nothing, if not."""
+        ...
+
+    def done(self) -> None: ...
+
+    def crashed(self) -> None: ...
+
+    def spawn(self, work: Callable[[], Awaitable[None]]) -> asyncio.Task[None]: ...
+
+
 Handler = Callable[[Request, ResponseSink], Awaitable[None]]
+# A handler's callback path: takes the call (returning it) or declines (None) having
+# changed nothing, and then the handler's coroutine runs in a task.
+StartNow = Callable[[Request, ImmediateSink], RunningCall | None]
 
 
 class ServerConnection(Protocol):
@@ -43,6 +60,7 @@ class ListenerContext:
     ) -> None:
         self.name = name
         self.handler = handler
+        self.start_now: StartNow | None = getattr(handler, "start_now", None)
         self.http2 = http2
         self.limits = limits
         self.log = logging.getLogger(f"sidecar.listener.{name}")

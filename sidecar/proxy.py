@@ -12,6 +12,10 @@ Outbound (the local app's call into the mesh), in order:
   5. respond: stream the reply back, then metrics and one access-log line.
 Inbound (a peer sidecar's call for the local app): the inbound chain (signature
 checks first), then the app's cluster, then respond and observe the same way.
+
+A call whose chain is the router alone (no filters), with no deadline and no tracing,
+to a cluster on an HTTP/1.1 pool, arriving with its whole body on HTTP/1.1, runs the
+same steps on callbacks (callbacks.CallbackCall): no task, no coroutine per step.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from sidecar.accesslog import AccessLog, record
+from sidecar.callbacks import CLIENT_GONE, CallbackCall, not_routed, routed
 from sidecar.chain import (
     Call,
     Filter,
@@ -33,6 +39,7 @@ from sidecar.chain import (
 )
 from sidecar.cluster import Cluster, ClusterManager
 from sidecar.config import FilterSpec, SidecarConfig
+from sidecar.discovery.base import Endpoint
 from sidecar.errors import (
     MeshError,
     UnknownService,
@@ -40,16 +47,15 @@ from sidecar.errors import (
     UpstreamTimeout,
     error_response,
 )
-from sidecar.listener import ResponseSink
+from sidecar.listener import ImmediateSink, ResponseSink
 from sidecar.metrics import Metrics
-from sidecar.proto.h2common import StreamGone
 from sidecar.proto.messages import BodyError, Request, Response, unsafe_header
 from sidecar.routing import INVOKE_PREFIX, Router
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
+from sidecar.upstream.h1client import H1Pool
 
 log = logging.getLogger("sidecar.proxy")
 
-_CLIENT_GONE = (ConnectionError, StreamGone)
 DEADLINE_HEADER = b"x-opus-deadline-ms"
 # Response headers only the mesh sets (filters included); stripped from apps' replies.
 MESH_RESPONSE_HEADERS = frozenset(
@@ -64,10 +70,16 @@ MESH_RESPONSE_HEADERS = frozenset(
 )
 
 
-def router_step(cluster: Cluster) -> Next:
+class RouterStep:
     """The innermost step of every chain: send the call to one of the cluster's endpoints."""
 
-    async def send(call: Call) -> Response:
+    __slots__ = ("cluster",)
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    async def __call__(self, call: Call) -> Response:
+        cluster = self.cluster
         if call.deadline is not None:
             # The next hop should not wait longer than the caller will.
             remaining_ms = max(int((call.deadline - time.monotonic()) * 1000), 0)
@@ -79,18 +91,17 @@ def router_step(cluster: Cluster) -> Next:
                 call.request, call.authority, call.path, call.tried
             )
         except MeshError as exc:
-            call.error = exc
-            call.flags = exc.flag
-            return error_response(exc, grpc=call.request.is_grpc)
-        call.endpoint = endpoint
-        call.cluster = cluster
-        call.upstream_protocol = cluster.pool.protocol
-        call.tried.append(endpoint)
-        call.tries += 1
+            return not_routed(call, exc)
+        routed(call, cluster, endpoint)
         return response
 
-    return send
 
+def router_step(cluster: Cluster) -> Next:
+    return RouterStep(cluster)
+
+
+_UPSTREAM_HEADERS = frozenset({b"x-opus-upstream", b"x-opus-upstream-protocol"})
+_PROTOCOLS = {"http1": b"http1", "h2c": b"h2c"}
 
 _GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
@@ -147,8 +158,11 @@ class CallHandler:
         self.cfg = cfg
         self.metrics = metrics
         self.access_log = access_log
+        self._logging = access_log.enabled  # a closed log drops records anyway
         self.max_body_bytes = cfg.filters.max_body_bytes
         self.filters: list[Filter] = []  # every filter built, to close them at shutdown
+        self._last_endpoint: Endpoint | None = None  # and its address, for x-opus-upstream
+        self._last_address = b""
 
     def build_chain(self, specs: tuple[FilterSpec, ...], cluster: Cluster, key: str) -> Next:
         ctx = FilterContext(self.direction, self.cfg.service.name, self.metrics)
@@ -156,45 +170,38 @@ class CallHandler:
         self.filters += filters
         return compose(filters, router_step(cluster), self.metrics)
 
-    async def _run(self, request: Request, sink: ResponseSink, call: Call, chain: Next) -> None:
-        response: Response | None = None
+    def _callbacks_for(self, chain: Next) -> Cluster | None:
+        """The cluster a call on `chain` may run on callbacks with, or None."""
+        if self.tracing.enabled or type(chain) is not RouterStep:
+            return None
+        cluster = chain.cluster
+        return cluster if type(cluster.pool) is H1Pool else None
+
+    async def run(
+        self,
+        request: Request,
+        sink: ResponseSink,
+        call: Call,
+        chain: Next | None,
+        response: Response | None = None,
+    ) -> None:
+        """Run the chain, respond, observe; or, given the `response` a callback call
+        already prepared, just stream it and observe."""
         sent = 0
-        span = self.tracing.start(call) if self.tracing.enabled else None
+        span = self.tracing.start(call) if chain is not None and self.tracing.enabled else None
         try:
-            deadline = _caller_deadline(request)
-            if deadline is None:
-                response = await chain(call)
-            else:
-                call.deadline = deadline
-                response = await _until(deadline, chain, call)
-            if call.local_reply_by or (call.error is not None and call.endpoint is None):
-                who = call.local_reply_by or "router"
-                self.metrics.local_replies.labels(who, str(response.status)).inc()
-            if self.filters and (bad := unsafe_header(response.headers)) is not None:
-                # Parsers reject such bytes on the way in; only a filter can put them here.
-                log.error("refusing a reply whose header %r holds CR, LF or NUL", bad)
-                response.body.cancel()
-                error = FilterFailed(f"a filter set an invalid header {bad.decode('latin-1')!r}")
-                call.error, call.flags = error, error.flag
-                response = error_response(error, grpc=request.is_grpc)
-            if call.endpoint is not None:
-                if self.direction == "outbound":
-                    # Ours to say: replace anything upstream sent under these names.
-                    set_response_header(
-                        response, b"x-opus-upstream", call.endpoint.address.encode()
-                    )
-                    set_response_header(
-                        response, b"x-opus-upstream-protocol", call.upstream_protocol.encode()
-                    )
-                elif not call.local_reply_by:
-                    # The app's own reply may not speak for the mesh: a forged x-opus-error
-                    # would make callers resend calls the app already served.
-                    response.headers[:] = [
-                        (n, v) for n, v in response.headers if n not in MESH_RESPONSE_HEADERS
-                    ]
+            if chain is not None:
+                deadline = _caller_deadline(request)
+                if deadline is None:
+                    response = await chain(call)
+                else:
+                    call.deadline = deadline
+                    response = await _until(deadline, chain, call)
+                response = self.prepare(call, response)
+            assert response is not None
             try:
                 sent = await sink.send(response)
-            except _CLIENT_GONE:
+            except CLIENT_GONE:
                 call.flags = "DC"  # downstream went away: stop the upstream call
                 response.body.cancel()
             except BodyError as exc:
@@ -210,15 +217,62 @@ class CallHandler:
                 response.body.cancel()
             raise
         finally:
-            grpc_status = grpc_status_of(response) if response is not None else ""
-            trace_id = "-"
-            if span is not None:
-                trace_id = format(span.get_span_context().trace_id, "032x")
-                self.tracing.finish(span, call, response, grpc_status)
-            elif request.headers:
-                trace_id = incoming_trace_id(request)
-            status = response.status if response is not None else 0
-            self._observe(request, call, status, sent, grpc_status, trace_id)
+            self.complete(call, response, sent, span)
+
+    def prepare(self, call: Call, response: Response) -> Response:
+        """What happens to the chain's response before it is sent."""
+        if call.local_reply_by or (call.error is not None and call.endpoint is None):
+            who = call.local_reply_by or "router"
+            self.metrics.local_replies.labels(who, str(response.status)).inc()
+        if self.filters and (bad := unsafe_header(response.headers)) is not None:
+            # Parsers reject such bytes on the way in; only a filter can put them here.
+            log.error("refusing a reply whose header %r holds CR, LF or NUL", bad)
+            response.body.cancel()
+            error = FilterFailed(f"a filter set an invalid header {bad.decode('latin-1')!r}")
+            call.error, call.flags = error, error.flag
+            response = error_response(error, grpc=call.request.is_grpc)
+        endpoint = call.endpoint
+        if endpoint is not None:
+            if self.direction == "outbound":
+                # Ours to say: replace anything upstream sent under these names.
+                if endpoint is not self._last_endpoint:
+                    self._last_endpoint = endpoint
+                    self._last_address = endpoint.address.encode()
+                address = self._last_address
+                protocol = _PROTOCOLS.get(call.upstream_protocol)
+                if protocol is None:
+                    protocol = call.upstream_protocol.encode()
+                headers = response.headers
+                for name, _ in headers:
+                    if name in _UPSTREAM_HEADERS:
+                        set_response_header(response, b"x-opus-upstream", address)
+                        set_response_header(response, b"x-opus-upstream-protocol", protocol)
+                        break
+                else:  # the usual case: append, as set_response_header would
+                    headers.append((b"x-opus-upstream", address))
+                    headers.append((b"x-opus-upstream-protocol", protocol))
+            elif not call.local_reply_by:
+                # The app's own reply may not speak for the mesh: a forged x-opus-error
+                # would make callers resend calls the app already served.
+                headers = response.headers
+                for name, _ in headers:
+                    if name in MESH_RESPONSE_HEADERS:
+                        headers[:] = [(n, v) for n, v in headers if n not in MESH_RESPONSE_HEADERS]
+                        break
+        return response
+
+    def complete(self, call: Call, response: Response | None, sent: int, span: Any) -> None:
+        """The call is over (answered, or abandoned): trace, metrics, access log."""
+        request = call.request
+        grpc_status = grpc_status_of(response) if response is not None else ""
+        trace_id = "-"
+        if span is not None:
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            self.tracing.finish(span, call, response, grpc_status)
+        elif self._logging and request.headers:
+            trace_id = incoming_trace_id(request)
+        status = response.status if response is not None else 0
+        self._observe(request, call, status, sent, grpc_status, trace_id)
 
     async def _reply_error(self, request: Request, sink: ResponseSink, error: MeshError) -> None:
         """Answer a call the mesh could not route (no chain ran)."""
@@ -229,7 +283,7 @@ class CallHandler:
         sent = 0
         try:
             sent = await sink.send(response)
-        except _CLIENT_GONE:
+        except CLIENT_GONE:
             call.flags = "DC"
         finally:
             grpc_status = grpc_status_of(response)
@@ -260,7 +314,7 @@ class CallHandler:
             request.body.received,
             sent,
         )
-        if self.access_log.enabled:
+        if self._logging:
             flags = call.flags
             if call.local_reply_by and flags == "-":
                 flags = "LR"
@@ -351,7 +405,27 @@ class OutboundHandler(CallHandler):
             return
         call = Call(request, "outbound", service, service.encode(), path, self.max_body_bytes)
         call.route = self._route_name(request, route)
-        await self._run(request, sink, call, self._chain(service, route, cluster))
+        await self.run(request, sink, call, self._chain(service, route, cluster))
+
+    def start_now(self, request: Request, sink: ImmediateSink) -> CallbackCall | None:
+        """The listener's callback path (see CallbackCall); None to take the task path."""
+        if self.tracing.enabled:
+            return None
+        try:
+            service, path, route = self.router.resolve(request)
+            cluster = self.clusters.get(service)
+        except MeshError:
+            return None  # answered on the task path, which resolves again
+        if cluster is None or not cluster.endpoints:
+            return None
+        if self._callbacks_for(self._chain(service, route, cluster)) is None:
+            return None
+        if request.headers and _caller_deadline(request) is not None:
+            return None
+        call = CallbackCall(self, sink, cluster, request, service, service.encode(), path)
+        call.route = self._route_name(request, route)
+        call.start()
+        return call
 
 
 def _append_forwarded_for(request: Request) -> None:
@@ -379,10 +453,25 @@ class InboundHandler(CallHandler):
     ) -> None:
         super().__init__("inbound", cfg, metrics, access_log, tracing)
         self.service = cfg.service.name
+        self._authority = self.service.encode()
         self.chain = self.build_chain(cfg.filters.inbound, app, "filters.inbound")
+        self._callback_cluster = self._callbacks_for(self.chain)
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
-        authority = request.authority or self.service.encode()
+        authority = request.authority or self._authority
         _append_forwarded_for(request)
         call = Call(request, "inbound", self.service, authority, request.path, self.max_body_bytes)
-        await self._run(request, sink, call, self.chain)
+        await self.run(request, sink, call, self.chain)
+
+    def start_now(self, request: Request, sink: ImmediateSink) -> CallbackCall | None:
+        """The listener's callback path (see CallbackCall); None to take the task path."""
+        cluster = self._callback_cluster
+        if cluster is None or not cluster.endpoints:
+            return None
+        if request.headers and _caller_deadline(request) is not None:
+            return None
+        authority = request.authority or self._authority
+        _append_forwarded_for(request)
+        call = CallbackCall(self, sink, cluster, request, self.service, authority, request.path)
+        call.start()
+        return call

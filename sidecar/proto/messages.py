@@ -77,14 +77,16 @@ class Body:
         self._chunks.append((data, size))
         self.buffered += size
         self.received += len(data)
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
         return True
 
     def finish(self, trailers: Headers | None = None) -> None:
         if trailers:
             self.trailers = trailers
         self._eof = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def fail(self, error: BaseException) -> None:
         if self._eof:
@@ -132,21 +134,26 @@ class Body:
         return data
 
     def read_nowait(self) -> bytes | None:
-        """All the chunks buffered now, joined, or None if there are none (no flow accounting)."""
-        if not self._chunks:
+        """All the chunks buffered now, joined, or None if there are none."""
+        chunks = self._chunks
+        if not chunks:
             return None
-        parts = []
-        total = 0
-        while self._chunks:
-            data, size = self._chunks.popleft()
-            parts.append(data)
-            total += size
+        if len(chunks) == 1:
+            data, total = chunks.popleft()
+        else:
+            parts = []
+            total = 0
+            for chunk, size in chunks:
+                parts.append(chunk)
+                total += size
+            chunks.clear()
+            data = b"".join(parts)
         self.buffered -= total
-        data = b"".join(parts) if len(parts) != 1 else parts[0]
-        if self._replay is not None:
+        replay = self._replay
+        if replay is not None:
             self._replay_size += len(data)
             if self._replay_size <= self._replay_limit:
-                self._replay.append(data)
+                replay.append(data)
             else:
                 self._replay = None
         if self.on_consumed is not None and total:
@@ -258,11 +265,26 @@ class Response:
         self.body = body
 
 
+_LENGTHS: dict[int, bytes] = {}
+
+
+def content_length(size: int) -> bytes:
+    """`size` as a Content-Length value; sizes up to 64 KiB are formatted once, then kept."""
+    value = _LENGTHS.get(size)
+    if value is None:
+        value = str(size).encode()
+        if size <= 65536:
+            _LENGTHS[size] = value
+    return value
+
+
 def unsafe_header(headers: Headers) -> bytes | None:
     """The name of the first header whose name or value holds CR, LF or NUL (which
     would split or end the header block on the wire), or None."""
+    # Integer membership (13: CR, 10: LF, 0: NUL) means the same as b"\r" in value, and
+    # skips CPython's failed attempt to read a bytes operand as an integer first.
     for name, value in headers:
-        if b"\r" in value or b"\n" in value or b"\0" in value or b"\r" in name or b"\n" in name:
+        if 13 in value or 10 in value or 0 in value or 13 in name or 10 in name:
             return name
     return None
 

@@ -1,4 +1,16 @@
-"""HTTP/1.1 client connections to the local app, on httptools, and their keep-alive pool."""
+"""HTTP/1.1 client connections to the local app, on httptools, and their keep-alive pool.
+
+Both work with callbacks first, so the proxy's callback path (callbacks.py) can run a
+call without a task, with futures on top for the coroutine path:
+
+- a connection hands the response head to whoever waits for it, a future (`request()`)
+  or a callback (`send()`), once the bytes that carried it are parsed (the body is then
+  often whole already); a waiting task hears of it before the pool takes the connection
+  back, a callback after the pool took it back but before another call may have it;
+- the pool hands a connection released to the oldest call waiting for one to the same
+  endpoint, and a freed slot to the oldest call waiting at all, rather than waking every
+  waiter to look again; one timer covers every waiter's `pending_timeout`.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +19,31 @@ import contextlib
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any, cast
 
 import httptools
 
 from sidecar.discovery.base import Endpoint
-from sidecar.errors import PoolExhausted, StreamRefused, UpstreamConnectError, UpstreamReset
+from sidecar.errors import (
+    MeshError,
+    PoolExhausted,
+    StreamRefused,
+    UpstreamConnectError,
+    UpstreamReset,
+)
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
-from sidecar.upstream.pool import PoolLimits, PoolMetrics, wake_all
+from sidecar.proto.messages import (
+    HOP_BY_HOP,
+    Body,
+    BodyError,
+    Headers,
+    Request,
+    Response,
+    content_length,
+)
+from sidecar.upstream.pool import PoolLimits, PoolMetrics
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -23,6 +51,11 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _READ_HIGH_WATER = 256 * 1024
 _READ_LOW_WATER = 64 * 1024
+
+# What a call waiting for a response head is told: the head, or why there is none.
+HeadCallback = Callable[[Response | MeshError], None]
+# What a call waiting for a connection is told: one to use, or why there is none.
+ConnCallback = Callable[["H1ClientConnection | Exception"], None]
 
 
 class H1ClientConnection(asyncio.Protocol):
@@ -35,8 +68,14 @@ class H1ClientConnection(asyncio.Protocol):
         self.closed = False
         self.uses = 0
         self.last_active = 0.0
-        self._response: asyncio.Future[Response] | None = None
+        # Who waits for the response head: a future (request()) or a callback (send()).
+        self._waiter: asyncio.Future[Response] | None = None
+        self._on_head: HeadCallback | None = None
+        self._ready: Response | None = None  # a head parsed, not yet handed over
+        self._by_future = False
+        self._owned: Body | None = None  # the current call's response body
         self._headers: Headers = []
+        self._drop: set[bytes] | None = None  # header names a `Connection:` header listed
         self._body: Body | None = None
         self._head_request = False
         self._idempotent = False
@@ -46,6 +85,8 @@ class H1ClientConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._on_consumed = self._consumed  # bound once, not per response
+        self._on_cancel = self._cancel
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,12 +102,19 @@ class H1ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self._hand_over()
             self._lost(UpstreamReset(f"malformed HTTP/1.1 response from the app: {exc}"))
             self.close()
+            return
+        if self._ready is not None:
+            self._hand_over()  # the body goes on arriving after the head
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._response is not None or self._body is not None:
+        pool = self.pool
+        # Out of the pool's count before the call hears of it, so a resend finds the slot.
+        known = pool._remove(self)
+        if self._waiter is not None or self._on_head is not None or self._body is not None:
             reused = self.uses > 1
             if not self._got_bytes and reused and self._idempotent:
                 # A kept-alive connection the app had already closed: nothing was processed.
@@ -74,7 +122,8 @@ class H1ClientConnection(asyncio.Protocol):
             else:
                 self._lost(UpstreamReset("the app closed the connection mid-call"))
         self._wake_drain()
-        self.pool._forget(self)
+        if known:
+            pool._slot_freed()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -90,36 +139,41 @@ class H1ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks --
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                # Headers it names go too; hop-by-hop ones (keep-alive) are gone already.
+                for token in value.split(b","):
+                    token = token.strip().lower()
+                    if token not in HOP_BY_HOP:
+                        if self._drop is None:
+                            self._drop = set()
+                        self._drop.add(token)
+            return
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        headers = self._headers
+        self._headers = []
+        drop = self._drop
+        self._drop = None
         status = self.parser.get_status_code()
         if status < 200:
-            self._headers = []  # 1xx: informational, the real response follows
-            return
-        headers: Headers = []
-        drop: set[bytes] = set()
-        for name, value in self._headers:
-            if name == b"connection":
-                drop.update(t.strip().lower() for t in value.split(b","))
-        for name, value in self._headers:
-            if name not in HOP_BY_HOP and name not in drop:
-                headers.append((name, value))
-        self._headers = []
+            return  # 1xx: informational, the real response follows
+        if drop:
+            headers = [(n, v) for n, v in headers if n not in drop]
         body = Body()
-        body.on_consumed = self._consumed
-        body.on_cancel = self._cancel
+        body.on_consumed = self._on_consumed
+        body.on_cancel = self._on_cancel
         self._body = body
-        waiter = self._response
-        self._response = None
-        if self._head_request or status in (204, 304):
+        self._owned = body
+        if self._head_request or status == 204 or status == 304:
             body.finish()
             self._body = None
             # httptools cannot be told a HEAD response has no body: do not reuse.
             if self._head_request:
                 self.close()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(Response(status, headers, body))
+        self._ready = Response(status, headers, body)
 
     def on_body(self, data: bytes) -> None:
         body = self._body
@@ -138,32 +192,104 @@ class H1ClientConnection(asyncio.Protocol):
         if body is not None:
             body.finish()
         keep = bool(self.parser.should_keep_alive()) and self._request_sent
+        if self._by_future:
+            # The waiting task hears of the response on its next step; the pool takes
+            # the connection back after that step, as when the task woke first.
+            self._hand_over()
+            self.loop.call_soon(self._release, keep)
+            return
+        response = self._ready
+        if response is None or self.closed:
+            # Handed over already (its body was still arriving then), or the connection
+            # is closing (a HEAD): nothing to wait for, and nothing must come first.
+            self._conclude(response, keep)
+            return
+        # Handed over once the loop has read what else arrived this turn, as a waiting
+        # task would hear of it: responses then go out in a batch (less CPU here).
+        self._ready = None
+        self.loop.call_soon(self._conclude, response, keep)
+
+    def _conclude(self, response: Response | None, keep: bool) -> None:
+        # The pool takes the connection back first (the call's next step may be the next
+        # pipelined request, which may use it), but hands it to a call waiting for one
+        # only once this call is through with its response (which may close it).
+        pool = self.pool
+        pool._park(self, keep)
+        if response is not None:
+            self._ready = response
+            self._hand_over()
+        self._disown()
+        pool._hand_on(self)
+
+    def _release(self, keep: bool) -> None:
+        self._disown()
         self.pool._release(self, keep)
 
+    def _disown(self) -> None:
+        owned = self._owned
+        if owned is not None:
+            # From here the connection may serve another call: cancelling this call's
+            # (whole) body must not close it under that call.
+            self._owned = None
+            owned.on_cancel = None
+
+    def _hand_over(self) -> None:
+        response = self._ready
+        if response is None:
+            return
+        self._ready = None
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(response)
+            return
+        on_head = self._on_head
+        if on_head is not None:
+            self._on_head = None
+            on_head(response)
+
     # -- calls --
+    def send(self, request: Request, authority: bytes, path: bytes, on_head: HeadCallback) -> None:
+        """Send the call; `on_head` gets the response head, or the error that ended the call."""
+        self._on_head = on_head
+        self._by_future = False
+        self._write_request(request, authority, path)
+
     async def request(self, request: Request, authority: bytes, path: bytes) -> Response:
+        waiter: asyncio.Future[Response] = self.loop.create_future()
+        self._waiter = waiter
+        self._by_future = True
+        self._write_request(request, authority, path)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self._cancel()
+            raise
+
+    def _write_request(self, request: Request, authority: bytes, path: bytes) -> None:
         self.uses += 1
         self._got_bytes = False
         self._request_sent = False
-        self._head_request = request.method == b"HEAD"
-        self._idempotent = request.method in _IDEMPOTENT
+        method = request.method
+        self._head_request = method == b"HEAD"
+        self._idempotent = method in _IDEMPOTENT
         transport = self.transport
         assert transport is not None
-        parts = [request.method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
-        body = request.body
+        parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
         declared_length: bytes | None = None
         for name, value in request.headers:
             if name == b"content-length":
                 declared_length = value
                 continue
             parts += (name, b": ", value, b"\r\n")
-        waiter: asyncio.Future[Response] = self.loop.create_future()
-        self._response = waiter
+        body = request.body
         if body.complete:
             data = body.read_nowait() or b""
-            if data or request.method in _BODY_METHODS:
-                parts += (b"content-length: ", str(len(data)).encode(), b"\r\n")
-            parts += (b"\r\n", data)
+            if data or method in _BODY_METHODS:
+                parts += (b"content-length: ", content_length(len(data)), b"\r\n\r\n", data)
+            else:
+                parts.append(b"\r\n")
             transport.write(b"".join(parts))
             self._request_sent = True
         else:
@@ -174,11 +300,6 @@ class H1ClientConnection(asyncio.Protocol):
                 parts += (b"content-length: ", declared_length or b"0", b"\r\n\r\n")
             transport.write(b"".join(parts))
             self._sender = self.loop.create_task(self._send_body(body, chunked))
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            self._cancel()
-            raise
 
     async def _send_body(self, body: Body, chunked: bool) -> None:
         transport = self.transport
@@ -211,19 +332,26 @@ class H1ClientConnection(asyncio.Protocol):
         """The caller gave up on the response: the connection cannot be reused."""
         if self._sender is not None and not self._sender.done():
             self._sender.cancel()
-        self._response = None
+        self._waiter = None
+        self._on_head = None
+        self._ready = None
         self._body = None
         self.close()
 
-    def _lost(self, error: Exception) -> None:
-        waiter, self._response = self._response, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+    abandon = _cancel
+
+    def _lost(self, error: MeshError) -> None:
         body, self._body = self._body, None
         if body is not None:
             body.fail(error)
         if self._sender is not None and not self._sender.done():
             self._sender.cancel()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        on_head, self._on_head = self._on_head, None
+        if on_head is not None:
+            on_head(error)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -231,93 +359,277 @@ class H1ClientConnection(asyncio.Protocol):
         self.closed = True
 
 
+class Ticket:
+    """A call waiting for a connection to `endpoint` until `deadline` (loop time)."""
+
+    __slots__ = ("deadline", "endpoint", "give", "key", "opening")
+
+    def __init__(self, endpoint: Endpoint, deadline: float, give: ConnCallback) -> None:
+        self.endpoint = endpoint
+        self.key = (endpoint.host, endpoint.port)
+        self.deadline = deadline
+        self.give: ConnCallback | None = give  # None once the caller gave up
+        self.opening: asyncio.Task[tuple[Any, H1ClientConnection]] | None = None
+
+
+# How a pool opens a connection: loop.create_connection's shape (injected in tests).
+Connect = Callable[
+    [Callable[[], H1ClientConnection], str, int],
+    Coroutine[Any, Any, tuple[asyncio.BaseTransport, H1ClientConnection]],
+]
+
+
 class H1Pool:
     """Keep-alive HTTP/1.1 connections, one call at a time each (to the local app)."""
 
     protocol = "http1"
 
-    def __init__(self, service: str, limits: PoolLimits, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        service: str,
+        limits: PoolLimits,
+        metrics: Metrics,
+        connect: Connect | None = None,
+    ) -> None:
         self.service = service
         self.limits = limits
         self.loop = asyncio.get_running_loop()
+        self._connect: Connect = connect or self.loop.create_connection
         self._idle: dict[tuple[str, int], list[H1ClientConnection]] = {}
         self._all: set[H1ClientConnection] = set()
         self._connecting = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[Ticket] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = 0.0
         self._sweeper: asyncio.TimerHandle | None = None
         self._metrics = PoolMetrics(metrics, service, self.protocol)
 
+    # -- the coroutine path --
     async def request(
         self, endpoint: Endpoint, request: Request, authority: bytes, path: bytes
     ) -> Response:
-        conn = await self._acquire(endpoint)
+        conn = self.idle_connection(endpoint)
+        if conn is None:
+            conn = await self._acquire(endpoint)
         self._metrics.stream()
         return await conn.request(request, authority, path)
 
     async def _acquire(self, endpoint: Endpoint) -> H1ClientConnection:
+        waiter: asyncio.Future[H1ClientConnection] = self.loop.create_future()
+        ticket = self.acquire(endpoint, partial(self._settle, waiter))
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self.abandon(ticket)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.put_back(waiter.result())  # handed over as the caller went away
+            raise
+
+    def _settle(
+        self, waiter: asyncio.Future[H1ClientConnection], got: H1ClientConnection | Exception
+    ) -> None:
+        if waiter.done():
+            if isinstance(got, H1ClientConnection):
+                self.put_back(got)  # its caller was cancelled meanwhile
+        elif isinstance(got, H1ClientConnection):
+            waiter.set_result(got)
+        else:
+            waiter.set_exception(got)
+
+    # -- the callback path --
+    def idle_connection(self, endpoint: Endpoint) -> H1ClientConnection | None:
+        """An idle connection to `endpoint`, unless calls are waiting for one."""
         key = (endpoint.host, endpoint.port)
-        deadline = self.loop.time() + self.limits.pending_timeout
-        while True:
-            idle = self._idle.get(key)
+        idle = self._idle.get(key)
+        if idle and not (self._waiters and self._queued(key)):
             while idle:
                 conn = idle.pop()  # most recently used: least likely closed by the app
                 if not conn.closed:
                     return conn
-            if len(self._all) + self._connecting < self.limits.max_connections:
-                return await self._open(endpoint, key)
-            remaining = deadline - self.loop.time()
-            if remaining <= 0:
-                raise PoolExhausted(
-                    f"all {self.limits.max_connections} connections to {endpoint.address} busy "
-                    f"for {self.limits.pending_timeout}s",
+        return None
+
+    def _queued(self, key: tuple[str, int]) -> bool:
+        return any(ticket.key == key for ticket in self._waiters)
+
+    def acquire(self, endpoint: Endpoint, give: ConnCallback) -> Ticket:
+        """For a call that found no idle connection: open one if the pool has room, else
+        wait for one (at most `pending_timeout`); `give` gets it, or the error."""
+        ticket = Ticket(endpoint, self.loop.time() + self.limits.pending_timeout, give)
+        if self._waiters and self._queued(ticket.key):
+            self._wait(ticket)  # behind the calls already waiting
+        else:
+            self._serve(ticket)
+        return ticket
+
+    def send(
+        self,
+        conn: H1ClientConnection,
+        request: Request,
+        authority: bytes,
+        path: bytes,
+        on_head: HeadCallback,
+    ) -> None:
+        self._metrics.stream()
+        conn.send(request, authority, path, on_head)
+
+    def put_back(self, conn: H1ClientConnection) -> None:
+        """A connection handed to a call that had gone: the next call's."""
+        self._release(conn, True)
+
+    def abandon(self, ticket: Ticket) -> None:
+        """The caller stopped waiting: leave the queue, stop the connect made for it."""
+        ticket.give = None
+        if ticket.opening is not None:
+            ticket.opening.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(ticket)
+
+    # -- handing out connections --
+    def _serve(self, ticket: Ticket) -> None:
+        """Look (again) for a connection for a waiting call."""
+        give = ticket.give
+        if give is None:
+            return
+        idle = self._idle.get(ticket.key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                ticket.give = None
+                give(conn)
+                return
+        limits = self.limits
+        if len(self._all) + self._connecting < limits.max_connections:
+            self._open(ticket)
+            return
+        if self.loop.time() >= ticket.deadline:
+            ticket.give = None
+            give(
+                PoolExhausted(
+                    f"all {limits.max_connections} connections to {ticket.endpoint.address} "
+                    f"busy for {limits.pending_timeout}s",
                     service=self.service,
                 )
-            waiter = self.loop.create_future()
-            self._waiters.append(waiter)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, remaining)
-
-    async def _open(self, endpoint: Endpoint, key: tuple[str, int]) -> H1ClientConnection:
-        self._connecting += 1
-        try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: H1ClientConnection(self, key), endpoint.host, endpoint.port
-                ),
-                self.limits.connect_timeout,
             )
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamConnectError(
-                f"cannot connect to {endpoint.address}: {exc or 'timed out'}",
-                service=self.service,
-            ) from None
-        finally:
-            self._connecting -= 1
+            return
+        self._wait(ticket)
+
+    def _wait(self, ticket: Ticket) -> None:
+        self._waiters.append(ticket)
+        self._arm(ticket.deadline)
+
+    def _arm(self, deadline: float) -> None:
+        """The expiry timer fires by `deadline` (one timer for every waiting call)."""
+        if self._expiry is not None:
+            if self._expiry_at <= deadline:
+                return
+            self._expiry.cancel()
+        self._expiry_at = deadline
+        self._expiry = self.loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        """Calls whose wait ran out look once more, then fail (PoolExhausted)."""
+        self._expiry = None
+        now = self.loop.time()
+        waiters = self._waiters
+        expired = [t for t in waiters if t.deadline <= now]
+        for ticket in expired:
+            waiters.remove(ticket)
+        for ticket in expired:
+            self._serve(ticket)
+        if waiters:
+            self._arm(min(t.deadline for t in waiters))
+
+    def _open(self, ticket: Ticket) -> None:
+        self._connecting += 1
+        endpoint = ticket.endpoint
+        key = ticket.key
+        connect = self._connect(lambda: H1ClientConnection(self, key), endpoint.host, endpoint.port)
+        task = self.loop.create_task(asyncio.wait_for(connect, self.limits.connect_timeout))
+        ticket.opening = task
+        task.add_done_callback(partial(self._opened, ticket))
+
+    def _opened(self, ticket: Ticket, task: asyncio.Task[tuple[Any, H1ClientConnection]]) -> None:
+        self._connecting -= 1
+        ticket.opening = None
+        give = ticket.give
+        ticket.give = None
+        if task.cancelled():
+            self._slot_freed()
+            return
+        exc = task.exception()
+        if exc is not None:
+            if give is not None:
+                if isinstance(exc, (OSError, TimeoutError)):
+                    exc = UpstreamConnectError(
+                        f"cannot connect to {ticket.endpoint.address}: {exc or 'timed out'}",
+                        service=self.service,
+                    )
+                # Its caller first (a resend may take the slot), as when it connected itself.
+                give(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+            self._slot_freed()
+            return
+        conn = task.result()[1]
         self._all.add(conn)
         self._metrics.opened()
-        return conn
+        if give is not None:
+            give(conn)
+        else:
+            self.put_back(conn)  # opened for a call that went away
 
     def _release(self, conn: H1ClientConnection, keep: bool) -> None:
-        if conn not in self._all:
-            return
-        if keep and not conn.closed:
-            conn.last_active = self.loop.time()
-            self._idle.setdefault(conn.key, []).append(conn)
-            if self._sweeper is None:
-                self._sweeper = self.loop.call_later(self.limits.idle_timeout, self._sweep)
-        else:
-            conn.close()
-        self._wake()
+        self._park(conn, keep)
+        self._hand_on(conn)
 
-    def _forget(self, conn: H1ClientConnection) -> None:
+    def _park(self, conn: H1ClientConnection, keep: bool) -> None:
+        """Take a connection back: idle, or closed if it cannot serve another call."""
         if conn not in self._all:
             return
+        if not keep or conn.closed:
+            conn.close()  # the slot frees when the connection is lost
+            return
+        conn.last_active = self.loop.time()
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
+        idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.limits.idle_timeout, self._sweep)
+
+    def _hand_on(self, conn: H1ClientConnection) -> None:
+        """A connection just parked goes to the oldest call waiting for its endpoint."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        key = conn.key
+        idle = self._idle.get(key)
+        if not idle or idle[-1] is not conn or conn.closed:
+            return  # taken or closed meanwhile
+        for i, ticket in enumerate(waiters):
+            # Every ticket queued has a caller (abandon() and _serve() take theirs out).
+            if ticket.key == key and ticket.give is not None:
+                del waiters[i]
+                idle.pop()
+                give = ticket.give
+                ticket.give = None
+                give(conn)
+                return
+
+    def _remove(self, conn: H1ClientConnection) -> bool:
+        """Forget a lost connection; False if the pool no longer knew it."""
+        if conn not in self._all:
+            return False
         self._all.discard(conn)
         idle = self._idle.get(conn.key)
         if idle is not None and conn in idle:
             idle.remove(conn)
         self._metrics.closed(conn.uses)
-        self._wake()
+        return True
+
+    def _slot_freed(self) -> None:
+        """Room for one more connection: the oldest waiting call opens it."""
+        waiters = self._waiters
+        if waiters and len(self._all) + self._connecting < self.limits.max_connections:
+            self._serve(waiters.popleft())
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -331,9 +643,6 @@ class H1Pool:
                     pending = True
         if pending:
             self._sweeper = self.loop.call_later(self.limits.idle_timeout / 2, self._sweep)
-
-    def _wake(self) -> None:
-        wake_all(self._waiters)
 
     def connection_count(self) -> int:
         return len(self._all)

@@ -13,6 +13,7 @@ from sidecar.proto.messages import (
     BodyError,
     Request,
     fixed_body,
+    unsafe_header,
 )
 
 
@@ -271,3 +272,20 @@ def test_hop_by_hop_set_keeps_end_to_end_headers_out() -> None:
     assert {b"connection", b"transfer-encoding", b"upgrade", b"host", b"keep-alive"} <= HOP_BY_HOP
     assert b"te" not in HOP_BY_HOP  # `te: trailers` must survive for gRPC
     assert b"content-length" not in HOP_BY_HOP
+
+
+@pytest.mark.parametrize(
+    ("headers", "bad"),
+    [
+        ([(b"a", b"ok"), (b"b", b"x\ry")], b"b"),
+        ([(b"a", b"x\ny")], b"a"),
+        ([(b"a", b"x\0y")], b"a"),
+        ([(b"a\r", b"ok")], b"a\r"),
+        ([(b"a\nb", b"ok")], b"a\nb"),
+        ([(b"a", b"ok"), (b"b", b"\t tab and 1310 digits")], None),
+    ],
+)
+def test_unsafe_header_names_the_first_header_holding_cr_lf_or_nul(
+    headers: list[tuple[bytes, bytes]], bad: bytes | None
+) -> None:
+    assert unsafe_header(headers) == bad
