@@ -20,10 +20,18 @@ class Endpoint:
     zone: str = ""
     weight: int = 1
     instance_id: str = ""
+    # Worked out once: every call hashes its endpoint several times (balancer, active
+    # counts, outlier records) and names it in a header and the access log.
+    address: str = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.host}:{self.port}")
+        fields = (self.host, self.port, self.zone, self.weight, self.instance_id)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
