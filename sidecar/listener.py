@@ -5,6 +5,7 @@ told apart by the connection's first bytes, and hands every request to one handl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -82,6 +83,12 @@ class _Detect(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast("asyncio.Transport", transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Replies go out whole in one write; Nagle would hold one back behind the
+            # peer's delayed ACK of the previous write.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ctx.on_accept is not None:
             self.ctx.on_accept()
 
