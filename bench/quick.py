@@ -38,17 +38,18 @@ def _targets(fl: Fleet, names: list[str], proto: str) -> dict[str, tuple[str, li
     )
     out: dict[str, tuple[str, list[Server]]] = {"nginx": (ngx.url(proto, "/bench"), [ngx])}
     upstream_protocol = "h2c" if proto == "h2c" else "http1"
+    shared: Server | None = None  # one sidecar serves both the inbound and outbound hop
     for name in names:
         if name in ("sidecar-in", "sidecar-out"):
-            if "sidecar" not in fl.__dict__:
-                fl.__dict__["sidecar"] = fl._sidecar(
+            if shared is None:
+                shared = fl._sidecar(
                     "sidecar",
                     app_port=uport,
                     app_protocol=upstream_protocol,
                     services={"nginx": uport},
                     upstream_protocol=upstream_protocol,
                 )
-            sc: Server = fl.__dict__["sidecar"]
+            sc = shared
             path = "/bench" if name == "sidecar-in" else "/v1/invoke/nginx/bench"
             out[name] = (sc.url("inbound" if name == "sidecar-in" else "outbound", path), [sc])
         elif name == "sidecar-in+wasm":

@@ -267,7 +267,7 @@ def _tune_gc() -> None:
     data path."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_THRESHOLD[0], GC_THRESHOLD[1], GC_THRESHOLD[2])
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def run_sidecar(

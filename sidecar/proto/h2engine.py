@@ -459,11 +459,8 @@ class H2Connection:
     def _dispatch(
         self, kind: int, flags: int, stream_id: int, payload: bytes, events: list[Event]
     ) -> None:
-        if kind == DATA:
-            self._on_data(flags, stream_id, payload, events)
-        elif kind == HEADERS:
-            self._on_headers(flags, stream_id, payload, events)
-        elif kind == CONTINUATION:
+        """Every frame type but DATA and HEADERS, which receive_data() handles inline."""
+        if kind == CONTINUATION:
             self._on_continuation(flags, stream_id, payload, events)
         elif kind == WINDOW_UPDATE:
             self._on_window_update(stream_id, payload, events)

@@ -179,7 +179,6 @@ class H2ServerProtocol(H2Base):
     # -- events --
     def _request(self, event: h2.RequestReceived) -> None:
         stream_id = event.stream_id
-        assert event.headers is not None
         method = path = authority = b""
         scheme = b"http"
         headers: Headers = []

@@ -176,7 +176,6 @@ class H2ClientConnection(H2Base):
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.response.done():
             return
-        assert event.headers is not None
         status = 0
         headers: Headers = []
         for name, value in event.headers:
@@ -208,7 +207,7 @@ class H2ClientConnection(H2Base):
         if stream.body is not None:
             stream.body.finish(trailers)
         elif trailers is not None and not stream.response.done():
-            # Trailers-only response arrives as headers; h2 reports the first block as response.
+            # Trailers without a response head: the peer broke off the response.
             stream.response.set_exception(UpstreamReset("response ended before its headers"))
         self._release(stream_id)
 
