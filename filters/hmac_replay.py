@@ -28,6 +28,8 @@ class Replays(Protocol):
 
     def __len__(self) -> int: ...
 
+    def close(self) -> None: ...
+
 
 class ReplayCache:
     """The in-process cache: a dict and a heap of expiries (expired entries go first)."""
@@ -54,6 +56,9 @@ class ReplayCache:
         self._expiry[digest] = expiry
         heapq.heappush(self._by_expiry, (expiry, digest))
         return "ok"
+
+    def close(self) -> None:
+        """Nothing to release: the cache is plain memory."""
 
     def _drop_expired(self, now: float) -> None:
         heap = self._by_expiry

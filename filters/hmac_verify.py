@@ -120,6 +120,9 @@ class HmacVerify(Filter):
     def __repr__(self) -> str:
         return f"HmacVerify({self.config!r}, {self.keyring!r})"
 
+    def close(self) -> None:
+        self.replays.close()  # a shared table: its map and file descriptor
+
     async def on_request(self, call: Call) -> Response | None:
         try:
             await self._verify(call)
