@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Literal
 from filters.keyring import Key, KeyRing, Keys, KeySourceConfig, load_keys
 from sidecar import signing
 from sidecar.chain import BodyTooLarge, Call, Filter, FilterContext, FilterFactory
+from sidecar.errors import MeshError
 from sidecar.proto.messages import Body, BodyError, Response, fixed_body
 
 log = logging.getLogger("sidecar.filters.hmac")
@@ -28,12 +30,20 @@ log = logging.getLogger("sidecar.filters.hmac")
 SIGNATURE = signing.SIGNATURE_HEADER.lower().encode()
 TIMESTAMP = signing.TIMESTAMP_HEADER.lower().encode()
 KEY_ID = signing.KEY_ID_HEADER.lower().encode()
+NONCE = signing.NONCE_HEADER.lower().encode()
 BODY_MODE = b"x-opus-body"
 UNSIGNED = b"unsigned"
 # Stands in for body_md5 when the body is not signed; cannot collide with a hex MD5.
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 
 Oversize = Literal["reject", "unsigned_body"]
+
+
+class KeyNotScoped(MeshError):
+    """The signing key's key file entry does not name the service called."""
+
+    status = 403
+    flag = "AUTH"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +54,9 @@ class HmacSignConfig(KeySourceConfig):
     max_body_bytes: int | None = None
     # Bodies over max_body_bytes and gRPC streams: answer 413, or sign UNSIGNED-PAYLOAD.
     oversize: Oversize = "reject"
+    # Send a random X-OPUS-Nonce on every call and sign it (the extension in
+    # sidecar/signing.py): calls alike in method, path, second and body still differ.
+    nonce: bool = False
 
     def validate(self) -> None:
         self.validate_source()
@@ -62,25 +75,39 @@ def signing_key(keys: Keys, key_id: str) -> Key:
     return next(iter(keys.values()))
 
 
-def signature_for(key: bytes, method: str, path: str, timestamp: int, body: bytes | None) -> str:
+def signature_for(
+    key: bytes, method: str, path: str, timestamp: int, body: bytes | None, nonce: str = ""
+) -> str:
     """The seed's signature; body None signs the UNSIGNED-PAYLOAD marker instead of its MD5."""
     digest = signing.body_md5(body) if body is not None else UNSIGNED_PAYLOAD
-    return signing.sign_digest(key, method, path, timestamp, digest)
+    return signing.sign_digest(key, method, path, timestamp, digest, nonce)
 
 
 def matching_key(
-    keys: Keys, key_id: str | None, method: str, path: str, ts: int, body: bytes | None, sig: str
+    keys: Keys,
+    key_id: str | None,
+    method: str,
+    path: str,
+    ts: int,
+    body: bytes | None,
+    sig: str,
+    nonce: str = "",
+    service: str | None = None,
 ) -> Key | None:
-    """The key that made `sig`: only the named one when a key id is given, else any."""
+    """The key that made `sig`: only the named one when a key id is given, else any
+    (of those valid for `service`, when given)."""
     if key_id is not None:
         named = keys.get(key_id)
         candidates = [named] if named is not None else []
     else:
         candidates = list(keys.values())
+    if service is not None:
+        candidates = [key for key in candidates if key.valid_for(service)]
     found = None
     for key in candidates:
         # Every candidate is tried, so the time taken does not say which key matched.
-        if signing.signature_matches(signature_for(key.secret, method, path, ts, body), sig):
+        expected = signature_for(key.secret, method, path, ts, body, nonce)
+        if signing.signature_matches(expected, sig):
             found = key
     return found
 
@@ -119,11 +146,20 @@ class HmacSign(Filter):
         signed_by_app = preserve and not app_unsigned and body is not None
         if signed_by_app and self._app_signed(call, keys, method, path, body):
             return None
-        for name in (SIGNATURE, TIMESTAMP, KEY_ID, BODY_MODE):
+        for name in (SIGNATURE, TIMESTAMP, KEY_ID, BODY_MODE, NONCE):
             call.remove_header(name)
         key = signing_key(keys, self.config.key_id)
+        if not key.valid_for(call.service):
+            raise KeyNotScoped(
+                f"hmac_sign: key {key.key_id!r} is not scoped to service {call.service!r} "
+                f"(its key file entry names {sorted(key.services or ())})",
+                service=call.service,
+            )
         timestamp = int(self._now())
-        signature = signature_for(key.secret, method, path, timestamp, body)
+        nonce = secrets.token_urlsafe(16) if self.config.nonce else ""
+        signature = signature_for(key.secret, method, path, timestamp, body, nonce)
+        if nonce:
+            call.set_header(NONCE, nonce.encode())
         call.set_header(SIGNATURE, signature.encode())
         call.set_header(TIMESTAMP, str(timestamp).encode())
         if key.key_id:
@@ -141,6 +177,7 @@ class HmacSign(Filter):
         if sig is None or ts is None or not ts.isdigit():
             return False
         key_id = call.header(KEY_ID)
+        nonce = call.header(NONCE)
         valid = matching_key(
             keys,
             None if key_id is None else key_id.decode("latin-1"),
@@ -149,6 +186,8 @@ class HmacSign(Filter):
             int(ts),
             body,
             sig.decode("latin-1"),
+            "" if nonce is None else nonce.decode("latin-1"),
+            call.service,
         )
         if valid is None:
             log.debug("replacing an invalid app signature on a call to %s", call.service)
@@ -160,10 +199,14 @@ class HmacSign(Filter):
         length = declared_length(call)
         if is_streaming(call) or (length is not None and length > limit):
             if self.config.oversize == "reject":
-                what = "a gRPC stream" if is_streaming(call) else f"a {length}-byte body"
+                if is_streaming(call):
+                    what = "a gRPC call: its body is streamed (it may never end), so it is not"
+                    what += " buffered to sign"
+                else:
+                    what = f"a {length}-byte body: over the {limit}-byte buffering limit"
                 raise BodyTooLarge(
-                    f"hmac_sign cannot sign {what} (over {limit} bytes buffered); "
-                    f"set oversize: unsigned_body to send it with an unsigned body",
+                    f"hmac_sign cannot sign {what}; set oversize: unsigned_body to send it "
+                    f"with an unsigned body (and allow_unsigned_body on the verifier)",
                     service=call.service,
                     status=413,
                 )
@@ -183,11 +226,13 @@ class HmacSign(Filter):
                 data = b"".join(parts)
                 call.request.body = fixed_body(data, original.trailers)
                 return data
-            parts.append(chunk)
             size += len(chunk)
             if size > limit:
+                parts.append(chunk)
                 call.request.body = self._spliced(b"".join(parts), original)
                 return None
+            call.hold(len(chunk))  # over the budget: 503
+            parts.append(chunk)
 
     def _spliced(self, prefix: bytes, rest: Body) -> Body:
         """A body that replays `prefix`, then streams `rest` with backpressure."""

@@ -1,14 +1,16 @@
 """hmac_verify: checks the seed's HMAC signature on inbound calls before the app sees them.
 
-Checks run cheapest first (headers, timestamp skew, key id, then the body's MD5) and
-every refusal is a 401 with a JSON reason and the access-log flag AUTH, counted in
-opus_hmac_failures_total{reason}. A valid signature is remembered until its timestamp
-leaves the skew window, so a replay inside the window is refused too.
+Checks run cheapest first (headers, timestamp skew, key id and its scope, a replay of
+an admitted signature), all before a byte of the body is buffered, then the body's MD5
+(buffered under the sidecar's buffer budget, sidecar/chain.py). Every refusal is a 401
+with a JSON reason and the access-log flag AUTH, counted in opus_hmac_failures_total{reason}.
+A valid signature is remembered until its timestamp leaves the skew window, so a replay
+inside the window is refused too.
 """
 
 from __future__ import annotations
 
-import heapq
+import hashlib
 import logging
 import re
 import time
@@ -19,9 +21,11 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
+from filters.hmac_replay import ReplayCache, Replays, replay_cache
 from filters.hmac_sign import (
     BODY_MODE,
     KEY_ID,
+    NONCE,
     SIGNATURE,
     TIMESTAMP,
     UNSIGNED,
@@ -39,6 +43,9 @@ log = logging.getLogger("sidecar.filters.hmac")
 
 _HEX_SIGNATURE = re.compile(rb"[0-9a-f]{64}")
 _TIMESTAMP = re.compile(rb"[0-9]{1,12}")
+_NONCE = re.compile(rb"[A-Za-z0-9_-]{16,64}")
+
+__all__ = ["HmacVerify", "HmacVerifyConfig", "ReplayCache", "SignatureRejected"]
 
 
 class SignatureRejected(MeshError):
@@ -62,6 +69,8 @@ class HmacVerifyConfig(KeySourceConfig):
     allow_unsigned_body: bool = False
     # The most body buffered to check it; None: the chain's filters.max_body_bytes.
     max_body_bytes: int | None = None
+    # Refuse calls without X-OPUS-Nonce (the extension; calls with one are always accepted).
+    require_nonce: bool = False
 
     def validate(self) -> None:
         self.validate_source()
@@ -72,43 +81,6 @@ class HmacVerifyConfig(KeySourceConfig):
         if self.max_body_bytes is not None and self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         load_keys(self)
-
-
-class ReplayCache:
-    """Signatures seen, each until its expiry; bounded, dropping expired entries first.
-
-    When every slot holds an unexpired signature, `admit` refuses: evicting one would
-    let that signature be replayed, and a full cache means calls are arriving faster
-    than the cache was sized for, which the operator must fix, not the attacker exploit.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._expiry: dict[bytes, float] = {}
-        self._by_expiry: list[tuple[float, bytes]] = []
-
-    def __len__(self) -> int:
-        return len(self._expiry)
-
-    def seen(self, signature: bytes, now: float) -> bool:
-        expiry = self._expiry.get(signature)
-        return expiry is not None and expiry > now
-
-    def admit(self, signature: bytes, expiry: float, now: float) -> bool:
-        """Remember `signature` until `expiry`; False when full of unexpired signatures."""
-        self._drop_expired(now)
-        if len(self._expiry) >= self.capacity:
-            return False
-        self._expiry[signature] = expiry
-        heapq.heappush(self._by_expiry, (expiry, signature))
-        return True
-
-    def _drop_expired(self, now: float) -> None:
-        heap = self._by_expiry
-        while heap and heap[0][0] <= now:
-            expiry, signature = heapq.heappop(heap)
-            if self._expiry.get(signature) == expiry:
-                del self._expiry[signature]
 
 
 # One counter per metrics registry, however many chains build this filter.
@@ -135,15 +107,21 @@ class HmacVerify(Filter):
         keyring: KeyRing,
         now: Callable[[], float],
         failures: Counter | None = None,
+        service: str = "",
+        replays: Replays | None = None,
     ) -> None:
         self.config = config
         self.keyring = keyring
         self._now = now
         self._failures = failures
-        self.replays = ReplayCache(config.replay_cache_size)
+        self.service = service  # keys scoped to other services are refused
+        self.replays = ReplayCache(config.replay_cache_size) if replays is None else replays
 
     def __repr__(self) -> str:
         return f"HmacVerify({self.config!r}, {self.keyring!r})"
+
+    def close(self) -> None:
+        self.replays.close()  # a shared table: its map and file descriptor
 
     async def on_request(self, call: Call) -> Response | None:
         try:
@@ -176,31 +154,55 @@ class HmacVerify(Filter):
             raise reject(f"X-OPUS-Timestamp is more than {skew:g}s old", "stale")
         if timestamp > now + skew:
             raise reject(f"X-OPUS-Timestamp is more than {skew:g}s in the future", "future")
+        nonce_header = call.header(NONCE)
+        if nonce_header is None:
+            if self.config.require_nonce:
+                raise reject("missing X-OPUS-Nonce (require_nonce is set)", "missing")
+            nonce = ""
+        elif not _NONCE.fullmatch(nonce_header):
+            raise reject("malformed X-OPUS-Nonce: expected 16 to 64 of [A-Za-z0-9_-]", "malformed")
+        else:
+            nonce = nonce_header.decode("ascii")
         keys = self.keyring.keys()
         key_id_header = call.header(KEY_ID)
         key_id = None if key_id_header is None else key_id_header.decode("latin-1")
-        if key_id is not None and key_id not in keys:
-            raise reject(f"unknown key id {key_id!r}", "unknown_key")
+        if key_id is not None:
+            named = keys.get(key_id)
+            if named is None:
+                raise reject(f"unknown key id {key_id!r}", "unknown_key")
+            if not named.valid_for(self.service):
+                raise reject(
+                    f"key {key_id!r} is not scoped to service {self.service!r}", "key_scope"
+                )
         unsigned = call.header(BODY_MODE) == UNSIGNED
         if unsigned and not self.config.allow_unsigned_body:
             raise reject("unsigned bodies (X-OPUS-Body: unsigned) are not accepted", "unsigned")
-        # Over the limit: 413 (the body cannot be checked, so the call cannot pass).
+        given = sig.decode("ascii")
+        digest = bytes.fromhex(given)
+        # A signature already admitted needs no body to refuse: nothing is buffered for it.
+        if self.replays.seen(digest, now):
+            raise reject("signature already used (replay)", "replay")
+        # Over the limit: 413 (the body cannot be checked, so the call cannot pass);
+        # over the sidecar's buffer budget: 503.
         body = None if unsigned else await call.read_body(self.config.max_body_bytes)
         method = call.request.method.decode("latin-1")
         path = call.request.path.decode("latin-1")
-        given = sig.decode("ascii")
-        if matching_key(keys, key_id, method, path, timestamp, body, given) is None:
+        key = matching_key(keys, key_id, method, path, timestamp, body, given, nonce, self.service)
+        if key is None:
+            if key_id is None and any(not k.valid_for(self.service) for k in keys.values()):
+                reason = "signature does not match any key scoped to service " + repr(self.service)
+                raise reject(reason, "bad_signature")
             raise reject("signature does not match", "bad_signature")
-        # Checked and recorded with no await between, so two copies racing in cannot both pass.
-        now = self._now()
-        digest = bytes.fromhex(given)
-        if self.replays.seen(digest, now):
+        # Checked and recorded at once (under the shared table's lock with workers: N),
+        # so two copies racing in, to one worker or two, cannot both pass.
+        admitted = self.replays.admit(digest, timestamp + skew, self._now())
+        if admitted == "replay":
             raise reject("signature already used (replay)", "replay")
-        if not self.replays.admit(digest, timestamp + skew, now):
+        if admitted == "full":
             log.warning(
                 "HMAC replay cache full (%d unexpired signatures): refusing calls; "
                 "raise replay_cache_size",
-                len(self.replays),
+                self.config.replay_cache_size,
             )
             raise reject("replay cache full; try again later", "replay_cache_full", 503)
 
@@ -208,7 +210,10 @@ class HmacVerify(Filter):
 def build(config: HmacVerifyConfig, ctx: FilterContext) -> Filter:
     now: Callable[[], float] = ctx.extra.get("now", time.time)
     failures = failures_counter(ctx.metrics.registry) if ctx.metrics is not None else None
-    return HmacVerify(config, KeyRing(config, now), now, failures)
+    # Every worker builds the same config, so the same name: one table for all of them.
+    table = hashlib.sha256(f"{ctx.service_name}|{config!r}".encode()).hexdigest()[:16]
+    replays = replay_cache(table, config.replay_cache_size, ctx.extra.get("environ"))
+    return HmacVerify(config, KeyRing(config, now), now, failures, ctx.service_name, replays)
 
 
 factory = FilterFactory(HmacVerifyConfig, build)

@@ -32,7 +32,7 @@ class KeyLoadError(ValueError):
 class KeySourceConfig:
     """Where keys live: exactly one of key_file, key_dir and key_env."""
 
-    # YAML/JSON mapping {key_id: secret}, or a file holding one bare secret.
+    # YAML/JSON mapping {key_id: secret | {secret, services}}, or one bare secret.
     key_file: str = ""
     # A mounted Kubernetes Secret: one file per key id (kubelet's ..data layout is fine).
     key_dir: str = ""
@@ -63,9 +63,16 @@ class KeySourceConfig:
 class Key:
     key_id: str  # "" for an anonymous bare secret
     secret: bytes = field(repr=False)
+    # The services the key is valid for (a key file's {secret, services} form); None: any.
+    services: frozenset[str] | None = None
+
+    def valid_for(self, service: str) -> bool:
+        return self.services is None or service in self.services
 
 
 Keys = Mapping[str, Key]
+# A secret as read, with the services it is scoped to when the source says.
+_Secret = bytes | tuple[bytes, frozenset[str]]
 Fingerprint = tuple[object, ...] | None
 
 
@@ -89,10 +96,15 @@ def load_keys(source: KeySourceConfig, environ: Mapping[str, str] | None = None)
         secrets = {source.key_id: secrets}
     elif source.key_id and source.key_id not in secrets:
         raise KeyLoadError(f"{where}: has no key with id {source.key_id!r}")
+    keys: dict[str, Key] = {}
     for key_id, secret in secrets.items():
+        services = None
+        if isinstance(secret, tuple):
+            secret, services = secret
         if not secret:
             raise KeyLoadError(f"{where}: key {key_id!r} is empty")
-    return MappingProxyType({key_id: Key(key_id, s) for key_id, s in secrets.items()})
+        keys[key_id] = Key(key_id, secret, services)
+    return MappingProxyType(keys)
 
 
 def _read_text(path: str, where: str) -> str:
@@ -105,7 +117,7 @@ def _read_text(path: str, where: str) -> str:
         raise KeyLoadError(f"{where}: is not UTF-8 text") from None
 
 
-def _parse_file(text: str, where: str) -> dict[str, bytes] | bytes | None:
+def _parse_file(text: str, where: str) -> dict[str, _Secret] | bytes | None:
     try:
         parsed = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -118,7 +130,7 @@ def _parse_file(text: str, where: str) -> dict[str, bytes] | bytes | None:
     return bare or None
 
 
-def _parse_env(value: str, where: str) -> dict[str, bytes] | bytes | None:
+def _parse_env(value: str, where: str) -> dict[str, _Secret] | bytes | None:
     text = value.strip()
     if text.startswith("{"):
         try:
@@ -130,11 +142,14 @@ def _parse_env(value: str, where: str) -> dict[str, bytes] | bytes | None:
     return text.encode() or None
 
 
-def _secret_mapping(parsed: Mapping[object, object], where: str) -> dict[str, bytes] | None:
-    out: dict[str, bytes] = {}
+def _secret_mapping(parsed: Mapping[object, object], where: str) -> dict[str, _Secret] | None:
+    out: dict[str, _Secret] = {}
     for key_id, secret in parsed.items():
         if not isinstance(key_id, str) or not key_id:
             raise KeyLoadError(f"{where}: key ids must be non-empty strings, got {key_id!r}")
+        if isinstance(secret, Mapping):
+            out[key_id] = _scoped_secret(key_id, secret, where)
+            continue
         if not isinstance(secret, str):
             # The value itself is never echoed: it may be a secret YAML read as a number.
             raise KeyLoadError(f"{where}: key {key_id!r} must be a string (quote it)")
@@ -142,8 +157,30 @@ def _secret_mapping(parsed: Mapping[object, object], where: str) -> dict[str, by
     return out or None
 
 
-def _read_dir(path: str, where: str) -> dict[str, bytes] | None:
-    out: dict[str, bytes] = {}
+def _scoped_secret(
+    key_id: str, entry: Mapping[object, object], where: str
+) -> tuple[bytes, frozenset[str]]:
+    """{secret: ..., services: [...]}: a key valid only for the services named."""
+    extra = sorted(str(k) for k in entry if k not in ("secret", "services"))
+    if extra:
+        raise KeyLoadError(f"{where}: key {key_id!r} has unknown fields {extra}")
+    secret = entry.get("secret")
+    if not isinstance(secret, str):
+        raise KeyLoadError(f"{where}: key {key_id!r} needs a string 'secret' (quote it)")
+    services = entry.get("services")
+    if (
+        not isinstance(services, list)
+        or not services
+        or not all(isinstance(s, str) and s for s in services)
+    ):
+        raise KeyLoadError(
+            f"{where}: key {key_id!r}: 'services' must be a non-empty list of service names"
+        )
+    return secret.strip().encode(), frozenset(services)
+
+
+def _read_dir(path: str, where: str) -> dict[str, _Secret] | None:
+    out: dict[str, _Secret] = {}
     try:
         entries = sorted(os.scandir(path), key=lambda e: e.name)
     except OSError as exc:

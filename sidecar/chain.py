@@ -49,6 +49,35 @@ class BodyTooLarge(MeshError):
     flag = "BL"  # body over the buffering limit
 
 
+class BufferBudgetExhausted(MeshError):
+    status = 503
+    flag = "BB"  # the sidecar-wide budget for buffered request bodies is in use
+
+
+class BufferBudget:
+    """The request body bytes every call together may hold buffered in this process
+    (filters.max_buffered_request_bytes): a call takes as it buffers and gives all of it
+    back when it ends, however it ends (CallHandler.complete)."""
+
+    __slots__ = ("capacity", "refusals", "used")
+
+    def __init__(self, capacity: int, refusals: Callable[[], None] | None = None) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.refusals = refusals  # counts each refusal (a metric)
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.capacity:
+            if self.refusals is not None:
+                self.refusals()
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
 class FilterFailed(MeshError):
     status = 500
     flag = "FE"  # a filter raised
@@ -60,6 +89,8 @@ class Call:
     __slots__ = (
         "attrs",
         "authority",
+        "budget",
+        "buffered",
         "cluster",
         "deadline",
         "direction",
@@ -93,6 +124,8 @@ class Call:
         self.authority = authority  # what the upstream will see as Host / :authority
         self.path = path  # the path (and query) the upstream will see
         self.max_body_bytes = max_body_bytes
+        self.budget: BufferBudget | None = None  # the handler's, shared by every call
+        self.buffered = 0  # request body bytes this call holds of the budget
         self.attrs: dict[str, Any] = {}  # scratch space filters share on one call
         self.deadline: float | None = None  # time.monotonic() by which the call must end
         self.endpoint: Endpoint | None = None  # the endpoint of the last try
@@ -129,9 +162,29 @@ class Call:
         whole = body.buffered_whole
         if whole is not None and len(whole) <= cap:
             return whole
-        data = await read_whole(body, cap, "request")
+        data = await read_whole(body, cap, "request", self)
         self.request.body = fixed_body(data)
         return data
+
+    def hold(self, size: int) -> None:
+        """Count `size` more buffered request bytes against the budget, or refuse (503)."""
+        budget = self.budget
+        if budget is None:
+            return
+        if not budget.take(size):
+            self.request.body.cancel()
+            raise BufferBudgetExhausted(
+                f"request body refused: the sidecar's buffer budget "
+                f"(filters.max_buffered_request_bytes = {budget.capacity}) is in use",
+                service=self.service,
+            )
+        self.buffered += size
+
+    def release(self) -> None:
+        """The call is over: give its buffered bytes back to the budget."""
+        if self.buffered and self.budget is not None:
+            self.budget.give(self.buffered)
+        self.buffered = 0
 
     def set_body(self, data: bytes) -> None:
         self.request.body = fixed_body(data)
@@ -145,7 +198,8 @@ class Call:
         return Response(status, out, fixed_body(body))
 
 
-async def read_whole(body: Body, limit: int, what: str) -> bytes:
+async def read_whole(body: Body, limit: int, what: str, holder: Call | None = None) -> bytes:
+    """The whole body; a request's bytes are held against the budget via `holder`."""
     parts: list[bytes] = []
     size = 0
     while True:
@@ -156,6 +210,8 @@ async def read_whole(body: Body, limit: int, what: str) -> bytes:
         if size > limit:
             body.cancel()
             raise BodyTooLarge(f"{what} body over the {limit}-byte buffering limit", status=413)
+        if holder is not None:
+            holder.hold(len(chunk))
         parts.append(chunk)
 
 

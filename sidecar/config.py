@@ -222,6 +222,8 @@ class FiltersConfig:
     inbound: tuple[FilterSpec, ...] = ()
     # The most a filter may buffer of a body it asks to read whole; over it: 413.
     max_body_bytes: int = 1024 * 1024
+    # The most request body bytes all calls together hold buffered (per process); over: 503.
+    max_buffered_request_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +407,7 @@ _BOUNDS: dict[tuple[type, str], _Bound] = {
     # RFC 9113 section 6.5.2 limits for the SETTINGS values.
     (Http2ServerConfig, "max_concurrent_streams"): _AT_LEAST_ONE,
     (FiltersConfig, "max_body_bytes"): _AT_LEAST_ONE,
+    (FiltersConfig, "max_buffered_request_bytes"): _AT_LEAST_ONE,
     (SidecarConfig, "workers"): _Bound(1, 64),
     (Http2ServerConfig, "initial_window_size"): _Bound(0, 2**31 - 1),
     (Http2ServerConfig, "max_frame_size"): _Bound(16384, 2**24 - 1),

@@ -224,6 +224,11 @@ class Metrics:
             ["filter", "code"],
             registry=r,
         )
+        self.buffer_budget_refusals = Counter(
+            "opus_buffer_budget_refusals",
+            "Calls refused 503 because filters.max_buffered_request_bytes was in use.",
+            registry=r,
+        )
         # Resilience filters (filters/retry.py, timeout.py, rate_limit.py, circuit_breaker.py).
         self.retries = Counter(
             "opus_retries", "Retries sent by the retry filter, by service.", ["service"], registry=r

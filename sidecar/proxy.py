@@ -28,6 +28,7 @@ from typing import Any
 from sidecar.accesslog import AccessLog, record
 from sidecar.callbacks import CLIENT_GONE, CallbackCall, not_routed, routed
 from sidecar.chain import (
+    BufferBudget,
     Call,
     Filter,
     FilterContext,
@@ -160,6 +161,7 @@ class CallHandler:
         self.access_log = access_log
         self._logging = access_log.enabled  # a closed log drops records anyway
         self.max_body_bytes = cfg.filters.max_body_bytes
+        self.budget: BufferBudget | None = None  # the sidecar's, shared by both directions
         self.filters: list[Filter] = []  # every filter built, to close them at shutdown
         self._last_endpoint: Endpoint | None = None  # and its address, for x-opus-upstream
         self._last_address = b""
@@ -189,6 +191,7 @@ class CallHandler:
         already prepared, just stream it and observe."""
         sent = 0
         span = self.tracing.start(call) if chain is not None and self.tracing.enabled else None
+        call.budget = self.budget
         try:
             if chain is not None:
                 deadline = _caller_deadline(request)
@@ -263,6 +266,8 @@ class CallHandler:
 
     def complete(self, call: Call, response: Response | None, sent: int, span: Any) -> None:
         """The call is over (answered, or abandoned): trace, metrics, access log."""
+        if call.buffered:
+            call.release()
         request = call.request
         grpc_status = grpc_status_of(response) if response is not None else ""
         trace_id = "-"

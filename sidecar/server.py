@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.accesslog import AccessLog
 from sidecar.admin import AdminServer
 from sidecar.capture import CaptureListener
+from sidecar.chain import BufferBudget
 from sidecar.cluster import Cluster, ClusterManager, pool_limits
 from sidecar.config import SidecarConfig, advertise_host, config_to_dict, resolve_instance_id
 from sidecar.discovery.base import Endpoint, Instance
@@ -124,6 +125,10 @@ class Sidecar:
         )
         inbound = InboundHandler(cfg, self.app_cluster, self.metrics, self.access_log, self.tracing)
         self.handlers = (outbound, inbound)
+        budget = BufferBudget(
+            cfg.filters.max_buffered_request_bytes, self.metrics.buffer_budget_refusals.inc
+        )
+        outbound.budget = inbound.budget = budget
         for name, handler, spec in (
             ("outbound", outbound, cfg.listeners.outbound),
             ("inbound", inbound, cfg.listeners.inbound),

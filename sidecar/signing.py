@@ -8,6 +8,12 @@
 `body_md5` is the lowercase hex MD5 of the raw body bytes (MD5 of b"" when empty).
 Headers: `X-OPUS-Signature: {signature}`, `X-OPUS-Timestamp: {timestamp}`, and
 optionally `X-OPUS-Key-Id` naming which of several active keys signed.
+
+Extension (opt-in, not the seed's): with an `X-OPUS-Nonce` header (16 to 64 characters
+of [A-Za-z0-9_-], random per call) the signed string is
+`method + path + timestamp + body_md5 + "\n" + nonce`, so two calls alike in every
+signed part but the nonce carry different signatures. Without the header the string
+is the seed's, byte for byte.
 Pure standard library: the sidecar's filters and the client library share it.
 """
 
@@ -19,6 +25,7 @@ import hmac
 SIGNATURE_HEADER = "X-OPUS-Signature"
 TIMESTAMP_HEADER = "X-OPUS-Timestamp"
 KEY_ID_HEADER = "X-OPUS-Key-Id"
+NONCE_HEADER = "X-OPUS-Nonce"
 
 
 def body_md5(body: bytes) -> str:
@@ -34,10 +41,14 @@ def sign(secret_key: bytes, method: str, path: str, timestamp: int, body: bytes)
     return sign_digest(secret_key, method, path, timestamp, body_md5(body))
 
 
-def sign_digest(secret_key: bytes, method: str, path: str, timestamp: int, digest: str) -> str:
+def sign_digest(
+    secret_key: bytes, method: str, path: str, timestamp: int, digest: str, nonce: str = ""
+) -> str:
     """The signature with the body's part given directly: its MD5, or an agreed marker
-    (the sidecar's UNSIGNED-PAYLOAD mode for streams too large to buffer)."""
-    message = f"{method}{path}{timestamp}{digest}".encode()
+    (the sidecar's UNSIGNED-PAYLOAD mode for streams too large to buffer); a nonce
+    (the extension above) is appended after a newline, which no header value holds."""
+    text = f"{method}{path}{timestamp}{digest}"
+    message = (f"{text}\n{nonce}" if nonce else text).encode()
     return hmac.new(secret_key, message, hashlib.sha256).hexdigest()
 
 

@@ -33,6 +33,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client import multiprocess as prom_multiprocess
 
+from filters.hmac_replay import SHARED_DIR_ENV
 from sidecar.admin import AdminServer
 from sidecar.config import SidecarConfig, config_to_dict
 from sidecar.server import _write_ports, redact
@@ -91,6 +92,10 @@ class Supervisor:
         self.dir = tempfile.mkdtemp(prefix="opus-sidecar-workers-")
         self.metrics_dir = os.path.join(self.dir, "metrics")
         os.mkdir(self.metrics_dir)
+        # hmac_verify's replay tables, one file each, shared by every worker (a replay
+        # to another worker is a replay too).
+        self.replay_dir = os.path.join(self.dir, "replay")
+        os.mkdir(self.replay_dir)
         self.metrics_registry = CollectorRegistry()
         _multiprocess_collector(self.metrics_registry, self.metrics_dir)
         ProcessCollector(registry=self.metrics_registry)  # the supervisor's own process
@@ -151,6 +156,7 @@ class Supervisor:
         cfg = self.cfg
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        env[SHARED_DIR_ENV] = self.replay_dir
         env["OPUS_WORKERS"] = "1"
         env["OPUS_LISTENERS_OUTBOUND_PORT"] = str(self._port("outbound"))
         env["OPUS_LISTENERS_INBOUND_PORT"] = str(self._port("inbound"))

@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 
 from filters import hmac_sign, hmac_verify
+from filters.hmac_replay import SHARED_DIR_ENV, SharedReplayCache, replay_cache
 from filters.hmac_sign import HmacSignConfig
 from filters.hmac_verify import HmacVerifyConfig, ReplayCache
 from filters.keyring import KeyLoadError, KeyRing, KeySourceConfig, load_keys
 from sidecar import signing
-from sidecar.chain import Call, Filter, FilterContext, compose
+from sidecar.chain import BufferBudget, Call, Filter, FilterContext, compose
 from sidecar.config import ConfigError, load_config
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
@@ -433,11 +434,12 @@ def test_concurrent_copies_of_one_signed_call_admit_only_one(key_file: Path) -> 
 
 def test_replay_cache_evicts_expired_first_and_refuses_when_full_of_live_entries() -> None:
     cache = ReplayCache(2)
-    assert cache.admit(b"a", expiry=10, now=0)
-    assert cache.admit(b"b", expiry=20, now=0)
-    assert not cache.admit(b"c", expiry=30, now=5)  # full of unexpired: refuse, evict nothing
+    assert cache.admit(b"a", expiry=10, now=0) == "ok"
+    assert cache.admit(b"b", expiry=20, now=0) == "ok"
+    assert cache.admit(b"b", expiry=20, now=1) == "replay"
+    assert cache.admit(b"c", expiry=30, now=5) == "full"  # unexpired: refuse, evict nothing
     assert cache.seen(b"a", 5) and cache.seen(b"b", 5)
-    assert cache.admit(b"c", expiry=30, now=10)  # "a" expired at 10: its slot is reused
+    assert cache.admit(b"c", expiry=30, now=10) == "ok"  # "a" expired at 10: slot reused
     assert not cache.seen(b"a", 10)
     assert cache.seen(b"b", 10) and cache.seen(b"c", 10)
     assert len(cache) == 2
@@ -843,3 +845,304 @@ if __name__ == "__main__":
         print(f"wrote {VECTORS}")
     else:
         sys.exit("usage: python -m tests.unit.test_hmac --write-vectors")
+
+
+# --- Finding 5: nothing buffered before the header checks; the buffer budget ----------------
+
+
+def endless_body(first: bytes = b"x" * 1000) -> Body:
+    """A body that never ends: a check that buffers it would hang the test."""
+    body = Body()
+    body.feed(first)
+    return body
+
+
+def run_bounded(flt: Filter, call: Call, app: App) -> Response:
+    async def go() -> Response:
+        return await asyncio.wait_for(compose([flt], app)(call), 2)
+
+    return asyncio.run(go())
+
+
+def test_replayed_signature_is_refused_before_its_body_is_read(key_file: Path) -> None:
+    verify = verifier(key_file, FakeClock())
+    first = signed_inbound(SECRET_1)
+    assert run(verify, first, App()).status == 200
+    replay = signed_inbound(SECRET_1)
+    replay.request.body = endless_body()
+    app = App()
+    assert_refused(run_bounded(verify, replay, app), app, "replay")
+    assert replay.request.body.received == 1000 and replay.buffered == 0
+
+
+def test_key_scoped_elsewhere_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
+    keys = scoped_keys(tmp_path, ["billing"])
+    call = signed_inbound(SECRET_1)
+    call.request.body = endless_body()
+    app = App()
+    response = run_bounded(verifier(keys, FakeClock()), call, app)
+    assert_refused(response, app, "key 'k1' is not scoped to service 'inventory'")
+
+
+def test_buffer_budget_refuses_past_capacity_and_gives_back_on_release() -> None:
+    refused: list[int] = []
+    budget = BufferBudget(100, lambda: refused.append(1))
+    assert budget.take(60) and budget.take(40)
+    assert not budget.take(1) and refused == [1]
+    budget.give(40)
+    assert budget.used == 60 and budget.take(40)
+
+
+def test_read_body_over_the_budget_is_503_naming_the_key_and_is_counted() -> None:
+    budget = BufferBudget(4000)
+    holder = make_call(chunked(b"a" * 3000))
+    holder.budget = budget
+    assert asyncio.run(holder.read_body()) == b"a" * 3000
+    assert budget.used == 3000
+    over = make_call(chunked(b"b" * 3000))
+    over.budget = budget
+    with pytest.raises(Exception) as err:
+        asyncio.run(over.read_body())
+    assert getattr(err.value, "status", None) == 503
+    assert "filters.max_buffered_request_bytes = 4000" in str(err.value)
+    over.release()
+    assert budget.used == 3000  # the refused call gave back what it took
+    holder.release()
+    assert budget.used == 0
+
+
+def test_verifier_over_the_budget_answers_503_and_a_small_call_still_passes(
+    key_file: Path,
+) -> None:
+    verify = verifier(key_file, FakeClock())
+    budget = BufferBudget(5000)
+    big = signed_inbound(SECRET_1, body=b"z" * 8000)
+    big.request.body = chunked(b"z" * 8000)
+    big.budget = budget
+    app = App()
+    response = run(verify, big, app)
+    assert response.status == 503 and app.calls == []
+    assert b"max_buffered_request_bytes" in body_of(response)
+    big.release()
+    small = signed_inbound(SECRET_1, body=b"small")
+    small.budget = budget
+    assert run(verify, small, app).status == 200 and len(app.calls) == 1
+
+
+def test_signer_buffering_to_sign_holds_the_budget(key_file: Path) -> None:
+    budget = BufferBudget(1500)
+    app = App()
+    for oversize in ("reject", "unsigned_body"):
+        call = make_call(chunked(b"q" * 3000))
+        call.budget = budget
+        response = run(signer(key_file, FakeClock(), oversize=oversize), call, app)
+        assert response.status == 503 and app.calls == []
+        assert budget.used == 1000  # the first chunk; the second was refused
+        call.release()
+        assert budget.used == 0
+
+
+# --- Finding 6: replays across workers, keys scoped to services ------------------------------
+
+
+def test_shared_replay_table_is_one_cache_for_every_opener(tmp_path: Path) -> None:
+    path = str(tmp_path / "replay.bin")
+    worker_a, worker_b = SharedReplayCache(path, 8), SharedReplayCache(path, 8)
+    sig = hashlib.sha256(b"one call").digest()
+    assert worker_a.admit(sig, expiry=100, now=0) == "ok"
+    assert worker_b.seen(sig, 1) and worker_b.admit(sig, expiry=100, now=1) == "replay"
+    assert not worker_b.seen(sig, 100)  # expired
+    assert worker_b.admit(sig, expiry=200, now=100) == "ok"  # its slot is reused
+    assert worker_a.admit(sig, expiry=200, now=101) == "replay"
+    worker_a.close()
+    worker_b.close()
+
+
+def test_shared_replay_table_refuses_when_full_of_live_entries(tmp_path: Path) -> None:
+    table = SharedReplayCache(str(tmp_path / "replay.bin"), 2)  # 4 slots
+    sigs = [hashlib.sha256(bytes([i])).digest() for i in range(5)]
+    assert [table.admit(s, expiry=10, now=0) for s in sigs] == ["ok"] * 4 + ["full"]
+    assert table.admit(sigs[4], expiry=20, now=10) == "ok"  # all expired: room again
+    assert len(table) == 4
+    table.close()
+
+
+def test_verifier_uses_the_shared_table_when_the_supervisor_names_one(
+    key_file: Path, tmp_path: Path
+) -> None:
+    environ = {SHARED_DIR_ENV: str(tmp_path)}
+    assert isinstance(replay_cache("t", 10, environ), SharedReplayCache)
+    assert isinstance(replay_cache("t", 10, {}), ReplayCache)
+    cfg = HmacVerifyConfig(key_file=str(key_file))
+    clock = FakeClock()
+    workers = [
+        hmac_verify.factory.build(
+            cfg, FilterContext("inbound", "inventory", None, {"now": clock, "environ": environ})
+        )
+        for _ in range(2)
+    ]
+    app = App()
+    assert run(workers[0], signed_inbound(SECRET_1), app).status == 200
+    assert_refused(run(workers[1], signed_inbound(SECRET_1), App()), App(), "replay")
+    assert len(app.calls) == 1
+
+
+def test_shared_table_costs_little_per_call(tmp_path: Path) -> None:
+    """Its cost per admit (lock, probe, write, unlock), measured: printed with -s."""
+    import time
+
+    table = SharedReplayCache(str(tmp_path / "replay.bin"), 100_000)
+    local = ReplayCache(100_000)
+    sigs = [hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(20_000)]
+    costs = []
+    for cache in (table, local):
+        start = time.perf_counter()
+        for sig in sigs:
+            cache.seen(sig, 0)
+            cache.admit(sig, 1e12, 0)
+        costs.append((time.perf_counter() - start) / len(sigs))
+    print(
+        f"seen+admit per call: shared {costs[0] * 1e6:.2f} us, in-process {costs[1] * 1e6:.2f} us"
+    )
+    assert costs[0] < 100e-6
+    table.close()
+
+
+def scoped_keys(tmp_path: Path, services: list[str]) -> Path:
+    path = tmp_path / "scoped.json"
+    path.write_text(json.dumps({"k1": {"secret": SECRET_1, "services": services}}))
+    return path
+
+
+def test_key_scoped_to_service_a_is_refused_by_service_b(tmp_path: Path) -> None:
+    keys = scoped_keys(tmp_path, ["inventory"])
+    clock = FakeClock()
+    cfg = HmacVerifyConfig(key_file=str(keys))
+    inventory = hmac_verify.factory.build(
+        cfg, FilterContext("inbound", "inventory", None, {"now": clock})
+    )
+    billing = hmac_verify.factory.build(
+        cfg, FilterContext("inbound", "billing", None, {"now": clock})
+    )
+    app = App()
+    assert run(inventory, signed_inbound(SECRET_1), app).status == 200
+    refused = App()
+    assert_refused(
+        run(billing, signed_inbound(SECRET_1, body=b"2"), refused),
+        refused,
+        "not scoped to service 'billing'",
+    )
+    # Without a key id, only keys scoped to this service are tried.
+    anonymous = signed_inbound(SECRET_1, body=b"3", key_id=None)
+    assert_refused(run(billing, anonymous, refused), refused, "scoped to service 'billing'")
+
+
+def test_signer_signs_only_for_services_its_key_is_scoped_to(tmp_path: Path) -> None:
+    keys = scoped_keys(tmp_path, ["inventory"])
+    sign = signer(keys, FakeClock())
+    app = App()
+    assert run(sign, make_call(b"x"), app).status == 200  # make_call's service: inventory
+    call = make_call(b"x")
+    call.service = "billing"
+    response = run(sign, call, app)
+    assert response.status == 403 and b"not scoped to service 'billing'" in body_of(response)
+    assert len(app.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"secret": "s"}, "'services' must be a non-empty list"),
+        ({"secret": "s", "services": []}, "'services' must be a non-empty list"),
+        ({"services": ["a"]}, "needs a string 'secret'"),
+        ({"secret": "s", "services": ["a"], "sevrices": 1}, "unknown fields ['sevrices']"),
+    ],
+)
+def test_scoped_key_entries_are_checked(
+    tmp_path: Path, entry: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"k1": entry}))
+    with pytest.raises(KeyLoadError, match="k1") as err:
+        load_keys(KeySourceConfig(key_file=str(path)))
+    assert message in str(err.value) and "'s'" not in str(err.value)
+
+
+def test_plain_and_scoped_keys_mix_in_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text("k1: plain\nk2:\n  secret: scoped\n  services: [inventory, billing]\n")
+    keys = load_keys(KeySourceConfig(key_file=str(path)))
+    assert keys["k1"].services is None and keys["k1"].valid_for("anything")
+    assert keys["k2"].services == frozenset({"inventory", "billing"})
+    assert keys["k2"].secret == b"scoped" and not keys["k2"].valid_for("payment")
+
+
+# --- Finding 11: the nonce extension; what a gRPC refusal says -------------------------------
+
+
+def test_nonce_extension_signs_the_nonce_after_a_newline() -> None:
+    md5 = hashlib.md5(b"body").hexdigest()
+    message = f"POST/x1700000000{md5}\nabcdefghijklmnop".encode()
+    expected = hmac.new(b"key", message, hashlib.sha256).hexdigest()
+    assert (
+        signing.sign_digest(b"key", "POST", "/x", 1700000000, md5, "abcdefghijklmnop") == expected
+    )
+    # No nonce: the seed's string, byte for byte.
+    seed = hmac.new(b"key", f"POST/x1700000000{md5}".encode(), hashlib.sha256).hexdigest()
+    assert signing.sign_digest(b"key", "POST", "/x", 1700000000, md5) == seed
+
+
+def test_grpc_calls_alike_in_one_second_all_pass_with_the_nonce(key_file: Path) -> None:
+    grpc = [(b"content-type", b"application/grpc")]
+    clock = FakeClock()
+    sign = signer(key_file, clock, oversize="unsigned_body", nonce=True)
+    verify = verifier(key_file, clock, allow_unsigned_body=True, require_nonce=True)
+    app = App()
+    signatures = set()
+    for _ in range(8):
+        out = make_call(b"\0\0\0\0\1a", headers=grpc)
+        assert run(sign, out, App()).status == 200
+        nonce = header(out, "X-OPUS-Nonce")
+        assert 16 <= len(nonce) <= 64
+        signatures.add(header(out, "X-OPUS-Signature"))
+        assert run(verify, inbound_copy(out, b"\0\0\0\0\1a"), app).status == 200
+    assert len(signatures) == 8 and len(app.calls) == 8
+
+
+def test_without_the_nonce_a_second_alike_grpc_call_is_a_replay(key_file: Path) -> None:
+    grpc = [(b"content-type", b"application/grpc")]
+    clock = FakeClock()
+    sign = signer(key_file, clock, oversize="unsigned_body")
+    verify = verifier(key_file, clock, allow_unsigned_body=True)
+    app = App()
+    statuses = []
+    for _ in range(2):
+        out = make_call(b"\0\0\0\0\1a", headers=grpc)
+        run(sign, out, App())
+        assert out.header(b"x-opus-nonce") is None
+        statuses.append(run(verify, inbound_copy(out, b"\0\0\0\0\1a"), app).headers)
+    assert (b"grpc-status", b"16") in statuses[1] and len(app.calls) == 1
+
+
+def test_nonce_is_checked_required_and_signed(key_file: Path) -> None:
+    clock = FakeClock()
+    app = App()
+    plain = signed_inbound(SECRET_1)
+    assert_refused(
+        run(verifier(key_file, clock, require_nonce=True), plain, app), app, "missing X-OPUS-Nonce"
+    )
+    bad = signed_inbound(SECRET_1)
+    bad.headers.append((b"x-opus-nonce", b"short"))
+    assert_refused(run(verifier(key_file, clock), bad, app), app, "malformed X-OPUS-Nonce")
+    # A nonce added to a call signed without one does not match: the nonce is signed.
+    added = signed_inbound(SECRET_1)
+    added.headers.append((b"x-opus-nonce", b"n" * 20))
+    assert_refused(run(verifier(key_file, clock), added, app), app, "does not match")
+
+
+def test_grpc_refusal_says_the_body_is_streamed_not_over_a_limit(key_file: Path) -> None:
+    grpc = [(b"content-type", b"application/grpc")]
+    response = run(signer(key_file, FakeClock()), make_call(b"\0\0\0\0\1a", headers=grpc), App())
+    message = dict(response.headers)[b"grpc-message"].decode()
+    assert "streamed" in message and "allow_unsigned_body" in message
+    assert "1048576" not in message
