@@ -280,9 +280,9 @@ class H2Connection:
         self._encoder = _Encoder()
         self._decoder = _Decoder(self.max_header_list_size)
         self._out: list[bytes] = []
-        # An incomplete frame: its pieces, their size, and the size that completes it.
-        self._pending: list[bytes] = []
-        self._pending_size = 0
+        # An incomplete frame (bounded by the frame size limit), and the size that
+        # completes it.
+        self._pending = bytearray()
         self._pending_need = 0
         self._reset_sent: deque[int] = deque(maxlen=RESET_MEMORY)
         # A header block is bounded in wire bytes (each frame header counted, so a flood
@@ -422,15 +422,14 @@ class H2Connection:
         """Parse what arrived. Raises ProtocolError (with a GOAWAY queued) on a
         connection error."""
         events: list[Event] = []
-        if self._pending_size:
+        if self._pending:
             # Part of a frame was waiting: gather pieces until it is whole, so a frame
             # that arrives a byte at a time is copied once, not once per byte.
-            self._pending.append(data)
-            self._pending_size += len(data)
-            if self._pending_size < self._pending_need:
+            self._pending += data
+            if len(self._pending) < self._pending_need:
                 return events
-            data = b"".join(self._pending)
-            self._pending, self._pending_size = [], 0
+            data = bytes(self._pending)
+            self._pending.clear()
         buf = data
         pos = 0
         if self._preface_pending:
@@ -482,7 +481,8 @@ class H2Connection:
 
     def _wait_for(self, piece: bytes, need: int) -> None:
         """Keep the start of an incomplete frame (or preface) until `need` bytes are here."""
-        self._pending, self._pending_size, self._pending_need = [piece], len(piece), need
+        self._pending += piece
+        self._pending_need = need
 
     def _fail(self, message: str, code: int = ErrorCodes.PROTOCOL_ERROR) -> ProtocolError:
         self.goaway(self.highest_remote_id, code)
