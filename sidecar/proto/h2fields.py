@@ -141,7 +141,9 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
         bit = _REQUEST_PSEUDO.get(name)
         if bit is None:
             regular = True
-            kind = _kind(name)
+            kind = _NAMES.get(name)
+            if kind is None:
+                kind = _kind(name)
             if kind:
                 if kind == _HOST:
                     if host is not None:
@@ -177,7 +179,10 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
             raise Malformed("neither :authority nor host")
     elif host is not None and host != authority:
         raise Malformed(f"host {host!r} differs from :authority {authority!r}")
-    if _AUTHORITY(authority) is None:
+    if (
+        not authority.replace(b".", b"").replace(b":", b"").isalnum()
+        and _AUTHORITY(authority) is None
+    ):
         raise Malformed(f"authority {authority!r} is not host[:port]")
     return length
 
@@ -191,10 +196,16 @@ def response_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     if len(status) != 3 or not status.isdigit():
         raise Malformed(f":status {status!r} is not three digits")
     length = -1
-    for name, value in headers[1:]:
+    first = True
+    for name, value in headers:
+        if first:
+            first = False
+            continue
         if value.translate(_IDENTITY, _CONTROL).strip() is not value:
             raise _bad_value(name)
-        kind = _kind(name)
+        kind = _NAMES.get(name)
+        if kind is None:
+            kind = _kind(name)
         if kind:
             length = _special(kind, name, value, length)
     return length
