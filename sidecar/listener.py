@@ -98,7 +98,9 @@ class _Detect(asyncio.Protocol):
         if len(buffer) < len(H2_PREFACE) and H2_PREFACE.startswith(buffer):
             return  # could still be HTTP/2: wait for the rest of the preface
         proto: H1ServerProtocol | H2ServerProtocol
-        if buffer.startswith(H2_PREFACE):
+        # "PRI " is the preface's (RFC 9113 3.4: no HTTP/1.1 method): a preface that
+        # diverges after it is an invalid one, answered with GOAWAY (3.5), not a 400.
+        if buffer.startswith(b"PRI "):
             proto = H2ServerProtocol(self.ctx)
         else:
             proto = H1ServerProtocol(self.ctx)

@@ -20,11 +20,21 @@ from __future__ import annotations
 
 import importlib
 import struct
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
+
+from sidecar.proto.h2fields import (
+    HpackViolation,
+    Malformed,
+    check_hpack_block,
+    check_trailers,
+    request_length,
+    response_length,
+)
 
 __all__ = [
     "ConnectionTerminated",
@@ -66,12 +76,12 @@ _SETTING = struct.Struct(">HI")
 
 Headers = list[tuple[bytes, bytes]]
 
-# RFC 9113 8.2.2: connection-specific fields make a message malformed.
-_CONNECTION_HEADERS = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
-)
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
-_UPPER = bytes(range(65, 91))
+# How many of the streams we reset are remembered, so that what the peer had already
+# sent on them is ignored (RFC 9113 5.1), not answered as a frame on a closed stream.
+RESET_MEMORY = 64
+# A flag of our own (beyond the wire's 8 bits) carried with a header block: its HEADERS
+# made the stream depend on itself (RFC 9113 5.3.1).
+_SELF_DEPENDENT = 0x100
 
 
 def _hpack() -> tuple[Any, Any, bool]:
@@ -105,10 +115,11 @@ class NoAvailableStreamIDError(Exception):
 
 
 class _StreamError(Exception):
-    def __init__(self, stream_id: int, code: int) -> None:
-        super().__init__(stream_id, code)
+    def __init__(self, stream_id: int, code: int, reason: str = "") -> None:
+        super().__init__(stream_id, code, reason)
         self.stream_id = stream_id
         self.code = code
+        self.reason = reason
 
 
 # -- events -------------------------------------------------------------------------
@@ -156,14 +167,18 @@ class StreamEnded(Event):
 
 
 class StreamReset(Event):
-    """The peer reset the stream, or we did because what it sent was malformed."""
+    """The peer reset the stream, or we did (`remote` False) because what it sent was
+    malformed or broke the protocol: `reason` says how."""
 
-    __slots__ = ("error_code", "remote", "stream_id")
+    __slots__ = ("error_code", "reason", "remote", "stream_id")
 
-    def __init__(self, stream_id: int, error_code: int, remote: bool = True) -> None:
+    def __init__(
+        self, stream_id: int, error_code: int, remote: bool = True, reason: str = ""
+    ) -> None:
         self.stream_id = stream_id
         self.error_code = error_code
         self.remote = remote
+        self.reason = reason
 
 
 class WindowUpdated(Event):
@@ -265,7 +280,15 @@ class H2Connection:
         self._encoder = _Encoder()
         self._decoder = _Decoder(self.max_header_list_size)
         self._out: list[bytes] = []
-        self._buffer = b""
+        # An incomplete frame (bounded by the frame size limit), and the size that
+        # completes it.
+        self._pending = bytearray()
+        self._pending_need = 0
+        self._reset_sent: deque[int] = deque(maxlen=RESET_MEMORY)
+        # A header block is bounded in wire bytes (each frame header counted, so a flood
+        # of empty CONTINUATION frames is bounded too): an encoded block is no larger
+        # than the header list it decodes to, whose size the peer was told.
+        self._block_limit = self.max_header_list_size + DEFAULT_MAX_FRAME
         self._preface_pending = not client_side
         self._settings_seen = False
         # A header block being assembled: (stream id, flags of its HEADERS, fragments).
@@ -363,6 +386,7 @@ class H2Connection:
         if self.streams.pop(stream_id, None) is None:
             raise StreamClosedError(f"stream {stream_id} is closed")
         self._frame(RST_STREAM, 0, stream_id, _U32.pack(error_code))
+        self._reset_sent.append(stream_id)
 
     def acknowledge_received_data(self, size: int, stream_id: int) -> None:
         """The application consumed `size` flow-controlled bytes: return the window to
@@ -398,19 +422,28 @@ class H2Connection:
         """Parse what arrived. Raises ProtocolError (with a GOAWAY queued) on a
         connection error."""
         events: list[Event] = []
-        buf = self._buffer + data if self._buffer else data
+        if self._pending:
+            # Part of a frame was waiting: gather pieces until it is whole, so a frame
+            # that arrives a byte at a time is copied once, not once per byte.
+            self._pending += data
+            if len(self._pending) < self._pending_need:
+                return events
+            data = bytes(self._pending)
+            self._pending.clear()
+        buf = data
         pos = 0
         if self._preface_pending:
             if len(buf) < len(PREFACE):
                 if not PREFACE.startswith(buf):
                     raise self._fail("invalid connection preface")
-                self._buffer = buf
+                self._wait_for(buf, len(buf) + 1)
                 return events
             if not buf.startswith(PREFACE):
                 raise self._fail("invalid connection preface")
             self._preface_pending = False
             pos = len(PREFACE)
         end = len(buf)
+        need = 9
         max_frame = self.local_max_frame
         try:
             while end - pos >= 9:
@@ -421,6 +454,7 @@ class H2Connection:
                         f"frame of {length} bytes over {max_frame}", ErrorCodes.FRAME_SIZE_ERROR
                     )
                 if end - pos - 9 < length:
+                    need = 9 + length
                     break
                 payload = buf[pos + 9 : pos + 9 + length]
                 pos += 9 + length
@@ -438,23 +472,30 @@ class H2Connection:
                     else:
                         self._dispatch(kind, flags, stream_id, payload, events)
                 except _StreamError as err:
-                    self._reset_on_error(err.stream_id, err.code, events)
+                    self._reset_on_error(err, events)
         except ProtocolError as exc:
-            self._buffer = b""
             raise self._fail(str(exc), exc.code) from None
-        self._buffer = buf[pos:] if pos < end else b""
+        if pos < end:
+            self._wait_for(buf[pos:] if pos else buf, need)
         return events
+
+    def _wait_for(self, piece: bytes, need: int) -> None:
+        """Keep the start of an incomplete frame (or preface) until `need` bytes are here."""
+        self._pending += piece
+        self._pending_need = need
 
     def _fail(self, message: str, code: int = ErrorCodes.PROTOCOL_ERROR) -> ProtocolError:
         self.goaway(self.highest_remote_id, code)
         return ProtocolError(message, code)
 
-    def _reset_on_error(self, stream_id: int, code: int, events: list[Event]) -> None:
-        stream = self.streams.pop(stream_id, None)
-        self._frame(RST_STREAM, 0, stream_id, _U32.pack(code))
-        # Our own streams always have a caller waiting; a peer's only once announced.
-        if stream is not None and (self.client_side or stream.head_received):
-            events.append(StreamReset(stream_id, code, remote=False))
+    def _reset_on_error(self, err: _StreamError, events: list[Event]) -> None:
+        stream_id = err.stream_id
+        self.streams.pop(stream_id, None)
+        self._frame(RST_STREAM, 0, stream_id, _U32.pack(err.code))
+        self._reset_sent.append(stream_id)
+        # Reported even for a stream never announced (a malformed request), so that the
+        # adapter can log why and count resets we were made to send (CVE-2025-8671).
+        events.append(StreamReset(stream_id, err.code, remote=False, reason=err.reason))
 
     def _dispatch(
         self, kind: int, flags: int, stream_id: int, payload: bytes, events: list[Event]
@@ -469,16 +510,20 @@ class H2Connection:
         elif kind == RST_STREAM:
             self._on_rst_stream(stream_id, payload, events)
         elif kind == PING:
-            if stream_id or len(payload) != 8:
-                raise ProtocolError("malformed PING", ErrorCodes.FRAME_SIZE_ERROR)
+            if stream_id:
+                raise ProtocolError("PING on a stream")
+            if len(payload) != 8:
+                raise ProtocolError("PING of a length not 8", ErrorCodes.FRAME_SIZE_ERROR)
             if flags & ACK:
                 events.append(PingAckReceived(payload))
             else:
                 self._frame(PING, ACK, 0, payload)
                 events.append(PingReceived())
         elif kind == GOAWAY:
-            if stream_id or len(payload) < 8:
-                raise ProtocolError("malformed GOAWAY", ErrorCodes.FRAME_SIZE_ERROR)
+            if stream_id:
+                raise ProtocolError("GOAWAY on a stream")
+            if len(payload) < 8:
+                raise ProtocolError("GOAWAY shorter than 8 bytes", ErrorCodes.FRAME_SIZE_ERROR)
             last, code = _GOAWAY.unpack_from(payload)
             self.goaway_received = True
             events.append(ConnectionTerminated(code, last & MAX_STREAM_ID))
@@ -486,7 +531,9 @@ class H2Connection:
             if not stream_id:
                 raise ProtocolError("PRIORITY on stream 0")
             if len(payload) != 5:
-                raise _StreamError(stream_id, ErrorCodes.FRAME_SIZE_ERROR)
+                raise _StreamError(stream_id, ErrorCodes.FRAME_SIZE_ERROR, "PRIORITY not 5 bytes")
+            if _U32.unpack_from(payload)[0] & MAX_STREAM_ID == stream_id:
+                raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR, "depends on itself")
         elif kind == PUSH_PROMISE:
             raise ProtocolError("PUSH_PROMISE was not enabled")
         # Unknown frame types are ignored (RFC 9113 5.5).
@@ -504,12 +551,14 @@ class H2Connection:
         if stream is None or stream.remote_closed or not stream.head_received:
             if self._is_idle(stream_id):
                 raise ProtocolError(f"DATA on idle stream {stream_id}")
-            # A stream that closed meanwhile (we reset it, or it finished): the data is
-            # dropped and its connection window given back at once.
+            # The data is dropped and its connection window given back at once. On a
+            # stream we reset, the peer may have sent it before it knew: ignored. On
+            # one the peer ended or reset, it is a STREAM_CLOSED error (RFC 9113 5.1),
+            # answered once: the RST_STREAM puts the stream among those we reset.
             self.acknowledge_received_data(size, 0)
-            if stream is not None:
-                raise _StreamError(stream_id, ErrorCodes.STREAM_CLOSED)
-            return
+            if stream is None and stream_id in self._reset_sent:
+                return
+            raise _StreamError(stream_id, ErrorCodes.STREAM_CLOSED, "DATA on a closed stream")
         if size > stream.window:
             self.acknowledge_received_data(size, 0)
             raise _StreamError(stream_id, ErrorCodes.FLOW_CONTROL_ERROR)
@@ -554,6 +603,8 @@ class H2Connection:
             start += 5
             if start > end:
                 raise ProtocolError("HEADERS too short for its priority fields")
+            if _U32.unpack_from(payload, start - 5)[0] & MAX_STREAM_ID == stream_id:
+                flags |= _SELF_DEPENDENT
         fragment = payload[start:end]
         if flags & END_HEADERS:
             self._header_block(stream_id, flags, fragment, events)
@@ -566,10 +617,13 @@ class H2Connection:
     ) -> None:
         if stream_id != self._block_stream or not stream_id:
             raise ProtocolError("CONTINUATION without a header block to continue")
-        self._block.append(payload)
-        self._block_size += len(payload)
-        if self._block_size > 2 * self.max_header_list_size + 16384:
-            raise ProtocolError("header block too large", ErrorCodes.ENHANCE_YOUR_CALM)
+        if payload:
+            self._block.append(payload)
+        self._block_size += 9 + len(payload)
+        if self._block_size > self._block_limit:
+            raise ProtocolError(
+                f"header block over {self._block_limit} bytes", ErrorCodes.ENHANCE_YOUR_CALM
+            )
         if flags & END_HEADERS:
             block, self._block = b"".join(self._block), []
             block_flags, self._block_stream = self._block_flags, 0
@@ -578,10 +632,15 @@ class H2Connection:
     def _decode(self, block: bytes) -> Headers:
         try:
             if COMPILED_HPACK:
-                return [(h[0], h[1]) for h in self._decoder.decode(block, True)]
+                headers = [(h[0], h[1]) for h in self._decoder.decode(block, True)]
+                # What jh2's decoder lets through (hpack's refuses it itself).
+                check_hpack_block(block, headers)
+                return headers
             return [(bytes(n), bytes(v)) for n, v in self._decoder.decode(block, raw=True)]
         except (KeyboardInterrupt, SystemExit):  # pragma: no cover
             raise
+        except HpackViolation as exc:
+            raise ProtocolError(f"header block: {exc}", ErrorCodes.COMPRESSION_ERROR) from None
         except BaseException as exc:
             # jh2's codec reports some malformed input as a Rust panic, which Python
             # sees as a BaseException: either way the decoder state is lost.
@@ -596,35 +655,46 @@ class H2Connection:
         end_stream = bool(flags & END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is None:
-            if self.client_side or not (stream_id & 1):
-                if self._is_idle(stream_id):
-                    raise ProtocolError(f"HEADERS on unopened stream {stream_id}")
-                return  # a stream of ours that closed: lenient, ignored
-            if stream_id <= self.highest_remote_id:
-                # A closed stream (finished, reset, or skipped over: RFC 9113 5.1.1).
-                # Late trailers on it are ignored; a new request is an error, since new
-                # streams must use ids higher than every id before them.
-                if any(name[:1] == b":" for name, _ in headers):
-                    raise ProtocolError(f"stream id {stream_id} is not higher than the last")
+            if self.client_side or not (stream_id & 1) or stream_id <= self.highest_remote_id:
+                self._closed_stream_headers(stream_id, headers)
                 return
             self.highest_remote_id = stream_id
+            if flags & _SELF_DEPENDENT:
+                raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR, "depends on itself")
             if len(self.streams) >= self.local_max_streams:
-                raise _StreamError(stream_id, ErrorCodes.REFUSED_STREAM)
+                raise _StreamError(stream_id, ErrorCodes.REFUSED_STREAM, "too many streams")
             # Until our SETTINGS are acknowledged the peer may assume the default window.
             stream = _Stream(self.remote_window, max(self.local_window, DEFAULT_WINDOW))
             self.streams[stream_id] = stream
             self._on_head(stream_id, stream, headers, end_stream, events)
             return
+        if flags & _SELF_DEPENDENT:
+            raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR, "depends on itself")
         if stream.remote_closed:
-            raise _StreamError(stream_id, ErrorCodes.STREAM_CLOSED)
+            raise _StreamError(stream_id, ErrorCodes.STREAM_CLOSED, "HEADERS after END_STREAM")
         if not stream.head_received:
             self._on_head(stream_id, stream, headers, end_stream, events)
             return
         # Trailers: they end the stream and carry no pseudo-header.
-        if not end_stream or any(name[:1] == b":" for name, _ in headers):
-            raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        try:
+            if not end_stream:
+                raise Malformed("a second header block without END_STREAM")
+            check_trailers(headers)
+        except Malformed as exc:
+            raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR, str(exc)) from None
         events.append(TrailersReceived(stream_id, headers))
         self._end_remote(stream_id, stream, events)
+
+    def _closed_stream_headers(self, stream_id: int, headers: Headers) -> None:
+        """A header block on a stream that is not open (RFC 9113 5.1, 5.1.1)."""
+        if self._is_idle(stream_id):
+            raise ProtocolError(f"HEADERS on unopened stream {stream_id}")
+        if self.client_side or stream_id in self._reset_sent:
+            return  # sent before the peer saw our RST_STREAM, or a late one of ours
+        if any(name[:1] == b":" for name, _ in headers):
+            # New streams must use ids higher than every id before them.
+            raise ProtocolError(f"stream id {stream_id} is not higher than the last")
+        raise _StreamError(stream_id, ErrorCodes.STREAM_CLOSED, "trailers on a closed stream")
 
     def _on_head(
         self,
@@ -634,18 +704,22 @@ class H2Connection:
         end_stream: bool,
         events: list[Event],
     ) -> None:
-        if self.client_side:
-            length = _response_length(headers)
-            if length is not None and headers[0][1][:1] == b"1":
-                if end_stream:
-                    raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
-                return  # informational: the real response follows
-            event: RequestReceived = ResponseReceived(stream_id, headers, end_stream)
-        else:
-            length = _request_length(headers)
-            event = RequestReceived(stream_id, headers, end_stream)
-        if length is None or (end_stream and length > 0):
-            raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        event: RequestReceived
+        try:
+            if self.client_side:
+                length = response_length(headers)
+                if headers[0][1][:1] == b"1":
+                    if end_stream:
+                        raise Malformed("an informational response ends the stream")
+                    return  # informational: the real response follows
+                event = ResponseReceived(stream_id, headers, end_stream)
+            else:
+                length = request_length(headers)
+                event = RequestReceived(stream_id, headers, end_stream)
+            if end_stream and length > 0:
+                raise Malformed(f"content-length {length} on a stream that ends")
+        except Malformed as exc:
+            raise _StreamError(stream_id, ErrorCodes.PROTOCOL_ERROR, str(exc)) from None
         stream.expected_length = length
         stream.head_received = True
         events.append(event)
@@ -699,6 +773,11 @@ class H2Connection:
                 self.remote_window = value
                 for stream in self.streams.values():
                     stream.out_window += delta
+                    if stream.out_window > MAX_WINDOW:  # RFC 9113 6.9.2
+                        raise ProtocolError(
+                            "INITIAL_WINDOW_SIZE takes a window over 2^31-1",
+                            ErrorCodes.FLOW_CONTROL_ERROR,
+                        )
             elif code == SettingCodes.MAX_FRAME_SIZE:
                 if not DEFAULT_MAX_FRAME <= value <= 2**24 - 1:
                     raise ProtocolError(f"MAX_FRAME_SIZE {value} out of range")
@@ -707,7 +786,7 @@ class H2Connection:
                 self.remote_max_concurrent_streams = value
             elif code == SettingCodes.HEADER_TABLE_SIZE:
                 self._encoder.header_table_size = min(value, 4096)
-            elif code == SettingCodes.ENABLE_PUSH and value > 1:
+            elif code == SettingCodes.ENABLE_PUSH and (value > 1 or (value and self.client_side)):
                 raise ProtocolError(f"ENABLE_PUSH {value}")
         self._frame(SETTINGS, ACK, 0)
         events.append(RemoteSettingsChanged())
@@ -723,63 +802,3 @@ class H2Connection:
                 raise ProtocolError(f"RST_STREAM on idle stream {stream_id}")
             return
         events.append(StreamReset(stream_id, _U32.unpack(payload)[0]))
-
-
-def _bad_field(name: bytes, value: bytes) -> bool:
-    return (
-        name in _CONNECTION_HEADERS
-        or (name == b"te" and value != b"trailers")
-        or not name
-        or name.translate(None, _UPPER) != name
-    )
-
-
-def _content_length(value: bytes, length: int) -> int | None:
-    """A content-length value, None when it is not digits or disagrees with one before."""
-    if not value.isdigit() or (length >= 0 and int(value) != length):
-        return None
-    return int(value)
-
-
-def _request_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
-    """The request's content-length (-1: none), or None if the head is malformed
-    (RFC 9113 8.3.1): the pseudo-headers first, each at most once, the three required
-    ones present (CONNECT aside, which the sidecar does not serve); lowercase names;
-    no connection-specific field; `te` only as "trailers"."""
-    seen: set[bytes] = set()
-    regular = False
-    length = -1
-    for name, value in headers:
-        if name[:1] == b":":
-            if regular or name in seen or name not in _REQUEST_PSEUDO:
-                return None
-            seen.add(name)
-            continue
-        regular = True
-        if name == b"content-length":
-            parsed = _content_length(value, length)
-            if parsed is None:
-                return None
-            length = parsed
-        elif _bad_field(name, value):
-            return None
-    if len(seen) < 3 or (b":authority" in seen and len(seen) < 4):
-        return None  # one of :method, :scheme, :path is missing
-    return length
-
-
-def _response_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
-    """The response's content-length (-1: none), or None if the head is malformed:
-    :status first and alone among pseudo-headers, no connection-specific field."""
-    if not headers or headers[0][0] != b":status":
-        return None
-    length = -1
-    for name, value in headers[1:]:
-        if name == b"content-length":
-            parsed = _content_length(value, length)
-            if parsed is None:
-                return None
-            length = parsed
-        elif name[:1] == b":" or name in _CONNECTION_HEADERS:
-            return None
-    return length

@@ -133,6 +133,8 @@ class H2ServerProtocol(H2Base):
             elif kind is h2.WindowUpdated:
                 self.window_opened(event.stream_id)  # type: ignore[attr-defined]
             elif kind is h2.StreamReset:
+                if not event.remote:  # type: ignore[attr-defined]
+                    self.ctx.log.debug("HTTP/2 stream reset for %s: %s", self.peer, event.reason)  # type: ignore[attr-defined]
                 self._reset(event.stream_id)  # type: ignore[attr-defined]
                 if not self._resets.spend(time.monotonic()):
                     # CVE-2023-44487 (rapid reset): streams opened and cancelled at once.

@@ -163,7 +163,10 @@ def test_malformed_requests_are_reset_and_never_reported(headers: list) -> None:
     ours, _ = server_with_client()
     head = HeadersFrame(1, flags=["END_HEADERS", "END_STREAM"])
     head.data = engine._Encoder().encode([(n, v, False) for n, v in headers])
-    assert ours.receive_data(head.serialize()) == []
+    events = ours.receive_data(head.serialize())
+    # Never announced as a request: only the reset we sent, with why.
+    assert [(type(e), e.remote) for e in events] == [(engine.StreamReset, False)]
+    assert events[0].reason
     reset = frames(ours.data_to_send())[-1]
     assert isinstance(reset, RstStreamFrame) and reset.error_code == ErrorCodes.PROTOCOL_ERROR
 
@@ -179,7 +182,8 @@ def test_body_longer_or_shorter_than_content_length_is_reset() -> None:
     head.data = engine._Encoder().encode(
         [(n, v, False) for n, v in [*REQUEST, (b"content-length", b"3")]]
     )
-    assert ours.receive_data(head.serialize()) == []  # never reported: reset at once
+    events = ours.receive_data(head.serialize())  # never announced: reset at once
+    assert [type(e) for e in events] == [engine.StreamReset]
     reset = frames(ours.data_to_send())[-1]
     assert isinstance(reset, RstStreamFrame) and reset.stream_id == 3
 

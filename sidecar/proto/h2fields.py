@@ -1,0 +1,293 @@
+"""What makes an HTTP/2 message malformed (RFC 9113 8.2, 8.3) and what jh2's HPACK
+decoder lets through that RFC 7541 forbids (4.2, 5.2): the checks the engine
+(sidecar/proto/h2engine.py) runs in the one pass it makes over each header list.
+
+Every field is checked once, with two C calls for its value (`translate` and `strip`)
+and a dict lookup for its name (a regex only for a name outside the common set).
+Names are held to RFC 9110's token (lowercase), values to RFC 9110's field-value (no
+control character but HTAB): stricter than RFC 9113's minimum, as nghttp2 is, since
+what is accepted here is written to HTTP/1.1 next, whose parsers split on less.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from hpack.huffman_constants import REQUEST_CODES_LENGTH
+
+__all__ = [
+    "Malformed",
+    "check_hpack_block",
+    "check_trailers",
+    "request_length",
+    "response_length",
+]
+
+
+class Malformed(Exception):
+    """The header list breaks RFC 9113 8.2/8.3; the message names the field."""
+
+
+class HpackViolation(Exception):
+    """The header block breaks RFC 7541 where the compiled decoder does not check."""
+
+
+# A byte of a field value that is a control character other than HTAB (RFC 9110 5.5):
+# deleted by translate(), so a value holding one comes back as a different object.
+_IDENTITY = bytes(range(256))
+_CONTROL = bytes(c for c in range(32) if c != 9) + b"\x7f"
+_TOKEN_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+").fullmatch
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*").fullmatch
+# RFC 3986 host and port, no userinfo (RFC 9113 8.3.1).
+_AUTHORITY = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]+").fullmatch
+
+# What a regular field name needs handled beyond its syntax.
+_PLAIN, _LENGTH, _TE, _CONNECTION, _HOST = 0, 1, 2, 3, 4
+# Common names known to be valid tokens (no regex for them), and the special ones.
+_NAMES: dict[bytes, int] = dict.fromkeys(
+    (
+        b"accept",
+        b"accept-encoding",
+        b"accept-language",
+        b"authorization",
+        b"cache-control",
+        b"content-encoding",
+        b"content-type",
+        b"cookie",
+        b"date",
+        b"etag",
+        b"grpc-encoding",
+        b"grpc-accept-encoding",
+        b"grpc-message",
+        b"grpc-status",
+        b"grpc-timeout",
+        b"last-modified",
+        b"location",
+        b"server",
+        b"set-cookie",
+        b"traceparent",
+        b"user-agent",
+        b"vary",
+        b"x-forwarded-for",
+        b"x-request-id",
+    ),
+    _PLAIN,
+)
+_NAMES.update({b"content-length": _LENGTH, b"te": _TE, b"host": _HOST})
+# RFC 9113 8.2.2: connection-specific fields make a message malformed.
+_NAMES.update(
+    dict.fromkeys(
+        (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"),
+        _CONNECTION,
+    )
+)
+_METHOD, _SCHEME_BIT, _PATH, _AUTHORITY_BIT = 1, 2, 4, 8
+_REQUEST_PSEUDO = {b":method": _METHOD, b":scheme": _SCHEME_BIT, b":path": _PATH}
+_REQUEST_PSEUDO[b":authority"] = _AUTHORITY_BIT
+_COMMON_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"})
+
+
+def _kind(name: bytes) -> int:
+    """What the field name needs handled; Malformed if it is not a lowercase token."""
+    kind = _NAMES.get(name)
+    if kind is None:
+        if _TOKEN_NAME(name) is None:
+            raise Malformed(f"invalid field name {name!r}")
+        return _PLAIN
+    return kind
+
+
+def _bad_value(name: bytes) -> Malformed:
+    return Malformed(
+        f"field {name!r} has a value with a control character or surrounding whitespace"
+    )
+
+
+def _content_length(value: bytes, length: int) -> int:
+    if not value.isdigit() or (length >= 0 and int(value) != length):
+        raise Malformed(f"content-length {value!r} is not digits or disagrees with another")
+    return int(value)
+
+
+def _special(kind: int, name: bytes, value: bytes, length: int) -> int:
+    """Check a field of a special `kind` (its name and value are valid); returns the
+    content-length so far (-1: none)."""
+    if kind == _LENGTH:
+        return _content_length(value, length)
+    if kind == _CONNECTION:
+        raise Malformed(f"connection-specific field {name!r}")
+    if kind == _TE and value.lower() != b"trailers":
+        raise Malformed(f"te: {value!r} (only 'trailers' is allowed)")
+    return length
+
+
+def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """The request's content-length (-1: none); Malformed (RFC 9113 8.2, 8.3.1) when a
+    name or value is invalid, a pseudo-header is unknown, repeated or after a regular
+    field, :method, :scheme or :path is missing or invalid (CONNECT aside, which the
+    sidecar does not serve), there is no authority, or a connection-specific field or a
+    `te` other than "trailers" is present."""
+    seen = 0
+    regular = False
+    length = -1
+    method = path = scheme = b""
+    authority: bytes | None = None
+    host: bytes | None = None
+    for name, value in headers:
+        if value.translate(_IDENTITY, _CONTROL).strip() is not value:
+            raise _bad_value(name)
+        bit = _REQUEST_PSEUDO.get(name)
+        if bit is None:
+            regular = True
+            kind = _NAMES.get(name)
+            if kind is None:
+                kind = _kind(name)
+            if kind:
+                if kind == _HOST:
+                    if host is not None:
+                        raise Malformed("a second host field")
+                    host = value
+                else:
+                    length = _special(kind, name, value, length)
+            continue
+        if regular or seen & bit:
+            raise Malformed(f"pseudo-header {name!r} repeated or after a regular field")
+        seen |= bit
+        if bit == _METHOD:
+            method = value
+        elif bit == _PATH:
+            path = value
+        elif bit == _SCHEME_BIT:
+            scheme = value
+        else:
+            authority = value
+    if seen | _AUTHORITY_BIT != 15:
+        raise Malformed("one of :method, :scheme, :path is missing")
+    if method not in _COMMON_METHODS and _TOKEN(method) is None:
+        raise Malformed(f":method {method!r} is not a token")
+    if scheme not in (b"http", b"https") and _SCHEME(scheme) is None:
+        raise Malformed(f":scheme {scheme!r} is not a scheme")
+    if not path.isascii() or b" " in path or b"\t" in path:
+        raise Malformed(f":path {path!r} has a space or a byte outside ASCII")
+    if path[:1] != b"/" and (path != b"*" or method != b"OPTIONS"):
+        raise Malformed(f":path {path!r} is empty or neither origin-form nor OPTIONS '*'")
+    if authority is None:
+        authority = host
+        if authority is None:
+            raise Malformed("neither :authority nor host")
+    elif host is not None and host != authority:
+        raise Malformed(f"host {host!r} differs from :authority {authority!r}")
+    if (
+        not authority.replace(b".", b"").replace(b":", b"").isalnum()
+        and _AUTHORITY(authority) is None
+    ):
+        raise Malformed(f"authority {authority!r} is not host[:port]")
+    return length
+
+
+def response_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
+    """The response's content-length (-1: none); Malformed when :status is not first,
+    not three digits, or not alone among pseudo-headers, or a field is invalid."""
+    if not headers or headers[0][0] != b":status":
+        raise Malformed(":status missing or not first")
+    status = headers[0][1]
+    if len(status) != 3 or not status.isdigit():
+        raise Malformed(f":status {status!r} is not three digits")
+    length = -1
+    first = True
+    for name, value in headers:
+        if first:
+            first = False
+            continue
+        if value.translate(_IDENTITY, _CONTROL).strip() is not value:
+            raise _bad_value(name)
+        kind = _NAMES.get(name)
+        if kind is None:
+            kind = _kind(name)
+        if kind:
+            length = _special(kind, name, value, length)
+    return length
+
+
+def check_trailers(headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Malformed when a trailer field is invalid, a pseudo-header, connection-specific,
+    a `te` other than "trailers", or a content-length (framing is settled by then)."""
+    for name, value in headers:
+        if value.translate(_IDENTITY, _CONTROL).strip() is not value:
+            raise _bad_value(name)
+        kind = _kind(name)
+        if kind == _LENGTH:
+            raise Malformed("content-length in trailers")
+        if kind:
+            _special(kind, name, value, -1)
+
+
+# -- HPACK (RFC 7541) ---------------------------------------------------------------
+
+# Each byte's Huffman code length in bits (RFC 7541 Appendix B), for translate().
+_HUFFMAN_BITS = bytes(REQUEST_CODES_LENGTH[:256])
+
+
+def _integer(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
+    """An HPACK integer (RFC 7541 5.1) at `pos` with a `prefix` mask: (value, next pos)."""
+    value = block[pos] & prefix
+    pos += 1
+    if value == prefix:
+        shift = 0
+        while True:
+            octet = block[pos]
+            pos += 1
+            value += (octet & 0x7F) << shift
+            shift += 7
+            if not octet & 0x80:
+                break
+    return value, pos
+
+
+def _string(block: bytes, pos: int, decoded: bytes) -> int:
+    """Skip a string literal (RFC 7541 5.2) whose decoding is `decoded`; a Huffman one
+    must end in at most 7 bits of padding, all ones (the EOS code's most significant
+    bits). Returns the position after it."""
+    huffman = block[pos] & 0x80
+    length, pos = _integer(block, pos, 0x7F)
+    end = pos + length
+    if huffman:
+        bits = sum(decoded.translate(_HUFFMAN_BITS))
+        pad = -bits % 8
+        mask = (1 << pad) - 1
+        if (bits + 7) // 8 != length or (length and block[end - 1] & mask != mask):
+            raise HpackViolation("Huffman string padding is not 0-7 one bits")
+    return end
+
+
+def check_hpack_block(block: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Walk a block the decoder accepted, as `headers` (its decoding, in order):
+    HpackViolation if a dynamic table size update follows a field (RFC 7541 4.2) or a
+    Huffman string is padded with anything but 0-7 one bits (5.2). A block of one
+    byte per field is all indexed fields, nothing to check (the common case of a
+    repeated head)."""
+    if len(block) == len(headers):
+        return
+    pos, field, end = 0, 0, len(block)
+    try:
+        while pos < end:
+            octet = block[pos]
+            if octet & 0x80:  # indexed field (6.1)
+                pos = _integer(block, pos, 0x7F)[1]
+                field += 1
+            elif octet & 0xE0 == 0x20:  # dynamic table size update (6.3)
+                if field:
+                    raise HpackViolation("dynamic table size update after a field")
+                pos = _integer(block, pos, 0x1F)[1]
+            else:  # literal field, with or without indexing (6.2)
+                prefix = 0x3F if octet & 0x40 else 0x0F
+                index, pos = _integer(block, pos, prefix)
+                name, value = headers[field]
+                if not index:
+                    pos = _string(block, pos, name)
+                pos = _string(block, pos, value)
+                field += 1
+    except IndexError:  # the decoder and this walk disagree: refuse, never guess
+        raise HpackViolation("header block structure not understood") from None
