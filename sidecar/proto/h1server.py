@@ -108,7 +108,8 @@ class H1ServerProtocol(asyncio.Protocol):
         # One timer per connection, for whichever deadline is running: the head's, the
         # body's next byte, keep-alive idle. Setting a deadline is a store; the timer
         # sleeps at most ctx.timer_tick and, woken early, re-arms (not once per request).
-        self._deadline = 0.0  # loop time; 0 while none runs (a call in progress)
+        self._header_deadline = 0.0  # loop time; 0 while no head is being read
+        self._deadline = 0.0  # the body's or idle's (`_deadline_kind`); 0: a call's turn
         self._deadline_kind = _IDLE
         self._timer: asyncio.TimerHandle | None = None
         self._parsing: Request | None = None
@@ -203,8 +204,8 @@ class H1ServerProtocol(asyncio.Protocol):
         self._connection_tokens = None
         self._header_bytes = 0
         now = self.loop.time()
-        self._deadline = now + self._header_read_timeout
-        self._deadline_kind = _HEADER
+        self._header_deadline = now + self._header_read_timeout
+        self._deadline = 0.0
         if self._timer is None:
             self._timer = self.loop.call_at(now + self._tick, self._on_timer)
 
@@ -232,8 +233,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._deadline = self.loop.time() + self._body_read_timeout  # unless it ends here
-        self._deadline_kind = _BODY
+        self._header_deadline = 0.0
         method = self.parser.get_method()
         if method == b"CONNECT":
             raise _ParseAbort(501, "CONNECT is not supported by this listener")
@@ -250,6 +250,11 @@ class H1ServerProtocol(asyncio.Protocol):
         else:
             self._queue.append((request, keep_alive))
             self._pause_reading()
+        now = self.loop.time()
+        self._deadline = now + self._body_read_timeout  # unless it ends here
+        self._deadline_kind = _BODY
+        if self._timer is None:  # it stops while a call has the next move
+            self._timer = self.loop.call_at(now + self._tick, self._on_timer)
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
@@ -400,7 +405,7 @@ class H1ServerProtocol(asyncio.Protocol):
             and (self._parsing is None or self._parsing.body.buffered < _READ_LOW_WATER)
         ):
             self._resume_reading()
-        if self._active is None and self._parsing is None and self._deadline_kind != _HEADER:
+        if self._active is None and self._parsing is None and not self._header_deadline:
             self._keep_alive_idle()
 
     def _body_consumed(self, size: int) -> None:
@@ -426,8 +431,10 @@ class H1ServerProtocol(asyncio.Protocol):
     def head_began_at(self, first_byte: float) -> None:
         """The connection's first byte came in at `first_byte` (loop time), before this
         protocol was chosen: the first head's deadline counts from then."""
-        if self._deadline_kind == _HEADER and self._deadline:
-            self._deadline = min(self._deadline, first_byte + self._header_read_timeout)
+        if self._header_deadline:
+            self._header_deadline = min(
+                self._header_deadline, first_byte + self._header_read_timeout
+            )
 
     def _keep_alive_idle(self) -> None:
         now = self.loop.time()
@@ -438,17 +445,19 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        deadline = self._deadline
+        if self._header_deadline:
+            deadline, kind = self._header_deadline, _HEADER
+        else:
+            deadline, kind = self._deadline, self._deadline_kind
         if not deadline or self._closed:
             return  # a call is in progress: the next deadline re-arms the timer
         now = self.loop.time()
-        kind = self._deadline_kind
         if kind == _BODY and self._reading_paused:
             deadline = self._deadline = now + self._body_read_timeout  # we stopped reading
         if now < deadline:
             self._timer = self.loop.call_at(min(deadline, now + self._tick), self._on_timer)
             return
-        self._deadline = 0.0
+        self._header_deadline = self._deadline = 0.0
         transport = self.transport
         if transport is None or transport.is_closing():
             return
