@@ -431,10 +431,12 @@ class H1ServerProtocol(asyncio.Protocol):
     def head_began_at(self, first_byte: float) -> None:
         """The connection's first byte came in at `first_byte` (loop time), before this
         protocol was chosen: the first head's deadline counts from then."""
-        if self._header_deadline:
-            self._header_deadline = min(
-                self._header_deadline, first_byte + self._header_read_timeout
-            )
+        deadline = first_byte + self._header_read_timeout
+        if 0.0 < deadline < self._header_deadline:
+            self._header_deadline = deadline
+            if self._timer is not None:
+                self._timer.cancel()  # it may sleep past this earlier deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _keep_alive_idle(self) -> None:
         now = self.loop.time()

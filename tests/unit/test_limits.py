@@ -160,6 +160,7 @@ def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout() -> None:
         assert conn.data.startswith(b"HTTP/1.1 200 ")
         await advance(50.0)
         feed(conn, GET)  # a second call restarts the idle time
+        await advance(0)
         await advance(50.0)
         assert not conn.closed
         assert conn.data.count(b"HTTP/1.1 200 ") == 2
@@ -266,8 +267,8 @@ class H2Client:
         return events
 
     def post(self, stream_id: int, length: int) -> None:
-        headers = [(":method", "POST"), (":scheme", "http"), (":path", "/a")]
-        headers += [(":authority", "x"), ("content-length", str(length))]
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", "/a"), (":authority", "x")]
+        headers.append(("content-length", str(length)))
         self.h2.send_headers(stream_id, headers)
         self.flush()
 
@@ -301,7 +302,9 @@ def test_an_open_stream_keeps_an_http2_connection_from_idling() -> None:
         listener = Listener(slow)
         conn = listener.connect()
         client = H2Client(conn)
-        client.h2.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":path", "/")])
+        client.h2.send_headers(
+            1, [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "x")]
+        )
         client.h2.end_stream(1)
         client.flush()
         await advance(200.0)
@@ -315,15 +318,9 @@ def test_an_open_stream_keeps_an_http2_connection_from_idling() -> None:
 
 def test_a_stalled_http2_body_is_reset_and_other_streams_go_on() -> None:
     async def go() -> None:
-        seen: list[BaseException] = []
-
         async def reader(request: Request, sink: ResponseSink) -> None:
-            try:
-                while await request.body.read():
-                    pass
-            except BodyError as exc:
-                seen.append(exc)
-                raise
+            while await request.body.read():
+                pass
             await sink.send(Response(200, [], fixed_body(b"ok")))
 
         listener = Listener(reader)
@@ -342,7 +339,7 @@ def test_a_stalled_http2_body_is_reset_and_other_streams_go_on() -> None:
         resets = [e for e in events if isinstance(e, h2.events.StreamReset)]
         assert [(e.stream_id, e.error_code) for e in resets] == [(1, 8)]  # CANCEL
         assert any(isinstance(e, h2.events.ResponseReceived) and e.stream_id == 3 for e in events)
-        assert seen and "not received in time" in str(seen[0])
+        assert listener.ctx.in_flight == 0  # the stalled call ended too
         assert listener.timeouts == ["body"]
         assert not conn.closed
 
