@@ -209,6 +209,11 @@ class _Detect(asyncio.Protocol):
         buffer = self.buffer
         if len(buffer) < len(H2_PREFACE) and H2_PREFACE.startswith(buffer):
             return  # could still be HTTP/2: wait for the rest of the preface
+        proto: H1ServerProtocol | H2ServerProtocol
+        if buffer.startswith(H2_PREFACE):
+            proto = H2ServerProtocol(self.ctx)
+        else:
+            proto = H1ServerProtocol(self.ctx)
         transport = self.transport
         if transport is None:
             return
@@ -216,18 +221,13 @@ class _Detect(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.ctx.connections.discard(self)  # the protocol below takes its place
-        if buffer.startswith(H2_PREFACE):
-            h2proto = H2ServerProtocol(self.ctx)
-            h2proto.preface_deadline = self.deadline  # until the client's SETTINGS are in
-            transport.set_protocol(h2proto)
-            h2proto.connection_made(transport)
-            h2proto.data_received(buffer)
-        else:
-            h1proto = H1ServerProtocol(self.ctx)
-            transport.set_protocol(h1proto)
-            h1proto.connection_made(transport)
-            h1proto.data_received(buffer)
-            h1proto.head_began_at(self.first_byte)
+        if isinstance(proto, H2ServerProtocol):
+            proto.preface_deadline = self.deadline  # until the client's SETTINGS are in
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        proto.data_received(buffer)
+        if isinstance(proto, H1ServerProtocol):
+            proto.head_began_at(self.first_byte)
 
     def _timed_out(self) -> None:
         self._timer = None

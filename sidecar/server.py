@@ -60,6 +60,7 @@ class Sidecar:
         self.clusters = ClusterManager(cfg, self.discovery, self.metrics)
         self.access_log = AccessLog(cfg.log.access_log)
         self.listeners: dict[str, Listener] = {}
+        self.admission = Admission()  # its fd budget is set once everything else is open
         self.admin: AdminServer | None = None
         self.capture: CaptureListener | None = None
         self.app_cluster: Cluster | None = None
@@ -126,12 +127,11 @@ class Sidecar:
         )
         inbound = InboundHandler(cfg, self.app_cluster, self.metrics, self.access_log, self.tracing)
         self.handlers = (outbound, inbound)
-        admission = Admission()  # its fd budget is set once everything else is open
         for name, handler, spec in (
             ("outbound", outbound, cfg.listeners.outbound),
             ("inbound", inbound, cfg.listeners.inbound),
         ):
-            ctx = ListenerContext(name, handler, cfg.http2, cfg.limits, admission)
+            ctx = ListenerContext(name, handler, cfg.http2, cfg.limits, self.admission)
             ctx.on_accept = self.metrics.downstream_connections.labels(name).inc
             ctx.on_refuse = self._refusal_counter(name)
             ctx.on_timeout = self._timeout_counter(name)
@@ -160,7 +160,7 @@ class Sidecar:
             self.discovery.refresh()
         # Overload: downstream accepts stop while the fds left would drop under the
         # reserve, so /ready, the heartbeat and pooled upstreams keep theirs.
-        admission.fd_budget = Admission.from_rlimit(cfg.limits.fd_reserve).fd_budget
+        self.admission.fd_budget = Admission.from_rlimit(cfg.limits.fd_reserve).fd_budget
         _tune_gc()
         self.ready = True
         log.info(
