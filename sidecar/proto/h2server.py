@@ -386,8 +386,11 @@ class _H2Sink:
 
     async def send(self, response: Response) -> int:
         conn = self.conn
-        if conn.closed or self.stream_id not in conn.streams:
+        stream = conn.streams.get(self.stream_id)
+        if conn.closed or stream is None:
             raise StreamGone("client went away")
+        # Answered: a request body still streaming in (gRPC bidi) is no longer timed.
+        stream.progress = 0.0
         headers: Headers = [(b":status", _STATUS_BYTES.get(response.status) or b"500")]
         for name, value in response.headers:
             if name not in HOP_BY_HOP:

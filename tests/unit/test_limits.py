@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.config import Http2ServerConfig, LimitsConfig
 from sidecar.listener import H2_PREFACE, Admission, ListenerContext, ResponseSink, _Detect
-from sidecar.proto.messages import BodyError, Request, Response, fixed_body
+from sidecar.proto.messages import Body, BodyError, Request, Response, fixed_body
 from tests.unit.memtransport import MemoryTransport, attach
 
 T = TypeVar("T")
@@ -342,6 +342,34 @@ def test_a_stalled_http2_body_is_reset_and_other_streams_go_on() -> None:
         assert listener.ctx.in_flight == 0  # the stalled call ended too
         assert listener.timeouts == ["body"]
         assert not conn.closed
+
+    run(go())
+
+
+def test_an_answered_http2_stream_is_not_timed_on_its_request_body() -> None:
+    """A bidi stream (gRPC): the reply is streaming; the client may be quiet for long."""
+
+    async def go() -> None:
+        hold = asyncio.Event()
+
+        async def bidi(request: Request, sink: ResponseSink) -> None:
+            body = Body()
+            body.feed(b"hello")
+            sending = asyncio.ensure_future(sink.send(Response(200, [], body)))
+            await hold.wait()
+            body.finish()
+            await sending
+
+        listener = Listener(bidi)
+        conn = listener.connect()
+        client = H2Client(conn)
+        client.post(1, 1_000_000)
+        await advance(0)
+        await advance(100.0)
+        assert not [e for e in client.events() if isinstance(e, h2.events.StreamReset)]
+        assert listener.timeouts == []
+        hold.set()
+        await advance(0)
 
     run(go())
 
