@@ -262,7 +262,23 @@ class Http2ServerConfig:
 class LimitsConfig:
     max_request_line: int = 8192
     max_header_bytes: int = 65536
+    # HTTP/1.1: from a request's first byte to the end of its head (nginx client_header_timeout).
     header_read_timeout: float = 10.0
+    # From accept until the protocol is known and, for HTTP/2, the client's preface and
+    # SETTINGS are in (Envoy's listener_filters_timeout: 15 s).
+    preface_timeout: float = 10.0
+    # A connection with no call in progress (HTTP/1.1 keep-alive, HTTP/2 with no open
+    # stream) is closed after this long; HTTP/2 gets a GOAWAY first (nginx: 75 s).
+    idle_timeout: float = 60.0
+    # Longest wait for the next byte of a request body we are reading (nginx
+    # client_body_timeout: 60 s); then the call is abandoned and the connection closed.
+    body_read_timeout: float = 30.0
+    # Open downstream connections per listener; beyond it a new one is closed at once.
+    max_connections: int = 10000
+    # File descriptors kept back from downstream connections for everything else (pooled
+    # upstream connections, admin, the registry heartbeat, logs): accepting stops while
+    # open downstream connections + fds open at start + this reach RLIMIT_NOFILE.
+    fd_reserve: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +430,11 @@ _BOUNDS: dict[tuple[type, str], _Bound] = {
     (LimitsConfig, "max_request_line"): _AT_LEAST_ONE,
     (LimitsConfig, "max_header_bytes"): _AT_LEAST_ONE,
     (LimitsConfig, "header_read_timeout"): _POSITIVE,
+    (LimitsConfig, "preface_timeout"): _POSITIVE,
+    (LimitsConfig, "idle_timeout"): _POSITIVE,
+    (LimitsConfig, "body_read_timeout"): _POSITIVE,
+    (LimitsConfig, "max_connections"): _AT_LEAST_ONE,
+    (LimitsConfig, "fd_reserve"): _Bound(0),
     (SidecarConfig, "drain_timeout"): _Bound(0),  # 0: close at once, no drain
 }
 

@@ -173,6 +173,20 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.downstream_refused = Counter(
+            "opus_downstream_connections_refused",
+            "New connections closed at once, by listener and the limit they hit "
+            "(max_connections: the listener's; fd_reserve: the process's fd budget).",
+            ["listener", "limit"],
+            registry=r,
+        )
+        self.downstream_timeouts = Counter(
+            "opus_downstream_timeouts",
+            "Connections (HTTP/2: streams, for body) closed by a timeout, by listener and "
+            "timeout (preface, header, body, idle).",
+            ["listener", "timeout"],
+            registry=r,
+        )
         self.upstream_connections = Gauge(
             "opus_upstream_connections",
             "Upstream connections open now, by cluster and protocol.",

@@ -15,7 +15,9 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -29,7 +31,7 @@ from sidecar.config import SidecarConfig, advertise_host, config_to_dict, resolv
 from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.factory import create_discovery
 from sidecar.lb import RoundRobin
-from sidecar.listener import Listener, ListenerContext
+from sidecar.listener import Admission, Listener, ListenerContext
 from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
 from sidecar.proto.h2server import GOAWAY_GRACE_SECONDS
 from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
@@ -59,6 +61,7 @@ class Sidecar:
         self.clusters = ClusterManager(cfg, self.discovery, self.metrics)
         self.access_log = AccessLog(cfg.log.access_log)
         self.listeners: dict[str, Listener] = {}
+        self.admission = Admission()  # its fd budget is set once everything else is open
         self.admin: AdminServer | None = None
         self.capture: CaptureListener | None = None
         self.app_cluster: Cluster | None = None
@@ -133,8 +136,10 @@ class Sidecar:
             ("outbound", outbound, cfg.listeners.outbound),
             ("inbound", inbound, cfg.listeners.inbound),
         ):
-            ctx = ListenerContext(name, handler, cfg.http2, cfg.limits)
+            ctx = ListenerContext(name, handler, cfg.http2, cfg.limits, self.admission)
             ctx.on_accept = self.metrics.downstream_connections.labels(name).inc
+            ctx.on_refuse = self._refusal_counter(name)
+            ctx.on_timeout = self._timeout_counter(name)
             listener = Listener(ctx, spec.host, spec.port, reuse_port=self.worker is not None)
             self.ports[name] = await listener.start()
             self.listeners[name] = listener
@@ -158,6 +163,9 @@ class Sidecar:
                 )
             )
             self.discovery.refresh()
+        # Overload: downstream accepts stop while the fds left would drop under the
+        # reserve, so /ready, the heartbeat and pooled upstreams keep theirs.
+        self.admission.fd_budget = Admission.from_rlimit(cfg.limits.fd_reserve).fd_budget
         _tune_gc()
         self.ready = True
         log.info(
@@ -173,6 +181,14 @@ class Sidecar:
             cfg.app.port,
         )
         return self.ports
+
+    def _refusal_counter(self, listener: str) -> Callable[[str], None]:
+        family = self.metrics.downstream_refused
+        return lambda limit: family.labels(listener, limit).inc()
+
+    def _timeout_counter(self, listener: str) -> Callable[[str], None]:
+        family = self.metrics.downstream_timeouts
+        return lambda timeout: family.labels(listener, timeout).inc()
 
     async def wait_for_stop(self) -> None:
         await self._stop.wait()
@@ -244,9 +260,19 @@ def _write_ports(path: str, ports: dict[str, int]) -> None:
     os.replace(tmp, path)
 
 
+def raise_fd_limit() -> None:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit (as Go's runtime does): the
+    soft default (often 1024) is a historical select() limit, not a budget."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(
     cfg: SidecarConfig, ports_file: str | None = None, worker: int | None = None
 ) -> int:
+    raise_fd_limit()
     sidecar = Sidecar(cfg, worker=worker)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 _READ_HIGH_WATER = 256 * 1024
 _READ_LOW_WATER = 64 * 1024
 
+# What the connection's one timer is waiting for (limits.<kind>_timeout).
+_HEADER, _BODY, _IDLE = "header", "body", "idle"
+
 _REASONS = {
     100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
     206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified",
@@ -93,16 +96,22 @@ class H1ServerProtocol(asyncio.Protocol):
         self._max_request_line = limits.max_request_line
         self._max_header_bytes = limits.max_header_bytes
         self._header_read_timeout = limits.header_read_timeout
+        self._body_read_timeout = limits.body_read_timeout
+        self._idle_timeout = limits.idle_timeout
+        self._tick = ctx.timer_tick
         self._url = b""
         # The request head being parsed, hop-by-hop headers already set aside.
         self._headers: Headers = []
         self._host = b""
         self._connection_tokens: list[bytes] | None = None
         self._header_bytes = 0
-        # One timer per connection for the head's read deadline, re-armed only when it
-        # fires early (a later request's head), rather than one timer per request.
+        # One timer per connection, for whichever deadline is running: the head's, the
+        # body's next byte, keep-alive idle. Setting a deadline is a store; the timer
+        # sleeps at most ctx.timer_tick and, woken early, re-arms (not once per request).
         self._header_deadline = 0.0  # loop time; 0 while no head is being read
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # the body's or idle's (`_deadline_kind`); 0: a call's turn
+        self._deadline_kind = _IDLE
+        self._timer: asyncio.TimerHandle | None = None
         self._parsing: Request | None = None
         self._parsing_keep_alive = True
         self._queue: deque[tuple[Request, bool]] = deque()
@@ -168,9 +177,9 @@ class H1ServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.ctx.connections.discard(self)
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._parsing is not None:
             self._parsing.body.fail(ConnectionResetError("client closed the connection"))
         for request, _ in self._queue:
@@ -194,9 +203,11 @@ class H1ServerProtocol(asyncio.Protocol):
         self._host = b""
         self._connection_tokens = None
         self._header_bytes = 0
-        self._header_deadline = deadline = self.loop.time() + self._header_read_timeout
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_at(deadline, self._header_timeout)
+        now = self.loop.time()
+        self._header_deadline = now + self._header_read_timeout
+        self._deadline = 0.0
+        if self._timer is None:
+            self._timer = self.loop.call_at(now + self._tick, self._on_timer)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -239,12 +250,18 @@ class H1ServerProtocol(asyncio.Protocol):
         else:
             self._queue.append((request, keep_alive))
             self._pause_reading()
+        now = self.loop.time()
+        self._deadline = now + self._body_read_timeout  # unless it ends here
+        self._deadline_kind = _BODY
+        if self._timer is None:  # it stops while a call has the next move
+            self._timer = self.loop.call_at(now + self._tick, self._on_timer)
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
         if request is None:
             return
         request.body.feed(body)
+        self._deadline = self.loop.time() + self._body_read_timeout
         if request.body.buffered > _READ_HIGH_WATER:
             self._pause_reading()
 
@@ -253,6 +270,7 @@ class H1ServerProtocol(asyncio.Protocol):
         if request is not None:
             request.body.finish()
             self._parsing = None
+        self._deadline = 0.0  # the call in progress, not the client, has the next move
 
     # -- requests --
     def _build_request(self, method: bytes) -> Request:
@@ -387,6 +405,8 @@ class H1ServerProtocol(asyncio.Protocol):
             and (self._parsing is None or self._parsing.body.buffered < _READ_LOW_WATER)
         ):
             self._resume_reading()
+        if self._active is None and self._parsing is None and not self._header_deadline:
+            self._keep_alive_idle()
 
     def _body_consumed(self, size: int) -> None:
         if self._reading_paused and not self._queue:
@@ -402,19 +422,58 @@ class H1ServerProtocol(asyncio.Protocol):
     def _resume_reading(self) -> None:
         if self._reading_paused and self.transport is not None and not self._closed:
             self._reading_paused = False
+            if self._deadline_kind == _BODY and self._deadline:
+                # The wait was ours: the client's time for the next byte starts now.
+                self._deadline = self.loop.time() + self._body_read_timeout
             self.transport.resume_reading()
 
-    def _header_timeout(self) -> None:
-        self._header_timer = None
-        deadline = self._header_deadline
-        if not deadline:
-            return  # no head is being read now
-        if self.loop.time() < deadline:
-            # A later request's head: its own deadline is still ahead.
-            self._header_timer = self.loop.call_at(deadline, self._header_timeout)
+    # -- timeouts --
+    def head_began_at(self, first_byte: float) -> None:
+        """The connection's first byte came in at `first_byte` (loop time), before this
+        protocol was chosen: the first head's deadline counts from then."""
+        deadline = first_byte + self._header_read_timeout
+        if 0.0 < deadline < self._header_deadline:
+            self._header_deadline = deadline
+            if self._timer is not None:
+                self._timer.cancel()  # it may sleep past this earlier deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _keep_alive_idle(self) -> None:
+        now = self.loop.time()
+        self._deadline = now + self._idle_timeout
+        self._deadline_kind = _IDLE
+        if self._timer is None:
+            self._timer = self.loop.call_at(now + self._tick, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._header_deadline:
+            deadline, kind = self._header_deadline, _HEADER
+        else:
+            deadline, kind = self._deadline, self._deadline_kind
+        if not deadline or self._closed:
+            return  # a call is in progress: the next deadline re-arms the timer
+        now = self.loop.time()
+        if kind == _BODY and self._reading_paused:
+            deadline = self._deadline = now + self._body_read_timeout  # we stopped reading
+        if now < deadline:
+            self._timer = self.loop.call_at(min(deadline, now + self._tick), self._on_timer)
             return
-        self._header_deadline = 0.0
-        self._reject(408, "request headers not received in time")
+        self._header_deadline = self._deadline = 0.0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.ctx.timed_out(kind, self.peer)
+        if kind == _HEADER:
+            self._reject(408, "request headers not received in time")
+            return
+        parsing = self._parsing
+        if parsing is not None:
+            # The call reading it (if any) sees why it ends; the close cancels the call.
+            self._parsing = None
+            parsing.body.fail(BodyError("request body not received in time"))
+        self._stopped_parsing = True
+        transport.close()
 
     def _reject(self, status: int, reason: str) -> None:
         """Answer a request the parser could not accept, then close the connection."""

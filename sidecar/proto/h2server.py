@@ -2,6 +2,10 @@
 
 Each stream becomes a Request handed to the listener's handler in its own task;
 a client RST_STREAM cancels that task, which resets the upstream stream in turn.
+
+One timer per connection keeps its deadlines (limits.*): the client's SETTINGS after
+the preface, a GOAWAY once no stream has been open for idle_timeout, and a reset for a
+stream whose request body stops arriving for body_read_timeout.
 """
 
 from __future__ import annotations
@@ -49,11 +53,13 @@ class _Budget:
 
 
 class _Stream:
-    __slots__ = ("request", "task")
+    __slots__ = ("progress", "request", "task")
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, progress: float) -> None:
         self.request = request
         self.task: asyncio.Task[None] | None = None
+        # Loop time the request body last moved; 0 once it is whole.
+        self.progress = progress
 
 
 class H2ServerProtocol(H2Base):
@@ -80,6 +86,11 @@ class H2ServerProtocol(H2Base):
         self._closing: asyncio.TimerHandle | None = None
         self._resets = _Budget(RESETS_PER_SECOND, RESET_BURST)
         self._control = _Budget(CONTROL_PER_SECOND, CONTROL_BURST)
+        # Set by the listener: the loop time by which the client's SETTINGS must be in.
+        self.preface_deadline = 0.0
+        self._settings_in = False
+        self._idle_since = 0.0  # loop time the last stream closed (or the connection began)
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -90,6 +101,12 @@ class H2ServerProtocol(H2Base):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
+        now = self._idle_since = self.loop.time()
+        if not self.preface_deadline:
+            self.preface_deadline = now + self.ctx.limits.preface_timeout
+        self._timer = self.loop.call_at(
+            min(self.preface_deadline, now + self.ctx.timer_tick), self._on_timer
+        )
         if self.ctx.draining:
             self.close_if_idle()
 
@@ -97,6 +114,9 @@ class H2ServerProtocol(H2Base):
         self.closed = True
         if self._closing is not None:
             self._closing.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.ctx.connections.discard(self)
         for stream in self.streams.values():
             stream.request.body.fail(ConnectionResetError("client connection lost"))
@@ -125,10 +145,12 @@ class H2ServerProtocol(H2Base):
             elif kind is h2.StreamEnded:
                 stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
                 if stream is not None:
+                    stream.progress = 0.0
                     stream.request.body.finish()
             elif kind is h2.TrailersReceived:
                 stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
                 if stream is not None:
+                    stream.progress = 0.0
                     stream.request.body.finish(list(event.headers))  # type: ignore[attr-defined]
             elif kind is h2.WindowUpdated:
                 self.window_opened(event.stream_id)  # type: ignore[attr-defined]
@@ -142,6 +164,7 @@ class H2ServerProtocol(H2Base):
                     return
             elif kind is h2.RemoteSettingsChanged or kind is h2.PingReceived:
                 if kind is h2.RemoteSettingsChanged:
+                    self._settings_in = True
                     self.window_opened(0)
                 if not self._control.spend(time.monotonic()):
                     # Each SETTINGS or PING makes us queue an ACK: a flood is work for free.
@@ -220,13 +243,15 @@ class H2ServerProtocol(H2Base):
             # Arrived after our GOAWAY: refuse, the client may send it elsewhere.
             self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        stream = _Stream(request)
+        stream = _Stream(request, 0.0 if event.stream_ended else self.loop.time())
         self.streams[stream_id] = stream
         stream.task = self.loop.create_task(self._run(stream_id, stream))
 
     def _data(self, event: h2.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         size = event.flow_controlled_length
+        if stream is not None and stream.progress:
+            stream.progress = self.loop.time()
         accepted = stream is not None and stream.request.body.feed(event.data or b"", size)
         if not accepted and size:
             # Nobody will read it: give the window back at once.
@@ -237,6 +262,8 @@ class H2ServerProtocol(H2Base):
         stream = self.streams.pop(stream_id, None)
         if stream is None:
             return
+        if not self.streams:
+            self._idle_since = self.loop.time()
         body = stream.request.body
         unread = body.buffered
         body.on_consumed = None
@@ -264,6 +291,8 @@ class H2ServerProtocol(H2Base):
             if ctx.in_flight == 0:
                 ctx.idle.set()
             if self.streams.pop(stream_id, None) is not None:
+                if not self.streams:
+                    self._idle_since = self.loop.time()
                 body = stream.request.body
                 if not body.at_eof:
                     # The reply is done but the client is still sending: stop it.
@@ -271,6 +300,52 @@ class H2ServerProtocol(H2Base):
                     self.reset_stream(stream_id, ErrorCodes.NO_ERROR)
             if self.goaway_sent:
                 self.close_if_idle()
+
+    # -- timeouts --
+    def _on_timer(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if self.closed or transport is None or self._calmed:
+            return
+        ctx = self.ctx
+        limits = ctx.limits
+        now = self.loop.time()
+        next_at = now + ctx.timer_tick
+        if not self._settings_in:
+            if now >= self.preface_deadline:
+                ctx.timed_out("preface", self.peer)
+                transport.close()
+                return
+            next_at = min(next_at, self.preface_deadline)
+        if self.streams:
+            body_timeout = limits.body_read_timeout
+            for stream_id, stream in tuple(self.streams.items()):
+                progress = stream.progress
+                if not progress:
+                    continue
+                if stream.request.body.buffered:
+                    # Unread data holds the window: it is our reader the body waits for.
+                    progress = stream.progress = now
+                if now >= progress + body_timeout:
+                    ctx.timed_out("body", self.peer)
+                    self._abandon(stream_id, stream)
+                else:
+                    next_at = min(next_at, progress + body_timeout)
+        if not self.streams and not self.goaway_sent:
+            idle_until = self._idle_since + limits.idle_timeout
+            if now >= idle_until:
+                ctx.timed_out("idle", self.peer)
+                self.send_goaway()  # graceful: the connection closes a moment after it
+            else:
+                next_at = min(next_at, idle_until)
+        if not self.closed:
+            self._timer = self.loop.call_at(next_at, self._on_timer)
+
+    def _abandon(self, stream_id: int, stream: _Stream) -> None:
+        """The request body stopped arriving: reset the stream, end its call."""
+        stream.request.body.fail(BodyError("request body not received in time"))
+        self.reset_stream(stream_id, ErrorCodes.CANCEL)
+        self._reset(stream_id)
 
     # -- lifecycle --
     def send_goaway(self) -> None:
@@ -313,8 +388,11 @@ class _H2Sink:
 
     async def send(self, response: Response) -> int:
         conn = self.conn
-        if conn.closed or self.stream_id not in conn.streams:
+        stream = conn.streams.get(self.stream_id)
+        if conn.closed or stream is None:
             raise StreamGone("client went away")
+        # Answered: a request body still streaming in (gRPC bidi) is no longer timed.
+        stream.progress = 0.0
         headers: Headers = [(b":status", _STATUS_BYTES.get(response.status) or b"500")]
         for name, value in response.headers:
             if name not in HOP_BY_HOP:

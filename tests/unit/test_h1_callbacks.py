@@ -418,12 +418,12 @@ def test_a_late_head_timer_rearms_for_the_head_being_read(tmp_path: Path) -> Non
         rig = Rig("inbound", tmp_path, callbacks=True)
         proto, caller = rig.caller()
         proto.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n")  # a head, half read
-        assert proto._header_timer is not None
+        assert proto._timer is not None
         proto._header_deadline = proto.loop.time() + 60  # as if it began just now
-        proto._header_timeout()
-        rearmed = proto._header_timer is not None and not caller.closed
+        proto._on_timer()
+        rearmed = proto._timer is not None and not caller.closed
         proto._header_deadline = proto.loop.time() - 1
-        proto._header_timeout()
+        proto._on_timer()
         await until(lambda: caller.closed)
         rig.access_log.close()
         return rearmed, caller.data
