@@ -64,6 +64,7 @@ REPLIES: dict[bytes, list[bytes]] = {
     b"/bighead": [
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 70000 + b"\r\nContent-Length: 2\r\n\r\nok"
     ],
+    b"/twolengths": [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 7\r\n\r\nok"],
     b"/reset": [],  # the app closes without a reply
     b"/hang": [],  # the app never answers (the test decides what happens)
 }
@@ -551,7 +552,7 @@ def test_request_trailers_reach_the_app_as_trailers(tmp_path: Path, callbacks: b
     assert rest.endswith(b"0\r\nx-forwarded-for: 6.6.6.6\r\nx-sum: 1\r\n\r\n")
 
 
-@pytest.mark.parametrize("path", [b"/gzip", b"/bighead"])
+@pytest.mark.parametrize("path", [b"/gzip", b"/bighead", b"/twolengths"])
 def test_an_app_response_the_client_cannot_read_safely_is_502(tmp_path: Path, path: bytes) -> None:
     async def go() -> bytes:
         rig = Rig("inbound", tmp_path, callbacks=True)
@@ -563,8 +564,12 @@ def test_an_app_response_the_client_cannot_read_safely_is_502(tmp_path: Path, pa
 
     data = asyncio.run(go())
     assert data.startswith(b"HTTP/1.1 502 ")
-    reason = b"gzip" if path == b"/gzip" else b"max_header_bytes"
-    assert reason in data
+    reasons = {
+        b"/gzip": b"gzip",
+        b"/bighead": b"max_header_bytes",
+        b"/twolengths": b"Content-Length",
+    }
+    assert reasons[path] in data
 
 
 UNWRITABLE = [
