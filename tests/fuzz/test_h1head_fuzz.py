@@ -73,13 +73,19 @@ def test_a_written_request_head_parses_as_the_one_request_written(
         assert isinstance(refused, BadRequest) and data == b""
         return
     sent = [(b"host", authority), *((n, v) for n, v in fields if n.lower() != b"transfer-encoding")]
-    record = _Record()
-    parser = httptools.HttpRequestParser(record)
-    parser.feed_data(data)
-    assert record.messages == 1 and parser.get_method() == method and record.url == target
     # Parsers strip a value's surrounding whitespace (RFC 9112 5.1): compare stripped.
     expect = [(n.lower(), v.strip(b" \t")) for n, v in sent]
-    assert record.fields == expect
+    record = _Record()
+    parser = httptools.HttpRequestParser(record)
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserInvalidMethodError:
+        # llhttp knows a fixed list of methods: any other token is refused whole (no
+        # split); h11, below, reads it.
+        assert method not in (b"GET", b"POST", b"PUT", b"DELETE", b"HEAD")
+    else:
+        assert record.messages == 1 and parser.get_method() == method and record.url == target
+        assert record.fields == expect
     h11_server = h11.Connection(h11.SERVER)
     h11_server.receive_data(data)
     event = h11_server.next_event()
