@@ -334,7 +334,9 @@ class ClusterManager:
         if up.protocol == "h2c":
             pool = H2Pool(service, limits, self.metrics)
         else:
-            pool = H1Pool(service, limits, self.metrics)
+            pool = H1Pool(
+                service, limits, self.metrics, max_header_bytes=cfg.limits.max_header_bytes
+            )
         cluster = Cluster(
             service,
             pool,

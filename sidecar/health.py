@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from sidecar.config import AppConfig, HealthCheckConfig, OutlierConfig
 from sidecar.discovery.base import Endpoint
-from sidecar.errors import PoolExhausted, StreamRefused, UpstreamConnectError
+from sidecar.errors import BadRequest, PoolExhausted, StreamRefused, UpstreamConnectError
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.health")
@@ -27,9 +27,10 @@ log = logging.getLogger("sidecar.health")
 # What a call ended with: the response's status, or the error it failed with.
 Outcome = int | BaseException
 
-# Errors that say nothing about the endpoint: our own pool was full, or the peer is
-# draining and refused the stream politely (it is leaving discovery anyway).
-_NOT_THE_ENDPOINTS_FAULT = (PoolExhausted, StreamRefused)
+# Errors that say nothing about the endpoint: our own pool was full, the peer is
+# draining and refused the stream politely (it is leaving discovery anyway), or the
+# caller's request could not be written (BadRequest: never sent).
+_NOT_THE_ENDPOINTS_FAULT = (PoolExhausted, StreamRefused, BadRequest)
 
 
 @dataclass(slots=True)

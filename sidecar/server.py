@@ -119,6 +119,7 @@ class Sidecar:
                     pending_timeout=app_limits.pending_timeout,
                 ),
                 self.metrics,
+                max_header_bytes=cfg.limits.max_header_bytes,
             )
         self.app_cluster = Cluster(cfg.service.name, app_pool, RoundRobin())
         self.app_cluster.update((app_endpoint,))

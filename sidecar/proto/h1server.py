@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
+from sidecar.proto.h1head import FRAMING_FIELDS, bad_field, fields_ok, last_chunk
 from sidecar.proto.messages import (
     HOP_BY_HOP,
     Body,
@@ -102,7 +103,10 @@ class H1ServerProtocol(asyncio.Protocol):
         self._url = b""
         # The request head being parsed, hop-by-hop headers already set aside.
         self._headers: Headers = []
-        self._host = b""
+        self._host: bytes | None = None
+        # Past the head: fields now are trailers, a block of their own (never headers).
+        self._in_trailers = False
+        self._trailers: Headers | None = None
         self._connection_tokens: list[bytes] | None = None
         self._header_bytes = 0
         # One timer per connection, for whichever deadline is running: the head's, the
@@ -128,6 +132,9 @@ class H1ServerProtocol(asyncio.Protocol):
         self._closed = False
         self._stopped_parsing = False
         self._close_after_active = False
+        # Why the active request's own bytes turned out malformed after its call began:
+        # its reply says that, whatever the call made of the broken body.
+        self._refusal: tuple[int, str] | None = None
         self._on_consumed = self._body_consumed  # bound once, not per request
 
     # -- asyncio.Protocol --
@@ -200,7 +207,9 @@ class H1ServerProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
-        self._host = b""
+        self._host = None
+        self._in_trailers = False
+        self._trailers = None
         self._connection_tokens = None
         self._header_bytes = 0
         now = self.loop.time()
@@ -217,11 +226,19 @@ class H1ServerProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._max_header_bytes:
-            raise _ParseAbort(431, f"request headers over {self._max_header_bytes} bytes")
+            what = "headers and trailers" if self._in_trailers else "headers"
+            raise _ParseAbort(431, f"request {what} over {self._max_header_bytes} bytes")
         name = name.lower()
+        if self._in_trailers:
+            self._trailer(name, value)
+            return
         if name in HOP_BY_HOP:
             if name == b"host":
+                if self._host is not None:
+                    raise _ParseAbort(400, "a request may have one Host header, not two")
                 self._host = value
+            elif name == b"transfer-encoding":
+                _check_transfer_coding(value)
             elif name == b"connection":
                 # The headers the last Connection header names go too (hop-by-hop ones,
                 # such as keep-alive, are gone already).
@@ -232,16 +249,29 @@ class H1ServerProtocol(asyncio.Protocol):
             return
         self._headers.append((name, value))
 
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        if name in FRAMING_FIELDS:
+            # A recipient that merged it would frame or route by it (RFC 9110 6.5.1).
+            raise _ParseAbort(400, f"a request trailer may not be {name.decode('latin-1')!r}")
+        if self._trailers is None:
+            self._trailers = []
+        self._trailers.append((name, value))
+
     def on_headers_complete(self) -> None:
         self._header_deadline = 0.0
-        method = self.parser.get_method()
+        self._in_trailers = True
+        parser = self.parser
+        method = parser.get_method()
         if method == b"CONNECT":
             raise _ParseAbort(501, "CONNECT is not supported by this listener")
+        http10 = parser.get_http_version() == "1.0"
+        if self._host is None and not http10:
+            raise _ParseAbort(400, "an HTTP/1.1 request must have a Host header")
         request = self._build_request(method)
         self._parsing = request
-        keep_alive = bool(self.parser.should_keep_alive())
+        keep_alive = bool(parser.should_keep_alive())
         # HTTP/1.0 has no chunked coding: a streamed reply is ended by closing instead.
-        if self.parser.get_http_version() == "1.0":
+        if http10:
             request.protocol = "http1.0"
         if self._active is None:
             self._active = request
@@ -267,8 +297,11 @@ class H1ServerProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request = self._parsing
+        trailers = self._trailers
+        self._trailers = None
+        self._in_trailers = False
         if request is not None:
-            request.body.finish()
+            request.body.finish(trailers)
             self._parsing = None
         self._deadline = 0.0  # the call in progress, not the client, has the next move
 
@@ -276,7 +309,7 @@ class H1ServerProtocol(asyncio.Protocol):
     def _build_request(self, method: bytes) -> Request:
         url = self._url
         headers = self._headers
-        authority = self._host
+        authority = self._host or b""
         connection_tokens = self._connection_tokens
         if connection_tokens:
             drop = set(connection_tokens)
@@ -486,16 +519,14 @@ class H1ServerProtocol(asyncio.Protocol):
             # Its body can never be read whole now: whoever reads it gets an error.
             self._parsing = None
             parsing.body.fail(BodyError(f"malformed request body: {reason}"))
+            if parsing is self._active:
+                self._refusal = (status, reason)
         if self._active is not None:
             # The call in progress ends (with a reply if its request was whole; with an
             # error if this broke its body); then the connection closes.
             self._close_after_active = True
             return
-        body = json.dumps({"error": reason, "status": status}).encode()
-        transport.write(
-            status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % len(body) + body
-        )
+        transport.write(_rejection(status, reason))
         transport.close()
 
     # -- writing --
@@ -521,6 +552,27 @@ class H1ServerProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+def _check_transfer_coding(value: bytes) -> None:
+    """Only `chunked`, last and once, frames a request body (RFC 9112 6.1, 6.3)."""
+    codings = [coding.split(b";", 1)[0].strip().lower() for coding in value.split(b",")]
+    if codings[-1] != b"chunked":
+        raise _ParseAbort(400, "a request's transfer-encoding must end in chunked")
+    for coding in codings[:-1]:
+        if coding == b"chunked":
+            raise _ParseAbort(400, "a request's transfer-encoding may name chunked once")
+        raise _ParseAbort(
+            501, f"transfer coding {coding.decode('latin-1')[:40]!r} is not implemented"
+        )
+
+
+def _rejection(status: int, reason: str) -> bytes:
+    body = json.dumps({"error": reason, "status": status}).encode()
+    return (
+        status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % len(body) + body
+    )
+
+
 class _H1Sink:
     """Writes one response on an HTTP/1.1 connection; for a call run on callbacks, also
     how it ends (`done`, `crashed`) or goes on in a task (`spawn`)."""
@@ -532,23 +584,33 @@ class _H1Sink:
         self.request = request
         self.keep_alive = keep_alive
 
-    def _head(self, response: Response, no_body: bool, data: bytes | None) -> tuple[bytes, bool]:
-        """The response head and whether the body goes chunked; `data` is the whole body
-        when it is all here. Raises ValueError for a header holding CR, LF or NUL."""
+    def _head(
+        self, response: Response, no_body: bool, data: bytes | None
+    ) -> tuple[bytes, bool, int]:
+        """The response head, whether the body goes chunked and, for a body streamed
+        under the response's own content-length, that length (else -1); `data` is the
+        whole body when it is all here. Raises ValueError for a head that would not read
+        back as this one response (see h1head), or a length the body does not have."""
         status = response.status
-        parts = [_STATUS_LINES.get(status) or status_line(status)]
-        has_length = False
+        first = _STATUS_LINES.get(status) or status_line(status)
+        parts = [first]
+        declared: bytes | None = None
         for name, value in response.headers:
             if name in HOP_BY_HOP:
                 continue
             if name == b"content-length":
-                has_length = True
+                if declared is not None:
+                    raise ValueError("two content-length headers")
+                declared = value
             parts += (name, b": ", value, b"\r\n")
         # The status line, one per header (four parts each) and the blank line.
-        lines = (len(parts) - 1) // 4 + 2
+        lines = (len(parts) - 1) // 4 + 1
         keep_alive = self.keep_alive and not self.conn.ctx.draining
         chunked = False
-        if not no_body and not has_length:
+        length = -1
+        if no_body:
+            pass
+        elif declared is None:
             if data is not None:
                 parts += (b"content-length: ", content_length(len(data)), b"\r\n")
                 lines += 1
@@ -558,24 +620,38 @@ class _H1Sink:
                 chunked = True
                 parts.append(b"transfer-encoding: chunked\r\n")
                 lines += 1
+        elif data is not None:
+            # A length the body does not have would end it early or run into the next.
+            if declared != content_length(len(data)):
+                raise ValueError("a content-length the body does not have")
+        elif declared.isdigit():
+            length = int(declared)
+        else:
+            raise ValueError("an invalid content-length")
         if not keep_alive:
             parts.append(b"connection: close\r\n")
             lines += 1
             self.keep_alive = False
         parts.append(b"\r\n")
         head = b"".join(parts)
-        # Every line ends in CRLF: one CR and one LF per line, no NUL. Anything else is a
-        # header value carrying CR/LF (a filter's doing: parsers refuse them on the way in),
-        # which must never reach the wire, where it would split the header block. (One
-        # pass: any CR, LF or NUL beyond the lines' own makes the count too high.)
-        if len(head) - len(head.translate(None, b"\r\n\0")) != 2 * lines:
-            raise ValueError("unsafe header")
-        return head, chunked
+        # Parsers refuse such fields on the way in; an HTTP/2 peer or a filter may not
+        # have, and a field holding CR or LF would split the header block on the wire.
+        if not fields_ok(head, len(first), lines):
+            raise ValueError("a header that HTTP/1.1 cannot carry")
+        return head, chunked, length
 
-    def _refuse(self, transport: asyncio.Transport, body: Body) -> int:
-        body.cancel()
+    def _refuse(self, transport: asyncio.Transport, response: Response, why: ValueError) -> int:
+        response.body.cancel()
         self.keep_alive = False
-        self.conn.ctx.log.error("refused to write a response header holding CR, LF or NUL")
+        bad = bad_field(response.headers)
+        self.conn.ctx.log.error(
+            "refused to write a response: %s%s",
+            why,
+            ""
+            if bad is None
+            else f" ({bad.decode('latin-1')[:64]!r} holds CR, LF, NUL, "
+            "a control byte or is not a token)",
+        )
         transport.write(_INVALID_RESPONSE)
         return 0
 
@@ -586,6 +662,13 @@ class _H1Sink:
         transport = conn.transport
         if transport is None or conn._closed:
             raise ConnectionResetError("client closed the connection")
+        refusal = conn._refusal
+        if refusal is not None:
+            # The request turned out malformed after its call began: say so, and close.
+            response.body.cancel()
+            self.keep_alive = False
+            transport.write(_rejection(*refusal))
+            return 0
         status = response.status
         body = response.body
         no_body = status < 200 or status == 204 or status == 304 or self.request.method == b"HEAD"
@@ -596,9 +679,9 @@ class _H1Sink:
         else:
             return None
         try:
-            head, _ = self._head(response, no_body, data)
-        except ValueError:
-            return self._refuse(transport, body)
+            head, _, _ = self._head(response, no_body, data)
+        except ValueError as why:
+            return self._refuse(transport, response, why)
         if data is None:
             body.cancel()
             transport.write(head)
@@ -615,9 +698,9 @@ class _H1Sink:
         assert transport is not None
         body = response.body
         try:
-            head, chunked = self._head(response, False, None)
-        except ValueError:
-            return self._refuse(transport, body)
+            head, chunked, length = self._head(response, False, None)
+        except ValueError as why:
+            return self._refuse(transport, response, why)
         sent = 0
         transport.write(head)
         while True:
@@ -627,18 +710,33 @@ class _H1Sink:
             sent += len(chunk)
             if chunked:
                 transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            elif length >= 0 and sent > length:
+                # More than its content-length: the rest would read as another response.
+                conn.ctx.log.error("response body over its content-length: connection closed")
+                body.cancel()
+                transport.close()
+                return sent - len(chunk)
             else:
                 transport.write(chunk)
             if conn._write_paused:
                 await conn.drain()
         if chunked:
             trailers = body.trailers
-            if trailers:
-                block = b"".join(b"%s: %s\r\n" % (n, v) for n, v in trailers)
-                transport.write(b"0\r\n" + block + b"\r\n")
-            else:
-                transport.write(b"0\r\n\r\n")
+            transport.write(self._last_chunk(trailers) if trailers else b"0\r\n\r\n")
+        elif length >= 0 and sent != length:
+            conn.ctx.log.error("response body short of its content-length: connection closed")
+            transport.close()
         return sent
+
+    def _last_chunk(self, trailers: Headers) -> bytes:
+        """The last chunk and the trailers, checked as a head's fields are; trailers that
+        would not read back as these fields are dropped (and logged), never written."""
+        block = last_chunk(trailers)
+        if block is not None:
+            return block
+        bad = bad_field(trailers)
+        self.conn.ctx.log.error("dropped response trailers: %r cannot be written as HTTP/1.1", bad)
+        return b"0\r\n\r\n"
 
     # -- a call run on callbacks --
     def done(self) -> None:

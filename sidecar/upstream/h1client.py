@@ -27,6 +27,7 @@ import httptools
 
 from sidecar.discovery.base import Endpoint
 from sidecar.errors import (
+    BadRequest,
     MeshError,
     PoolExhausted,
     StreamRefused,
@@ -34,6 +35,13 @@ from sidecar.errors import (
     UpstreamReset,
 )
 from sidecar.metrics import Metrics
+from sidecar.proto.h1head import (
+    FRAMING_FIELDS,
+    bad_field,
+    bad_request_part,
+    last_chunk,
+    request_head_ok,
+)
 from sidecar.proto.messages import (
     HOP_BY_HOP,
     Body,
@@ -51,6 +59,8 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _READ_HIGH_WATER = 256 * 1024
 _READ_LOW_WATER = 64 * 1024
+# Request fields the writer frames itself: never copied from the request.
+_NOT_FORWARDED = HOP_BY_HOP | {b"content-length"}
 
 # What a call waiting for a response head is told: the head, or why there is none.
 HeadCallback = Callable[[Response | MeshError], None]
@@ -58,9 +68,14 @@ HeadCallback = Callable[[Response | MeshError], None]
 ConnCallback = Callable[["H1ClientConnection | Exception"], None]
 
 
+class _ResponseAbort(Exception):
+    """A response the connection refuses to read on (its reason is the call's error)."""
+
+
 class H1ClientConnection(asyncio.Protocol):
     def __init__(self, pool: H1Pool, key: tuple[str, int]) -> None:
         self.pool = pool
+        self._max_header_bytes = pool.max_header_bytes
         self.key = key
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -76,6 +91,10 @@ class H1ClientConnection(asyncio.Protocol):
         self._owned: Body | None = None  # the current call's response body
         self._headers: Headers = []
         self._drop: set[bytes] | None = None  # header names a `Connection:` header listed
+        self._header_bytes = 0  # of the head being read, then of its trailers
+        # Past the head: fields now are trailers, a block of their own (never headers).
+        self._in_trailers = False
+        self._trailers: Headers | None = None
         self._body: Body | None = None
         self._head_request = False
         self._idempotent = False
@@ -102,8 +121,11 @@ class H1ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            # httptools wraps what a callback raised; our own refusals carry the reason.
+            cause = exc.__context__
+            reason = str(cause) if isinstance(cause, _ResponseAbort) else f"malformed: {exc}"
             self._hand_over()
-            self._lost(UpstreamReset(f"malformed HTTP/1.1 response from the app: {exc}"))
+            self._lost(UpstreamReset(f"HTTP/1.1 response from the app refused: {reason}"))
             self.close()
             return
         if self._ready is not None:
@@ -139,9 +161,29 @@ class H1ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks --
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_header_bytes:
+            what = "trailers" if self._in_trailers else "headers"
+            raise _ResponseAbort(
+                f"response {what} over {self._max_header_bytes} bytes (limits.max_header_bytes)"
+            )
         name = name.lower()
+        if self._in_trailers:
+            # Framing and routing fields mean nothing in trailers (RFC 9110 6.5.1): dropped.
+            if name not in FRAMING_FIELDS:
+                if self._trailers is None:
+                    self._trailers = []
+                self._trailers.append((name, value))
+            return
         if name in HOP_BY_HOP:
-            if name == b"connection":
+            if name == b"transfer-encoding":
+                for coding in value.split(b","):
+                    coding = coding.strip().lower()
+                    if coding != b"chunked":
+                        raise _ResponseAbort(
+                            f"transfer coding {coding.decode('latin-1')[:40]!r} is not implemented"
+                        )
+            elif name == b"connection":
                 # Headers it names go too; hop-by-hop ones (keep-alive) are gone already.
                 for token in value.split(b","):
                     token = token.strip().lower()
@@ -157,9 +199,11 @@ class H1ClientConnection(asyncio.Protocol):
         self._headers = []
         drop = self._drop
         self._drop = None
+        self._header_bytes = 0
         status = self.parser.get_status_code()
         if status < 200:
             return  # 1xx: informational, the real response follows
+        self._in_trailers = True
         if drop:
             headers = [(n, v) for n, v in headers if n not in drop]
         body = Body()
@@ -187,10 +231,14 @@ class H1ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.parser.get_status_code() < 200:
             return
+        self._in_trailers = False
+        self._header_bytes = 0
+        trailers = self._trailers
+        self._trailers = None
         body = self._body
         self._body = None
         if body is not None:
-            body.finish()
+            body.finish(trailers)
         keep = bool(self.parser.should_keep_alive()) and self._request_sent
         if self._by_future:
             # The waiting task hears of the response on its next step; the pool takes
@@ -252,71 +300,134 @@ class H1ClientConnection(asyncio.Protocol):
     # -- calls --
     def send(self, request: Request, authority: bytes, path: bytes, on_head: HeadCallback) -> None:
         """Send the call; `on_head` gets the response head, or the error that ended the call."""
+        refused = self._write_request(request, authority, path)
+        if refused is not None:
+            self.pool._release(self, True)  # nothing was written: the next call's
+            on_head(refused)
+            return
         self._on_head = on_head
         self._by_future = False
-        self._write_request(request, authority, path)
 
     async def request(self, request: Request, authority: bytes, path: bytes) -> Response:
+        refused = self._write_request(request, authority, path)
+        if refused is not None:
+            self.pool._release(self, True)  # nothing was written: the next call's
+            raise refused
         waiter: asyncio.Future[Response] = self.loop.create_future()
         self._waiter = waiter
         self._by_future = True
-        self._write_request(request, authority, path)
         try:
             return await waiter
         except asyncio.CancelledError:
             self._cancel()
             raise
 
-    def _write_request(self, request: Request, authority: bytes, path: bytes) -> None:
+    def _write_request(self, request: Request, authority: bytes, path: bytes) -> BadRequest | None:
+        """Write the request head (and a whole body); the error, having written nothing,
+        if the head would not read back as this one request (see h1head)."""
+        method = request.method
+        parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
+        declared_length: bytes | None = None
+        for name, value in request.headers:
+            if name in _NOT_FORWARDED:
+                if name == b"content-length":
+                    declared_length = value
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        # The request line, host, the fields (four parts each), a framing line, the blank.
+        lines = (len(parts) - 6) // 4 + 4
+        body = request.body
+        data = b""
+        chunked = False
+        if body.complete:
+            trailers = body.trailers
+            if trailers:
+                # Trailers need the chunked coding, even for a body that is all here.
+                chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n\r\n")
+                data = body.read_nowait() or b""
+                tail = _last_chunk(trailers)
+                data = b"%x\r\n%s\r\n%s" % (len(data), data, tail) if data else tail
+            else:
+                data = body.read_nowait() or b""
+                if data or method in _BODY_METHODS:
+                    parts += (b"content-length: ", content_length(len(data)), b"\r\n")
+                else:
+                    lines -= 1
+                parts.append(b"\r\n")
+        elif declared_length is None:
+            chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n\r\n")
+        elif declared_length.isdigit():
+            parts += (b"content-length: ", declared_length, b"\r\n\r\n")
+        else:
+            return self._refuse(request, "header 'content-length'", authority, path)
+        if data:
+            parts.append(data)
+        joined = b"".join(parts)
+        if not request_head_ok(joined, len(joined) - len(data), lines):
+            what = bad_request_part(method, path, authority, request.headers)
+            return self._refuse(request, what, authority, path)
         self.uses += 1
         self._got_bytes = False
         self._request_sent = False
-        method = request.method
         self._head_request = method == b"HEAD"
         self._idempotent = method in _IDEMPOTENT
         transport = self.transport
         assert transport is not None
-        parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
-        declared_length: bytes | None = None
-        for name, value in request.headers:
-            if name == b"content-length":
-                declared_length = value
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        body = request.body
+        transport.write(joined)
         if body.complete:
-            data = body.read_nowait() or b""
-            if data or method in _BODY_METHODS:
-                parts += (b"content-length: ", content_length(len(data)), b"\r\n\r\n", data)
-            else:
-                parts.append(b"\r\n")
-            transport.write(b"".join(parts))
             self._request_sent = True
         else:
-            chunked = declared_length is None
-            if chunked:
-                parts.append(b"transfer-encoding: chunked\r\n\r\n")
-            else:
-                parts += (b"content-length: ", declared_length or b"0", b"\r\n\r\n")
-            transport.write(b"".join(parts))
-            self._sender = self.loop.create_task(self._send_body(body, chunked))
+            length = -1 if chunked or declared_length is None else int(declared_length)
+            self._sender = self.loop.create_task(self._send_body(body, length))
+        return None
 
-    async def _send_body(self, body: Body, chunked: bool) -> None:
+    def _refuse(self, request: Request, what: str, authority: bytes, path: bytes) -> BadRequest:
+        log.error(
+            "refused to write a request to %s as HTTP/1.1: its %s holds bytes HTTP/1.1 "
+            "does not allow there (CR, LF, NUL, a control byte or a space)",
+            self.pool.service,
+            what,
+        )
+        return BadRequest(
+            f"the request's {what} cannot be sent as HTTP/1.1 (CR, LF, NUL, a control byte "
+            "or a space where HTTP/1.1 does not allow one)",
+            service=self.pool.service,
+        )
+
+    async def _send_body(self, body: Body, length: int) -> None:
+        """Stream the rest of the body: chunked (`length` -1) or exactly `length` bytes."""
         transport = self.transport
         assert transport is not None
+        chunked = length < 0
         try:
             while True:
                 chunk = await body.read()
                 if not chunk:
                     break
-                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if chunked:
+                    transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                else:
+                    length -= len(chunk)
+                    if length < 0:
+                        # More than the declared length: the rest would read as another
+                        # request. The app's call is void.
+                        log.error("request body to %s over its content-length", self.pool.service)
+                        self.close()
+                        return
+                    transport.write(chunk)
                 if self._write_paused:
                     self._drain = self.loop.create_future()
                     await self._drain
                     if self.closed:
                         return
             if chunked:
-                transport.write(b"0\r\n\r\n")
+                transport.write(_last_chunk(body.trailers) if body.trailers else b"0\r\n\r\n")
+            elif length:
+                log.error("request body to %s short of its content-length", self.pool.service)
+                self.close()
+                return
             self._request_sent = True
         except BodyError:
             self.close()  # the caller went away mid-body: the app's call is void
@@ -359,6 +470,14 @@ class H1ClientConnection(asyncio.Protocol):
         self.closed = True
 
 
+def _last_chunk(trailers: Headers) -> bytes:
+    block = last_chunk(trailers)
+    if block is None:
+        log.error("dropped request trailers: %r cannot be written as HTTP/1.1", bad_field(trailers))
+        return b"0\r\n\r\n"
+    return block
+
+
 class Ticket:
     """A call waiting for a connection to `endpoint` until `deadline` (loop time)."""
 
@@ -390,9 +509,12 @@ class H1Pool:
         limits: PoolLimits,
         metrics: Metrics,
         connect: Connect | None = None,
+        max_header_bytes: int = 65536,
     ) -> None:
         self.service = service
         self.limits = limits
+        # A response head, and its trailers apart, may hold this much (limits.max_header_bytes).
+        self.max_header_bytes = max_header_bytes
         self.loop = asyncio.get_running_loop()
         self._connect: Connect = connect or self.loop.create_connection
         self._idle: dict[tuple[str, int], list[H1ClientConnection]] = {}

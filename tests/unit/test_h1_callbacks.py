@@ -56,6 +56,15 @@ REPLIES: dict[bytes, list[bytes]] = {
     ],
     b"/split": [b"HTTP/1.1 200 OK\r\nContent-", b"Length: 5\r\n\r\nab", b"cde"],
     b"/informational": [b"HTTP/1.1 100 Continue\r\n\r\n", OK],
+    b"/trailers": [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
+        b"0\r\nSet-Cookie: session=secret\r\nHost: elsewhere\r\n\r\n",
+    ],
+    b"/gzip": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+    b"/bighead": [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 70000 + b"\r\nContent-Length: 2\r\n\r\nok"
+    ],
+    b"/twolengths": [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 7\r\n\r\nok"],
     b"/reset": [],  # the app closes without a reply
     b"/hang": [],  # the app never answers (the test decides what happens)
 }
@@ -242,6 +251,16 @@ SCENARIOS: dict[str, Callable[[str], list[bytes]]] = {
     ],
     "caller-closes": lambda d: [request(target(d, b"/a"), extra=b"Connection: close\r\n")],
     "http10": lambda d: [request(target(d, b"/stream")).replace(b"HTTP/1.1", b"HTTP/1.0")],
+    "response-trailers-then-next": lambda d: [
+        request(target(d, b"/trailers")),
+        request(target(d, b"/a")),
+    ],
+    "request-trailers": lambda d: [
+        b"POST %s HTTP/1.1\r\nHost: inventory\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nX-Sum: 1\r\n\r\n" % target(d, b"/echo")
+    ],
+    "app-transfer-coding": lambda d: [request(target(d, b"/gzip")), request(target(d, b"/a"))],
+    "app-head-too-big": lambda d: [request(target(d, b"/bighead")), request(target(d, b"/a"))],
     "body-in-two-segments": lambda d: [
         request(target(d, b"/echo"), b"POST", b"hello")[:-2],
         b"lo",
@@ -471,3 +490,152 @@ def test_a_header_holding_cr_lf_or_nul_never_reaches_the_wire(
     else:
         assert data.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
         assert b"x-injected" not in data and b"x-b" not in data
+
+
+# -- issue 15: the HTTP/1.1 boundary, both paths ---------------------------------------
+
+
+@pytest.mark.parametrize("callbacks", [True, False])
+def test_an_apps_response_trailers_never_reach_the_next_caller(
+    tmp_path: Path, callbacks: bool
+) -> None:
+    """The app's trailers (set-cookie) end its response; on the same pooled connection
+    the next caller's response has only its own headers."""
+
+    async def go() -> tuple[bytes, bytes, int]:
+        rig = Rig("inbound", tmp_path, callbacks=callbacks)
+        first, first_side = rig.caller(5001)
+        first.data_received(request(b"/trailers"))
+        await rig.settle()
+        second, second_side = rig.caller(5002)
+        second.data_received(request(b"/a"))
+        await rig.settle()
+        rig.access_log.close()
+        return first_side.data, second_side.data, rig.connects
+
+    first, second, connects = asyncio.run(go())
+    assert connects == 1  # the same pooled connection
+    assert first.startswith(b"HTTP/1.1 200 OK") and b"\r\n\r\nok" in first
+    assert second.startswith(b"HTTP/1.1 200 OK") and second.endswith(b"\r\n\r\nok")
+    assert b"set-cookie" not in second.lower() and b"secret" not in second
+
+
+def test_the_pool_hands_response_trailers_on_as_trailers(tmp_path: Path) -> None:
+    async def go() -> tuple[Any, Any]:
+        rig = Rig("inbound", tmp_path, callbacks=False)
+        endpoint = rig.cluster.endpoints[0]
+        response = await rig.pool.request(
+            endpoint, make_request(b"/trailers"), b"app", b"/trailers"
+        )
+        while await response.body.read():
+            pass
+        after = await rig.pool.request(endpoint, make_request(b"/a"), b"app", b"/a")
+        rig.access_log.close()
+        return response, after
+
+    response, after = asyncio.run(go())
+    # Framing fields are no trailers (RFC 9110 6.5.1): dropped.
+    assert response.body.trailers == [(b"set-cookie", b"session=secret")]
+    assert all(name != b"set-cookie" for name, _ in response.headers + after.headers)
+
+
+@pytest.mark.parametrize("callbacks", [True, False])
+def test_request_trailers_reach_the_app_as_trailers(tmp_path: Path, callbacks: bool) -> None:
+    async def go() -> bytes:
+        rig = Rig("inbound", tmp_path, callbacks=callbacks)
+        await run_scenario(rig, SCENARIOS["request-trailers"]("inbound"))
+        return rig.app_sides[0].data
+
+    sent = asyncio.run(go())
+    head, _, rest = sent.partition(b"\r\n\r\n")
+    assert b"x-forwarded-for: 6.6.6.6" not in head and b"transfer-encoding: chunked" in head
+    assert rest.endswith(b"0\r\nx-forwarded-for: 6.6.6.6\r\nx-sum: 1\r\n\r\n")
+
+
+@pytest.mark.parametrize("path", [b"/gzip", b"/bighead", b"/twolengths"])
+def test_an_app_response_the_client_cannot_read_safely_is_502(tmp_path: Path, path: bytes) -> None:
+    async def go() -> bytes:
+        rig = Rig("inbound", tmp_path, callbacks=True)
+        proto, caller = rig.caller()
+        proto.data_received(request(path))
+        await rig.settle()
+        rig.access_log.close()
+        return caller.data
+
+    data = asyncio.run(go())
+    assert data.startswith(b"HTTP/1.1 502 ")
+    reasons = {
+        b"/gzip": b"gzip",
+        b"/bighead": b"max_header_bytes",
+        b"/twolengths": b"Content-Length",
+    }
+    assert reasons[path] in data
+
+
+UNWRITABLE = [
+    (b"GET", b"/a", b"app", [(b"x-a", b"a\r\ncontent-length: 0\r\n\r\nGET /smuggled HTTP/1.1")]),
+    (b"GET", b"/a", b"app", [(b"x-a\r\nx-injected", b"1")]),
+    (b"GET", b"/a", b"app", [(b"x a", b"1")]),
+    (b"GET", b"/a", b"app", [(b"x-a", b"\x00")]),
+    (b"GET", b"/a", b"app", [(b"x-a", b"\x01")]),
+    (b"GET", b"/a", b"app", [(b"", b"1")]),
+    (b"GET", b"/a HTTP/1.1\r\nx: y", b"app", []),
+    (b"GET", b"/a b", b"app", []),
+    (b"GET", b"a", b"app", []),
+    (b"GET\r\nX", b"/a", b"app", []),
+    (b"GE T", b"/a", b"app", []),
+    (b"GET", b"/a", b"app\r\nx-injected: 1", []),
+    (b"GET", b"/a", b"app x", []),
+    (b"POST", b"/a", b"app", [(b"content-length", b"1, 2")]),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "authority", "headers"), UNWRITABLE)
+@pytest.mark.parametrize("callbacks", [True, False])
+def test_a_request_http11_cannot_carry_is_refused_and_the_connection_serves_the_next(
+    tmp_path: Path,
+    callbacks: bool,
+    method: bytes,
+    path: bytes,
+    authority: bytes,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """Fields an HTTP/2 caller (or a filter) could send: the writer fails the call with a
+    400 naming the part, writes nothing, and the pooled connection serves the next call."""
+    from sidecar.errors import BadRequest
+    from sidecar.proto.messages import Body, Request, Response, fixed_body
+
+    async def go() -> tuple[BaseException | Response | None, bytes, int, list[bytes]]:
+        rig = Rig("inbound", tmp_path, callbacks=False)
+        endpoint = rig.cluster.endpoints[0]
+        await rig.pool.request(endpoint, make_request(b"/a"), b"app", b"/a")
+        await rig.settle()
+        written = len(rig.app_sides[0].data)
+        body: Body = fixed_body()
+        if method == b"POST":
+            body = Body()  # streamed: its declared length is what frames it
+        bad = Request(method, path, authority, list(headers), body)
+        outcome: BaseException | Response | None = None
+        if callbacks:
+            (conn,) = rig.pool._idle[("127.0.0.1", 8080)]
+            rig.pool.idle_connection(endpoint)
+            got: list[Response | BaseException] = []
+            rig.pool.send(conn, bad, authority, path, got.append)
+            outcome = got[0]
+        else:
+            try:
+                await rig.pool.request(endpoint, bad, authority, path)
+            except BadRequest as exc:
+                outcome = exc
+        refused_wrote = rig.app_sides[0].data[written:]
+        after = await rig.pool.request(endpoint, make_request(b"/a"), b"app", b"/a")
+        await rig.settle()
+        rig.access_log.close()
+        return outcome, refused_wrote, rig.connects, [after.status, rig.app_sides[0].data]
+
+    outcome, refused_wrote, connects, (status, app_saw) = asyncio.run(go())
+    assert isinstance(outcome, BadRequest) and outcome.status == 400
+    assert "cannot be sent as HTTP/1.1" in outcome.reason
+    assert refused_wrote == b""
+    assert connects == 1 and status == 200
+    assert app_saw.count(b"GET /a HTTP/1.1\r\n") == 2 and b"injected" not in app_saw

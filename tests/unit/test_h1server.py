@@ -491,3 +491,130 @@ def test_upgrade_request_still_gets_a_reply() -> None:
     assert len(seen) == 1
     responses = parse_responses(conn.transport.data)
     assert responses and responses[0].status in (200, 501)
+
+
+# -- issue 15: the HTTP/1.1 boundary ---------------------------------------------------
+
+
+def test_a_second_host_header_is_400() -> None:
+    conn, seen = run_one(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert seen == []
+    status, payload = rejection(conn)
+    assert status == 400 and "Host" in payload["error"]
+
+
+def test_an_http11_request_without_host_is_400_but_http10_may_omit_it() -> None:
+    conn, seen = run_one(b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n")
+    assert seen == []
+    status, payload = rejection(conn)
+    assert status == 400 and "Host" in payload["error"]
+    conn, seen = run_one(b"GET / HTTP/1.0\r\n\r\n")
+    assert len(seen) == 1 and seen[0].authority == b""
+    assert conn.transport.data.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_an_unimplemented_transfer_coding_is_501_naming_it() -> None:
+    conn, seen = run_one(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+    )
+    assert seen == []
+    status, payload = rejection(conn)
+    assert status == 501 and "'gzip'" in payload["error"]
+
+
+def test_a_transfer_encoding_not_ending_in_chunked_is_400() -> None:
+    conn, seen = run_one(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nab")
+    assert seen == []
+    assert rejection(conn)[0] == 400
+
+
+CHUNKED_POST = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+
+
+def test_request_trailers_are_their_own_block_never_headers() -> None:
+    _, seen = run_one(CHUNKED_POST + b"0\r\nX-Forwarded-For: 6.6.6.6\r\nX-Sum: 1\r\n\r\n")
+    (request,) = seen
+    assert all(name != b"x-forwarded-for" for name, _ in request.headers)
+    assert request.body.trailers == [(b"x-forwarded-for", b"6.6.6.6"), (b"x-sum", b"1")]
+
+
+def body_reader() -> Handler:
+    """A handler that reads the whole body first, as hmac_sign does, and answers 500 when
+    that fails (as a failed filter would)."""
+
+    async def handler(request: Request, sink: ResponseSink) -> None:
+        try:
+            while await request.body.read():
+                pass
+        except Exception:
+            await sink.send(Response(500, [], fixed_body(b"filter failed")))
+            return
+        await sink.send(Response(200, [], fixed_body(b"ok")))
+
+    return handler
+
+
+def test_a_framing_field_in_request_trailers_is_400_even_after_the_call_began() -> None:
+    for trailer in (b"content-length: 5", b"transfer-encoding: chunked", b"host: evil"):
+        conn, _ = run_one(CHUNKED_POST + b"0\r\n" + trailer + b"\r\n\r\n", body_reader())
+        status, _ = rejection(conn)
+        assert status == 400, trailer
+        assert b"filter failed" not in conn.transport.data
+
+
+def test_request_trailers_count_into_max_header_bytes() -> None:
+    limits = LimitsConfig(max_header_bytes=1024)
+    trailers = b"".join(b"x-t%d: %s\r\n" % (i, b"v" * 100) for i in range(20))
+    conn, _ = run_one(CHUNKED_POST + b"0\r\n" + trailers + b"\r\n", body_reader(), limits)
+    status, payload = rejection(conn)
+    assert status == 431 and "trailers" in payload["error"]
+
+
+def test_a_response_trailer_that_would_split_the_response_is_dropped() -> None:
+    forged = b"0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged"
+    for trailer in ((b"grpc-status", forged), (b"x a", b"1"), (b"x-b", b"\x01")):
+        conn, _ = run_one(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", streaming_handler([trailer]))
+        assert conn.transport.data.endswith(b"7\r\n world!\r\n0\r\n\r\n"), trailer
+        assert len(parse_responses(conn.transport.data)) == 1
+
+
+def test_framing_fields_in_response_trailers_are_left_out() -> None:
+    trailers = [(b"content-length", b"9"), (b"grpc-status", b"0")]
+    conn, _ = run_one(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", streaming_handler(trailers))
+    assert conn.transport.data.endswith(b"0\r\ngrpc-status: 0\r\n\r\n")
+
+
+def test_a_response_field_http11_cannot_carry_is_refused() -> None:
+    for header in (
+        (b"x a", b"1"),
+        (b"x:a", b"1"),
+        (b"", b"1"),
+        (b"x-a", b"\x7f"),
+        (b"x-a", b"1\x0b"),
+    ):
+        conn, _ = run_one(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", reply(headers=[header]))
+        assert conn.transport.data.startswith(b"HTTP/1.1 500 "), header
+
+
+def test_a_response_content_length_the_body_does_not_have_is_refused() -> None:
+    headers = [(b"content-length", b"2")]
+    conn, _ = run_one(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", reply(b"ok" * 10, headers=headers))
+    assert conn.transport.data.startswith(b"HTTP/1.1 500 ")
+    twice = [(b"content-length", b"2"), (b"content-length", b"2")]
+    conn, _ = run_one(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", reply(b"ok", headers=twice))
+    assert conn.transport.data.startswith(b"HTTP/1.1 500 ")
+
+
+def test_a_streamed_body_over_its_content_length_closes_instead_of_running_on() -> None:
+    async def handler(request: Request, sink: ResponseSink) -> None:
+        body = Body()
+        body.feed(b"ok")
+        sending = asyncio.create_task(sink.send(Response(200, [(b"content-length", b"2")], body)))
+        await asyncio.sleep(0)
+        body.feed(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged")
+        body.finish()
+        await sending
+
+    conn, _ = run_one(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", handler)
+    assert b"forged" not in conn.transport.data
+    assert conn.transport.closed
