@@ -256,9 +256,9 @@ def test_relay_reset_is_passed_on_as_a_reset() -> None:
 # --- drain (issue 15, finding 10) ----------------------------------------------------
 
 
-def test_drain_waits_for_a_captured_call_and_refuses_new_connections(tmp_path: Any) -> None:
+def test_drain_waits_for_a_captured_call(tmp_path: Any) -> None:
     """A call meshed through the capture listener is waited for like any listener's:
-    wait_idle holds until it is answered, and nothing new is meshed meanwhile."""
+    wait_idle holds until it is answered, and its context is marked draining."""
     config = tmp_path / "sidecar.yaml"
     config.write_text("capture:\n  service_ips: {'10.96.0.10:80': inventory}\n")
     cfg = load_config(str(config), {})
