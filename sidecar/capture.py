@@ -330,7 +330,10 @@ class _Capture(asyncio.Protocol):
     def _done(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.listener.pending.discard(self)
+        pending = self.listener.pending
+        pending.discard(self)
+        if not pending:
+            self.listener.pending_gone.set()
 
     def _act(self, decision: Decision) -> None:
         """Hand the connection on; runs once (callers set `decided` first)."""
@@ -378,6 +381,7 @@ class CaptureListener:
         self.pending: set[_Capture] = set()
         self.relays: set[_Relay] = set()
         self.relays_gone = asyncio.Event()
+        self.pending_gone = asyncio.Event()  # set when the last undecided one is decided
         self.draining = False
         # Local ports of our own passthrough sockets: seeing one captured means a loop.
         self.own_ports: set[int] = set()
@@ -481,15 +485,28 @@ class CaptureListener:
                 conn.close_if_idle()
 
     async def wait_idle(self, timeout: float) -> bool:
-        """True when every captured call finished and every passthrough relay closed
-        within `timeout` (drain's remaining time: a relay is a call we cannot see into,
-        so it gets the same bound, then close() cuts it)."""
+        """True when every connection still being sniffed is decided, every captured call
+        finished and every passthrough relay closed within `timeout` (drain's remaining
+        time: a relay is a call we cannot see into, so it gets the same bound, then
+        close() cuts it). Rechecked until nothing new started meanwhile."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        for ctx in tuple(self.contexts.values()):
-            if not await _until_set(ctx.idle, functools.partial(_no_calls, ctx), deadline):
+        while True:
+            if not await _until_set(self.pending_gone, self._none_pending, deadline):
                 return False
-        return await _until_set(self.relays_gone, lambda: not self.relays, deadline)
+            for ctx in tuple(self.contexts.values()):
+                if not await _until_set(ctx.idle, functools.partial(_no_calls, ctx), deadline):
+                    return False
+            if not await _until_set(self.relays_gone, self._no_relays, deadline):
+                return False
+            if self._none_pending() and all(map(_no_calls, self.contexts.values())):
+                return True
+
+    def _none_pending(self) -> bool:
+        return not self.pending
+
+    def _no_relays(self) -> bool:
+        return not self.relays
 
     def has_connections(self) -> bool:
         return any(ctx.connections for ctx in self.contexts.values())

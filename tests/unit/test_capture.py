@@ -293,6 +293,36 @@ def test_drain_waits_for_a_captured_call(tmp_path: Any) -> None:
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"late")
 
 
+def test_drain_waits_for_a_connection_still_being_sniffed(tmp_path: Any) -> None:
+    """Accepted before SIGTERM, its request line not in yet: drain waits for the
+    decision and for the call it turns into."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("capture:\n  service_ips: {'10.96.0.10:80': inventory}\n")
+    cfg = load_config(str(config), {})
+
+    async def go() -> tuple[bool, bool, bytes]:
+        async def outbound(request: Request, sink: ResponseSink) -> None:
+            await sink.send(Response(200, [], fixed_body(b"ok")))
+
+        lst = CaptureListener(
+            cfg, outbound, None, Metrics(), original_dst=lambda _: ("10.96.0.10", 80)
+        )
+        capture = _Capture(lst)
+        app = attach(capture)
+        capture.data_received(b"GET /a HT")  # not decided yet
+        lst.begin_drain()
+        waiting = asyncio.get_running_loop().create_task(lst.wait_idle(5.0))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        early = waiting.done()
+        capture.data_received(b"TP/1.1\r\nHost: x\r\n\r\n")
+        return early, await waiting, app.data
+
+    early, finished, reply = asyncio.run(go())
+    assert not early and finished
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
+
+
 def test_drain_gives_passthrough_relays_the_drain_deadline() -> None:
     """An open relay holds wait_idle until it closes or the time given runs out."""
 
