@@ -15,6 +15,7 @@ the thin asyncio adapters.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import socket
@@ -174,9 +175,12 @@ def socket_original_dst(sock: Any) -> Address | None:
 class _Relay(asyncio.Protocol):
     """One end of a TCP relay: what its socket reads is written to the other end's."""
 
-    def __init__(self, count: Callable[[int], None], live: set[_Relay]) -> None:
+    def __init__(
+        self, count: Callable[[int], None], live: set[_Relay], gone: asyncio.Event
+    ) -> None:
         self.count = count
         self.live = live  # the listener's open relay ends, closed at shutdown
+        self.gone = gone  # set when the last of them is lost (what drain waits for)
         self.transport: asyncio.Transport | None = None
         self.other: _Relay | None = None
         self.read_eof = False
@@ -243,6 +247,8 @@ class _Relay(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.live.discard(self)
+        if not self.live:
+            self.gone.set()
         if self.on_lost is not None:
             self.on_lost()
         other = self._other_transport()
@@ -324,7 +330,10 @@ class _Capture(asyncio.Protocol):
     def _done(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.listener.pending.discard(self)
+        pending = self.listener.pending
+        pending.discard(self)
+        if not pending:
+            self.listener.pending_gone.set()
 
     def _act(self, decision: Decision) -> None:
         """Hand the connection on; runs once (callers set `decided` first)."""
@@ -371,6 +380,9 @@ class CaptureListener:
         self.server: asyncio.Server | None = None
         self.pending: set[_Capture] = set()
         self.relays: set[_Relay] = set()
+        self.relays_gone = asyncio.Event()
+        self.pending_gone = asyncio.Event()  # set when the last undecided one is decided
+        self.draining = False
         # Local ports of our own passthrough sockets: seeing one captured means a loop.
         self.own_ports: set[int] = set()
         self.contexts: dict[str, ListenerContext] = {}
@@ -405,12 +417,15 @@ class CaptureListener:
                 await outbound(request, sink)
 
             ctx = ListenerContext("capture", to_service, self.cfg.http2, self.cfg.limits)
+            ctx.draining = self.draining
             self.contexts[service] = ctx
         return ctx
 
     def relay(self, client: asyncio.Transport, dst: Address, head: bytes, eof: bool) -> None:
         client.pause_reading()  # until the upstream socket is there to take the bytes
-        down, up = _Relay(self._count_up, self.relays), _Relay(self._count_down, self.relays)
+        gone = self.relays_gone
+        down = _Relay(self._count_up, self.relays, gone)
+        up = _Relay(self._count_down, self.relays, gone)
         _Relay.pair(down, up)
         client.set_protocol(down)
         down.connection_made(client)
@@ -458,6 +473,44 @@ class CaptureListener:
         if eof:
             down.eof_received()
 
+    def begin_drain(self) -> None:
+        """Stop taking connections; meshed ones finish their calls as a listener's do
+        (GOAWAY on HTTP/2, idle HTTP/1.1 keep-alives closed), relays run on."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for ctx in self.contexts.values():
+            ctx.draining = True
+            for conn in tuple(ctx.connections):
+                conn.close_if_idle()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when every connection still being sniffed is decided, every captured call
+        finished and every passthrough relay closed within `timeout` (drain's remaining
+        time: a relay is a call we cannot see into, so it gets the same bound, then
+        close() cuts it). Rechecked until nothing new started meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if not await _until_set(self.pending_gone, self._none_pending, deadline):
+                return False
+            for ctx in tuple(self.contexts.values()):
+                if not await _until_set(ctx.idle, functools.partial(_no_calls, ctx), deadline):
+                    return False
+            if not await _until_set(self.relays_gone, self._no_relays, deadline):
+                return False
+            if self._none_pending() and all(map(_no_calls, self.contexts.values())):
+                return True
+
+    def _none_pending(self) -> bool:
+        return not self.pending
+
+    def _no_relays(self) -> bool:
+        return not self.relays
+
+    def has_connections(self) -> bool:
+        return any(ctx.connections for ctx in self.contexts.values())
+
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -476,6 +529,25 @@ class CaptureListener:
                     transport.close()
         if self.server is not None:
             await self.server.wait_closed()
+
+
+def _no_calls(ctx: ListenerContext) -> bool:
+    return ctx.in_flight == 0
+
+
+async def _until_set(event: asyncio.Event, done: Callable[[], bool], deadline: float) -> bool:
+    """Wait, up to the loop time `deadline`, for `done()`; `event` is set when it may be."""
+    loop = asyncio.get_running_loop()
+    while not done():
+        event.clear()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(event.wait(), remaining)
+        except TimeoutError:
+            return done()
+    return True
 
 
 def _known_endpoints(clusters: ClusterManager) -> Iterable[tuple[str, Endpoint]]:

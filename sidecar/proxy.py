@@ -50,7 +50,7 @@ from sidecar.errors import (
 )
 from sidecar.listener import ImmediateSink, ResponseSink
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import BodyError, Request, Response, unsafe_header
+from sidecar.proto.messages import BodyError, Headers, Request, Response, unsafe_header
 from sidecar.routing import INVOKE_PREFIX, Router
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
 from sidecar.upstream.h1client import H1Pool
@@ -433,18 +433,41 @@ class OutboundHandler(CallHandler):
         return call
 
 
+FORWARDED_FOR = b"x-forwarded-for"
+
+
 def _append_forwarded_for(request: Request) -> None:
     """Add the caller's address to x-forwarded-for (what the app sees is who called, not
-    only what the caller claims)."""
+    only what the caller claims). A caller's several x-forwarded-for headers are merged
+    into one first (RFC 9110 5.3), so the real peer is the last hop whichever one the
+    app reads."""
     peer = request.peer.rsplit(":", 1)[0].encode()
     if not peer:
         return
     headers = request.headers
-    for i, (name, value) in enumerate(headers):
+    # One pass over the whole list (a duplicate can be anywhere); the literal name is a
+    # constant load, cheaper in this loop than the module global.
+    first = -1
+    for i, (name, _) in enumerate(headers):
         if name == b"x-forwarded-for":
-            headers[i] = (name, value + b", " + peer)
-            return
-    headers.append((b"x-forwarded-for", peer))
+            if first >= 0:
+                _merge_forwarded_for(headers, first, peer)
+                return
+            first = i
+    if first < 0:
+        headers.append((FORWARDED_FOR, peer))
+    else:
+        value = headers[first][1]
+        headers[first] = (FORWARDED_FOR, value + b", " + peer if value else peer)
+
+
+def _merge_forwarded_for(headers: Headers, first: int, peer: bytes) -> None:
+    """The rare path: the caller sent x-forwarded-for more than once. One header, at the
+    first one's place, its values in order (empty ones dropped), then the peer."""
+    hops = [value for name, value in headers[first:] if name == FORWARDED_FOR and value]
+    hops.append(peer)
+    rest = [field for field in headers[first + 1 :] if field[0] != FORWARDED_FOR]
+    headers[first:] = [(FORWARDED_FOR, b", ".join(hops)), *rest]
 
 
 class InboundHandler(CallHandler):

@@ -204,6 +204,8 @@ class Sidecar:
             await self.discovery.deregister()
         for listener in self.listeners.values():
             listener.begin_drain()
+        if self.capture is not None:
+            self.capture.begin_drain()
 
     async def drain(self) -> None:
         """Graceful shutdown; returns when in-flight calls are done or drain_timeout passed."""
@@ -213,11 +215,16 @@ class Sidecar:
         finished = True
         for listener in self.listeners.values():
             finished &= await listener.wait_idle(max(0.0, deadline - loop.time()))
+        if self.capture is not None:  # captured calls and passthrough relays, same deadline
+            finished &= await self.capture.wait_idle(max(0.0, deadline - loop.time()))
         if not finished:
             log.warning("drain_timeout (%ss) passed with calls in flight", self.cfg.drain_timeout)
         # Idle HTTP/2 connections close themselves a moment after their GOAWAY (so a
         # stream the peer opened meanwhile is refused, not lost): give them that moment.
-        if any(lst.ctx.connections for lst in self.listeners.values()):
+        capture = self.capture
+        if any(lst.ctx.connections for lst in self.listeners.values()) or (
+            capture is not None and capture.has_connections()
+        ):
             await asyncio.sleep(GOAWAY_GRACE_SECONDS + 0.1)
         await self.close()
 

@@ -454,3 +454,56 @@ def test_capture_listener_on_loopback_without_iptables() -> None:
     first, delay, rest = out["client_first"]
     assert first == b"220 ready\r\n" and rest.endswith(b"xbye") and b"hello" in rest
     assert delay < DETECT_TIMEOUT * 0.75, delay
+
+
+# Run last in the module: it stops the client sidecar the tests above share.
+DRAIN_PROBE = textwrap.dedent(
+    """
+    import json, os, signal, sys, threading, time
+    import httpx
+
+    VIP, ADMIN, PID = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    def meshed():
+        text = httpx.get(f"http://127.0.0.1:{ADMIN}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith('opus_capture_connections_total{kind="meshed"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = meshed()
+    out = {}
+
+    def call():
+        try:
+            r = httpx.get(f"http://{VIP}/slow?ms=1500", timeout=10)
+            out["status"], out["body"] = r.status_code, r.json()
+        except httpx.HTTPError as exc:
+            out["error"] = repr(exc)
+        out["done"] = time.monotonic()
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 5
+    while meshed() == before and time.monotonic() < deadline:  # the call is in the sidecar
+        time.sleep(0.01)
+    out["in_flight_seen"] = meshed() > before
+    os.kill(PID, signal.SIGTERM)
+    out["term"] = time.monotonic()
+    caller.join(15)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_sigterm_drains_a_captured_call_in_flight(topology: Topology) -> None:
+    """A captured call (the app takes 1.5 s) in flight at SIGTERM finishes with 200 within
+    drain_timeout (2 s), and the sidecar exits 0 (issue 15, finding 10)."""
+    client = next(proc for proc, log in topology.procs if log.name == "client.log")
+    ports = json.loads((topology.workdir / "client.ports.json").read_text())
+    out = topology.in_pod(DRAIN_PROBE, VIP, str(ports["admin"]), str(client.pid))
+    assert out["in_flight_seen"], out
+    assert out.get("status") == 200, out
+    assert out["body"] == {"app": "inventory", "slept_ms": 1500}
+    assert out["done"] - out["term"] > 0.5  # still running when SIGTERM came
+    assert client.wait(10) == 0

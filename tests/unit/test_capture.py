@@ -12,15 +12,21 @@ from typing import Any
 import pytest
 
 from sidecar.capture import (
+    CaptureListener,
     CaptureRouter,
     Decision,
     Detector,
+    _Capture,
     _Relay,
     classify,
     parse_sockaddr,
 )
 from sidecar.config import ConfigError, load_config
 from sidecar.discovery.base import Endpoint
+from sidecar.listener import ResponseSink
+from sidecar.metrics import Metrics
+from sidecar.proto.messages import Request, Response, fixed_body
+from tests.unit.memtransport import attach, until
 
 H2_START = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04"
 
@@ -187,7 +193,8 @@ def _relay_pair() -> tuple[_Relay, _Relay, _Transport, _Transport, list[int], li
     counted_up: list[int] = []
     counted_down: list[int] = []
     live: set[_Relay] = set()
-    down, up = _Relay(counted_up.append, live), _Relay(counted_down.append, live)
+    gone = asyncio.Event()
+    down, up = _Relay(counted_up.append, live, gone), _Relay(counted_down.append, live, gone)
     _Relay.pair(down, up)
     client, server = _Transport(), _Transport()
     down.connection_made(client)
@@ -244,6 +251,97 @@ def test_relay_reset_is_passed_on_as_a_reset() -> None:
     down, _, _, server, *_ = _relay_pair()
     down.connection_lost(None)  # a clean close is a clean close
     assert server.closed and not server.aborted
+
+
+# --- drain (issue 15, finding 10) ----------------------------------------------------
+
+
+def test_drain_waits_for_a_captured_call(tmp_path: Any) -> None:
+    """A call meshed through the capture listener is waited for like any listener's:
+    wait_idle holds until it is answered, and its context is marked draining."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("capture:\n  service_ips: {'10.96.0.10:80': inventory}\n")
+    cfg = load_config(str(config), {})
+
+    async def go() -> tuple[bool, bool, bytes]:
+        gate = asyncio.Event()
+
+        async def outbound(request: Request, sink: ResponseSink) -> None:
+            await gate.wait()
+            await sink.send(Response(200, [], fixed_body(b"late")))
+
+        lst = CaptureListener(
+            cfg, outbound, None, Metrics(), original_dst=lambda _: ("10.96.0.10", 80)
+        )
+        capture = _Capture(lst)
+        app = attach(capture)
+        capture.data_received(b"GET /slow HTTP/1.1\r\nHost: 10.96.0.10\r\n\r\n")
+        ctx = lst.contexts["inventory"]
+        await until(lambda: ctx.in_flight == 1)
+        lst.begin_drain()
+        waiting = asyncio.get_running_loop().create_task(lst.wait_idle(5.0))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        early = waiting.done()
+        gate.set()
+        finished = await waiting
+        return early, finished and ctx.draining, app.data
+
+    early, finished, reply = asyncio.run(go())
+    assert not early, "drain did not wait for the captured call"
+    assert finished
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"late")
+
+
+def test_drain_waits_for_a_connection_still_being_sniffed(tmp_path: Any) -> None:
+    """Accepted before SIGTERM, its request line not in yet: drain waits for the
+    decision and for the call it turns into."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("capture:\n  service_ips: {'10.96.0.10:80': inventory}\n")
+    cfg = load_config(str(config), {})
+
+    async def go() -> tuple[bool, bool, bytes]:
+        async def outbound(request: Request, sink: ResponseSink) -> None:
+            await sink.send(Response(200, [], fixed_body(b"ok")))
+
+        lst = CaptureListener(
+            cfg, outbound, None, Metrics(), original_dst=lambda _: ("10.96.0.10", 80)
+        )
+        capture = _Capture(lst)
+        app = attach(capture)
+        capture.data_received(b"GET /a HT")  # not decided yet
+        lst.begin_drain()
+        waiting = asyncio.get_running_loop().create_task(lst.wait_idle(5.0))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        early = waiting.done()
+        capture.data_received(b"TP/1.1\r\nHost: x\r\n\r\n")
+        return early, await waiting, app.data
+
+    early, finished, reply = asyncio.run(go())
+    assert not early and finished
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
+
+
+def test_drain_gives_passthrough_relays_the_drain_deadline() -> None:
+    """An open relay holds wait_idle until it closes or the time given runs out."""
+
+    async def go() -> tuple[bool, bool]:
+        cfg = load_config(None, {})
+        lst = CaptureListener(cfg, _never_called, None, Metrics())
+        down = _Relay(lambda _: None, lst.relays, lst.relays_gone)
+        down.connection_made(_Transport())
+        timed_out = await lst.wait_idle(0.05)
+        waiting = asyncio.get_running_loop().create_task(lst.wait_idle(5.0))
+        await asyncio.sleep(0)
+        down.connection_lost(None)
+        return timed_out, await waiting
+
+    assert asyncio.run(go()) == (False, True)
+
+
+async def _never_called(request: Request, sink: ResponseSink) -> None:
+    raise AssertionError("no call expected")
 
 
 # --- config --------------------------------------------------------------------------
