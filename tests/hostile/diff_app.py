@@ -79,7 +79,9 @@ async def _record(
     (directory / f"conn-{number}.done").touch()
 
 
-async def _reply(directory: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _reply(
+    directory: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     messages = _Messages()
     parser = httptools.HttpRequestParser(messages)
     try:
@@ -97,11 +99,17 @@ async def _reply(directory: Path, reader: asyncio.StreamReader, writer: asyncio.
             for url in messages.done:
                 parts = url.split(b"/")
                 token = parts[2] if len(parts) > 2 else b"-"
-                reply = directory / f"reply-{parts[3].decode('latin-1')}.bin" if len(parts) > 3 else None
+                reply = (
+                    directory / f"reply-{parts[3].decode('latin-1')}.bin"
+                    if len(parts) > 3
+                    else None
+                )
                 if reply is not None and reply.exists():
                     writer.write(reply.read_bytes().replace(b"{TOKEN}", token))
                 else:
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(token), token))
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(token), token)
+                    )
             messages.done.clear()
             await writer.drain()
     except ConnectionError:
