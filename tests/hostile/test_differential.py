@@ -25,6 +25,7 @@ each run; `OPUS_DIFF_SEED=N` fixes it). See docs/reliability.md, "Differential t
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
@@ -37,7 +38,7 @@ import h2.connection
 import h2.events
 import h11
 import pytest
-from hypothesis import HealthCheck, example, given, seed, settings
+from hypothesis import HealthCheck, event, example, given, seed, settings
 from hypothesis import strategies as st
 
 from tests.hostile.h1parse import Fields, with_h11, with_httptools
@@ -364,12 +365,41 @@ def _check_request(
     assert seen.trailers in ([], sent_trailers), f"trailers changed: {stream!r}"
 
 
+_VALID_NAME = re.compile(rb"[a-z][a-z0-9-]*")
+_VALID_VALUE = re.compile(rb"([!-~]([ !-~]*[!-~])?)?")
+_SPECIAL = frozenset({*HOP_BY_HOP, *MESH_SET, b"x-opus-error"})
+
+
+def _valid(fields: Fields) -> bool:
+    return all(
+        _VALID_NAME.fullmatch(n) and _VALID_VALUE.fullmatch(v) and n not in _SPECIAL
+        for n, v in fields
+    )
+
+
+def _plainly_valid(request: H2Request) -> bool:
+    """A request any HTTP/2 server must accept: the property is vacuous if these never
+    reach the app."""
+    return (
+        request.method in (b"GET", b"POST", b"PUT")
+        and request.path_suffix in (b"", b"/a?b=c")
+        and request.authority in (b"localhost", b"x:80")
+        and not request.pseudo_extra
+        and _valid(request.headers)
+        and _valid(request.trailers)
+    )
+
+
 def _downgrade(mesh: DowngradeMesh, request: H2Request, port: int, path: bytes) -> None:
     mesh.count += 1
     fields = request.fields(path + b"%d" % mesh.count)
     answers = _h2_exchange(port, [(fields, request.body, request.trailers)], RAW_H2)
     assert answers[0].any
-    _check_request(mesh.recorder.settle(), request, fields, port == mesh.caller.ports["outbound"])
+    received = mesh.recorder.settle()
+    event("reached the app" if any(received) else "refused")
+    if _plainly_valid(request):
+        assert any(received), f"a valid request never reached the app: {answers[0]!r}"
+    _check_request(received, request, fields, port == mesh.caller.ports["outbound"])
 
 
 @TIMEOUT
