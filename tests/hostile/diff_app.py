@@ -5,12 +5,12 @@ Run as `python -m tests.hostile.diff_app --mode record|reply --dir D --ports-fil
 
 - record: connection N's bytes go to `D/conn-N.bin` as they arrive. Once a request is
   complete (httptools says so) it answers 200 with `connection: close`, reads on until
-  the sidecar closes (at most 2 s) and writes `D/conn-N.done`: from then on the file
+  the sidecar closes (at most 0.5 s) and writes `D/conn-N.done`: from then on the file
   holds everything the sidecar ever sent on that connection.
 - reply: a request for `/r/<token>/<id>` gets `D/reply-<id>.bin` verbatim with every
   `{TOKEN}` replaced by the token, when that file exists, else a plain keep-alive 200
   whose body is the token. Connections stay open (so the sidecar pools them) until idle
-  for 2 s.
+  for 0.5 s (a reply whose framing promises more than it sends ends there).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httptools
 
-IDLE_SECONDS = 2.0
+IDLE_SECONDS = 0.5
 RECORD_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
 
 
