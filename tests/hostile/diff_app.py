@@ -5,7 +5,7 @@ Run as `python -m tests.hostile.diff_app --mode record|reply --dir D --ports-fil
 
 - record: connection N's bytes go to `D/conn-N.bin` as they arrive. Once a request is
   complete (httptools says so) it answers 200 with `connection: close`, reads on until
-  the sidecar closes (at most 0.5 s) and writes `D/conn-N.done`: from then on the file
+  the sidecar closes (at most 3 s) and writes `D/conn-N.done`: from then on the file
   holds everything the sidecar ever sent on that connection.
 - reply: a request for `/r/<token>/<id>` gets `D/reply-<id>.bin` verbatim with every
   `{TOKEN}` replaced by the token, when that file exists, else a plain keep-alive 200
@@ -25,6 +25,9 @@ from pathlib import Path
 import httptools
 
 IDLE_SECONDS = 0.5
+# Only a request left unfinished waits this long (a failing example): generous, so a busy
+# machine's delay does not pass for one.
+RECORD_IDLE_SECONDS = 3.0
 RECORD_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
 
 
@@ -55,7 +58,7 @@ async def _record(
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(reader.read(65536), IDLE_SECONDS)
+                    chunk = await asyncio.wait_for(reader.read(65536), RECORD_IDLE_SECONDS)
                 except TimeoutError:
                     break
                 if not chunk:

@@ -151,7 +151,8 @@ class H2Request:
 
 def _mostly(valid: st.SearchStrategy[T], hostile: st.SearchStrategy[T]) -> st.SearchStrategy[T]:
     """Valid three times in four: one hostile part at a time, so many examples get through."""
-    return st.one_of(valid, valid, valid, hostile)
+    # (st.one_of does not weigh a branch given twice more.)
+    return st.sampled_from([valid, valid, valid, hostile]).flatmap(lambda chosen: chosen)
 
 
 REQUESTS = st.builds(
@@ -360,8 +361,14 @@ def _check_request(
     assert len(got) == 1, f"the request reached the app on {len(got)} connections: {got!r}"
     stream = got[0]
     by_httptools, by_h11 = with_httptools(stream), with_h11(stream)
-    assert not isinstance(by_httptools, str), f"{by_httptools} in what the app got: {stream!r}"
     assert not isinstance(by_h11, str), f"{by_h11} in what the app got: {stream!r}"
+    if by_httptools == "httptools: Invalid method encountered" and _TOKEN.fullmatch(
+        _last(fields, b":method") or b""
+    ):
+        # llhttp knows only registered methods; any RFC 9110 token is a valid method
+        # (h11 takes it), and one cannot split a request line.
+        by_httptools = by_h11
+    assert not isinstance(by_httptools, str), f"{by_httptools} in what the app got: {stream!r}"
     assert by_httptools == by_h11, f"the parsers disagree on {stream!r}"
     assert len(by_h11) == 1, f"the app got {len(by_h11)} requests: {stream!r}"
     seen = by_h11[0]
@@ -378,6 +385,7 @@ def _check_request(
     assert seen.trailers in ([], sent_trailers), f"trailers changed: {stream!r}"
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VALID_NAME = re.compile(rb"[a-z][a-z0-9-]*")
 _VALID_VALUE = re.compile(rb"([!-~]([ !-~]*[!-~])?)?")
 _SPECIAL = frozenset({*HOP_BY_HOP, *MESH_SET, b"x-opus-error"})
