@@ -6,9 +6,11 @@ listening; readiness is polled on the real signal (the file, then GET /ready).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +36,28 @@ def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], log: Path) -> dict
             raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         time.sleep(0.02)
     raise RuntimeError(f"no ports file after {START_TIMEOUT}s:\n{log.read_text()[-3000:]}")
+
+
+# Sockets bound and never listening, held for the whole run (see refusing_port).
+_REFUSING: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A loopback port that provably refuses connections: bound (so no listener of this
+    run can be handed it, as a port bound and closed again could be) but never listening,
+    which the kernel answers with RST. Held until the test process exits."""
+    if not _REFUSING:
+        atexit.register(_release_refusing_ports)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _REFUSING.append(sock)
+    return int(sock.getsockname()[1])
+
+
+def _release_refusing_ports() -> None:
+    for sock in _REFUSING:
+        sock.close()
+    _REFUSING.clear()
 
 
 class Proc:
@@ -205,7 +229,9 @@ class Mesh:
         """Poll the caller's /clusters until `service` has `count` endpoints (routes a call first)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            httpx.get(f"{caller.outbound}/v1/invoke/{service}/health", timeout=5)
+            # The probe may meet the caller's retry filter: a test's backoffs (2 s each
+            # in test_resilience_mesh) must not time it out before the mesh answers.
+            httpx.get(f"{caller.outbound}/v1/invoke/{service}/health", timeout=15)
             clusters = httpx.get(f"{caller.admin}/clusters", timeout=5).json()
             endpoints = clusters.get("outbound", {}).get(service, {}).get("endpoints", [])
             if len(endpoints) == count:

@@ -13,7 +13,6 @@ import json
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,7 +35,7 @@ from opus_client import (
 )
 from opus_client.vault import Vault
 from sidecar import signing
-from tests.integration.conftest import REPO, Mesh, Sidecar
+from tests.integration.conftest import REPO, Mesh, Sidecar, refusing_port
 
 pytestmark = pytest.mark.integration
 
@@ -206,9 +205,7 @@ def test_a_call_recovers_when_the_endpoint_fails_once(shop: Sidecar, app: Script
 
 
 def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return refusing_port()
 
 
 def test_retryable_error_once_the_retries_are_spent(mesh: Mesh) -> None:

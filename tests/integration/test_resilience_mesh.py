@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import Mesh, Sidecar
+from tests.integration.conftest import Mesh, Sidecar, refusing_port
 
 pytestmark = pytest.mark.integration
 
@@ -23,11 +22,8 @@ def outbound_filters(*filters: dict[str, Any]) -> dict[str, Any]:
 
 
 def closed_port() -> int:
-    """A port nothing listens on (bound, read back, closed), so connecting is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A port that refuses connections (bound, never listening, held for the run)."""
+    return refusing_port()
 
 
 def broken_inventory(mesh: Mesh) -> Sidecar:
