@@ -18,21 +18,25 @@ import re
 
 from sidecar.proto.messages import HOP_BY_HOP, Headers
 
-_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+# Character classes (regex source) the HTTP/2 engine's checks share (h2fields): RFC 9110
+# tchar, its lower-case part (HTTP/2 field names), and RFC 3986's authority characters.
+TCHAR_LOWER = rb"!#$%&'*+\-.^_`|~0-9a-z"
+TCHAR = TCHAR_LOWER + rb"A-Z"
+AUTHORITY_CHARS = rb"A-Za-z0-9\-._~%!$&'()*+,;=:\[\]"
 _VALUE = rb"\t\x20-\x7e\x80-\xff"
 _TARGET = rb"(?:/[\x21-\x7e\x80-\xff]*|\*)"
-_AUTHORITY = rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*"
-_FIELDS = rb"(?:[" + _TCHAR + rb"]+: [" + _VALUE + rb"]*\r\n)*\r\n"
+_AUTHORITY = rb"[" + AUTHORITY_CHARS + rb"]*"
+_FIELDS = rb"(?:[" + TCHAR + rb"]+: [" + _VALUE + rb"]*\r\n)*\r\n"
 # `host: ` is the writer's own first field; its value is an authority (RFC 3986 3.2:
 # reg-name or IP literal, then a port), which may be empty.
 _REQUEST_HEAD = re.compile(
-    rb"[" + _TCHAR + rb"]+ " + _TARGET + rb" HTTP/1\.1\r\nhost: " + _AUTHORITY + rb"\r\n" + _FIELDS
+    rb"[" + TCHAR + rb"]+ " + _TARGET + rb" HTTP/1\.1\r\nhost: " + _AUTHORITY + rb"\r\n" + _FIELDS
 )
 # The fields after a status line the writer formatted itself; and a trailer block
 # (after the last chunk's `0\r\n`).
 _FIELD_BLOCK = re.compile(_FIELDS)
 
-_TOKEN = re.compile(rb"[" + _TCHAR + rb"]+")
+_TOKEN = re.compile(rb"[" + TCHAR + rb"]+")
 _FIELD_VALUE = re.compile(rb"[" + _VALUE + rb"]*")
 _TARGET_ONLY = re.compile(_TARGET)
 _AUTHORITY_ONLY = re.compile(_AUTHORITY)

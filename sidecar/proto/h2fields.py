@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 from hpack.huffman_constants import REQUEST_CODES_LENGTH
 
+from sidecar.proto.h1head import AUTHORITY_CHARS, TCHAR, TCHAR_LOWER
+
 __all__ = [
     "Malformed",
     "check_hpack_block",
@@ -37,11 +39,11 @@ class HpackViolation(Exception):
 # deleted by translate(), so a value holding one comes back as a different object.
 _IDENTITY = bytes(range(256))
 _CONTROL = bytes(c for c in range(32) if c != 9) + b"\x7f"
-_TOKEN_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+").fullmatch
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+_TOKEN_NAME = re.compile(rb"[" + TCHAR_LOWER + rb"]+").fullmatch
+_TOKEN = re.compile(rb"[" + TCHAR + rb"]+").fullmatch
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*").fullmatch
 # RFC 3986 host and port, no userinfo (RFC 9113 8.3.1).
-_AUTHORITY = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]+").fullmatch
+_AUTHORITY = re.compile(rb"[" + AUTHORITY_CHARS + rb"]+").fullmatch
 
 # What a regular field name needs handled beyond its syntax.
 _PLAIN, _LENGTH, _TE, _CONNECTION, _HOST = 0, 1, 2, 3, 4
