@@ -18,12 +18,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 
 import h2.config
 import h2.connection
 import h2.events
 import httptools
+
+from tests.hostile.raw_app import announce_and_serve
 
 COOKIE_REPLY = (
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -126,13 +127,7 @@ async def _main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     kind = _H1App if args.kind == "h1" else _H2App
     server = await loop.create_server(lambda: kind(args.log_file), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    tmp = args.ports_file + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"port": port}, fh)
-    os.replace(tmp, args.ports_file)
-    async with server:
-        await server.serve_forever()
+    await announce_and_serve(server, args.ports_file)
 
 
 def main() -> None:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 from pathlib import Path
 
 import httptools
+
+from tests.hostile.raw_app import announce_and_serve
 
 IDLE_SECONDS = 0.5
 # Only a request left unfinished waits this long (a failing example): generous, so a busy
@@ -134,13 +134,7 @@ async def _main(args: argparse.Namespace) -> None:
             await _reply(directory, reader, writer)
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    tmp = args.ports_file + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"port": port}, fh)
-    os.replace(tmp, args.ports_file)
-    async with server:
-        await server.serve_forever()
+    await announce_and_serve(server, args.ports_file)
 
 
 def main() -> None:

@@ -99,14 +99,7 @@ class RawH2:
             if not chunk:
                 self.closed = True
                 break
-            self.buffer += chunk
-            while len(self.buffer) >= 9:
-                frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
-                if len(self.buffer) < 9 + length:
-                    break
-                frame.parse_body(memoryview(self.buffer[9 : 9 + length]))
-                self.buffer = self.buffer[9 + length :]
-                out.append(frame)
+            self.buffer = split_frames(self.buffer + chunk, out)
         return out
 
     def goaway(self, timeout: float = 5.0) -> GoAwayFrame | None:
@@ -131,3 +124,15 @@ def cpu_seconds(pid: int) -> float:
     import os
 
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def split_frames(buffer: bytes, out: list[Frame]) -> bytes:
+    """Parse the whole frames at the start of `buffer` into `out`; returns the rest."""
+    while len(buffer) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+        if len(buffer) < 9 + length:
+            break
+        frame.parse_body(memoryview(buffer[9 : 9 + length]))
+        buffer = buffer[9 + length :]
+        out.append(frame)
+    return buffer

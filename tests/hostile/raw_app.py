@@ -40,11 +40,17 @@ async def _main(args: argparse.Namespace) -> None:
     server = await asyncio.start_server(
         lambda r, w: _serve(reply, args.count_file, r, w), "127.0.0.1", 0
     )
+    await announce_and_serve(server, args.ports_file)
+
+
+async def announce_and_serve(server: asyncio.Server, ports_file: str) -> None:
+    """Write the server's port to `ports_file` (atomically: the tests' readiness signal),
+    then serve until the process is stopped."""
     port = server.sockets[0].getsockname()[1]
-    tmp = args.ports_file + ".tmp"
+    tmp = ports_file + ".tmp"
     with open(tmp, "w") as fh:
         json.dump({"port": port}, fh)
-    os.replace(tmp, args.ports_file)
+    os.replace(tmp, ports_file)
     async with server:
         await server.serve_forever()
 

@@ -42,6 +42,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, seed, settings
 from hypothesis import strategies as st
 
+from sidecar.proto.messages import HOP_BY_HOP as MESH_HOP_BY_HOP
 from tests.hostile.h1parse import Fields, with_h11, with_httptools
 from tests.integration.conftest import Mesh, Proc, Sidecar
 
@@ -67,21 +68,10 @@ SERVICE = "diff"
 
 # What the mesh may drop or rewrite (sidecar/proto/messages.py HOP_BY_HOP, framing, the
 # headers the mesh sets itself): left out when fields are compared.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"http2-settings",
-        b"te",  # `te: trailers` may survive the downgrade or not (hop-by-hop in HTTP/1.1)
-        b"content-length",  # framing: the body is compared instead
-    }
-)
+HOP_BY_HOP = MESH_HOP_BY_HOP | {
+    b"te",  # `te: trailers` may survive the downgrade or not (hop-by-hop in HTTP/1.1)
+    b"content-length",  # framing: the body is compared instead
+}
 MESH_SET = frozenset({b"x-forwarded-for", b"traceparent", b"tracestate"})
 
 

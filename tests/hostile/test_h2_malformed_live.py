@@ -23,6 +23,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
+from tests.hostile.h2raw import split_frames
 from tests.hostile.wire import app_calls
 from tests.integration.conftest import Mesh, Proc, Sidecar
 
@@ -89,14 +90,7 @@ class Conn:
             if not chunk:
                 self.closed = True
                 continue
-            self.buffer += chunk
-            while len(self.buffer) >= 9:
-                frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
-                if len(self.buffer) < 9 + length:
-                    break
-                frame.parse_body(memoryview(self.buffer[9 : 9 + length]))
-                self.buffer = self.buffer[9 + length :]
-                self.frames.append(frame)
+            self.buffer = split_frames(self.buffer + chunk, self.frames)
 
     def goaway(self) -> GoAwayFrame | None:
         frame = self.until(lambda f: isinstance(f, GoAwayFrame))
