@@ -6,7 +6,6 @@ nothing (its own call count)."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 from hyperframe.frame import (
@@ -20,20 +19,11 @@ from hyperframe.frame import (
 
 from tests.hostile.h2raw import COMPRESSION_ERROR, PROTOCOL_ERROR, RawH2
 from tests.hostile.wire import app_calls
-from tests.integration.conftest import Mesh, Proc, Sidecar
+from tests.integration.conftest import Proc, Sidecar
 
 pytestmark = pytest.mark.integration
 
 STREAM_CLOSED = 0x5
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Sidecar]]:
-    mesh = Mesh(tmp_path_factory.mktemp("h2conf"))
-    try:
-        yield mesh.service("inventory")
-    finally:
-        mesh.stop()
 
 
 def _reset_code(client: RawH2, stream_id: int) -> int | None:

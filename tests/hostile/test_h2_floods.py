@@ -9,8 +9,6 @@ ENHANCE_YOUR_CALM.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 from hyperframe.frame import GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
@@ -25,20 +23,11 @@ from tests.hostile.h2raw import (
     rss_bytes,
 )
 from tests.hostile.wire import app_calls
-from tests.integration.conftest import Mesh, Proc, Sidecar
+from tests.integration.conftest import Proc, Sidecar
 
 pytestmark = pytest.mark.integration
 
 RSS_SLACK = 64 * 1024 * 1024  # what one hostile connection may cost the sidecar
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Sidecar]]:
-    mesh = Mesh(tmp_path_factory.mktemp("h2"))
-    try:
-        yield mesh.service("inventory")
-    finally:
-        mesh.stop()
 
 
 class Bounds:

@@ -25,7 +25,7 @@ from hyperframe.frame import (
 
 from tests.hostile.h2raw import split_frames
 from tests.hostile.wire import app_calls
-from tests.integration.conftest import Mesh, Proc, Sidecar
+from tests.integration.conftest import Proc, Sidecar
 
 pytestmark = pytest.mark.integration
 
@@ -109,15 +109,6 @@ class Conn:
 
     def close(self) -> None:
         self.sock.close()
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Sidecar]]:
-    mesh = Mesh(tmp_path_factory.mktemp("h2conf"))
-    try:
-        yield mesh.service("inventory")
-    finally:
-        mesh.stop()
 
 
 @pytest.fixture
