@@ -50,7 +50,14 @@ from sidecar.errors import (
 )
 from sidecar.listener import ImmediateSink, ResponseSink
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import BodyError, Headers, Request, Response, unsafe_header
+from sidecar.proto.messages import (
+    FIELD_NAME,
+    BodyError,
+    Headers,
+    Request,
+    Response,
+    unsafe_header,
+)
 from sidecar.routing import INVOKE_PREFIX, Router
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
 from sidecar.upstream.h1client import H1Pool
@@ -58,6 +65,7 @@ from sidecar.upstream.h1client import H1Pool
 log = logging.getLogger("sidecar.proxy")
 
 DEADLINE_HEADER = b"x-opus-deadline-ms"
+_DEADLINE_FIELDS = frozenset({b"grpc-timeout", DEADLINE_HEADER})
 # Response headers only the mesh sets (filters included); stripped from apps' replies.
 MESH_RESPONSE_HEADERS = frozenset(
     {
@@ -119,10 +127,11 @@ def parse_grpc_timeout(value: bytes) -> float | None:
 def _caller_deadline(request: Request) -> float | None:
     """The deadline the caller set (gRPC's grpc-timeout, or a peer sidecar's
     x-opus-deadline-ms), as a time.monotonic() value."""
-    if len(request.headers) == 0:
-        return None
+    headers = request.headers
+    if _DEADLINE_FIELDS.isdisjoint(map(FIELD_NAME, headers)):
+        return None  # the usual call: found without a loop over its fields
     seconds: float | None = None
-    for name, value in request.headers:
+    for name, value in headers:
         if name == b"grpc-timeout":
             seconds = parse_grpc_timeout(value)
         elif name == DEADLINE_HEADER and value.isdigit():
@@ -445,20 +454,17 @@ def _append_forwarded_for(request: Request) -> None:
     if not peer:
         return
     headers = request.headers
-    # One pass over the whole list (a duplicate can be anywhere); the literal name is a
-    # constant load, cheaper in this loop than the module global.
-    first = -1
-    for i, (name, _) in enumerate(headers):
-        if name == b"x-forwarded-for":
-            if first >= 0:
-                _merge_forwarded_for(headers, first, peer)
-                return
-            first = i
-    if first < 0:
+    names = list(map(FIELD_NAME, headers))  # the scans below run at C speed
+    count = names.count(FORWARDED_FOR)
+    if count == 0:
         headers.append((FORWARDED_FOR, peer))
-    else:
-        value = headers[first][1]
-        headers[first] = (FORWARDED_FOR, value + b", " + peer if value else peer)
+        return
+    first = names.index(FORWARDED_FOR)
+    if count > 1:
+        _merge_forwarded_for(headers, first, peer)
+        return
+    value = headers[first][1]
+    headers[first] = (FORWARDED_FOR, value + b", " + peer if value else peer)
 
 
 def _merge_forwarded_for(headers: Headers, first: int, peer: bytes) -> None:

@@ -16,6 +16,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from sidecar.proto.messages import FIELD_NAME
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
@@ -170,10 +172,19 @@ def from_env(service_name: str, environ: Mapping[str, str] | None = None) -> Tra
 
 def grpc_status_of(response: Response) -> str:
     """grpc-status from the response's trailers (or headers, for trailers-only replies)."""
-    for source in (response.body.trailers or (), response.headers):
-        for name, value in source:
-            if name == b"grpc-status":
-                return value.decode("latin-1")
+    trailers = response.body.trailers
+    if trailers and b"grpc-status" in map(FIELD_NAME, trailers):
+        return _first(trailers, b"grpc-status")
+    headers = response.headers
+    if b"grpc-status" in map(FIELD_NAME, headers):  # no loop for a reply without one
+        return _first(headers, b"grpc-status")
+    return ""
+
+
+def _first(fields: Headers, wanted: bytes) -> str:
+    for name, value in fields:
+        if name == wanted:
+            return value.decode("latin-1")
     return ""
 
 

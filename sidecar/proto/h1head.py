@@ -1,15 +1,24 @@
 """What an HTTP/1.1 writer may put on the wire: the one check both directions share.
 
 A head (request line or status line, then the fields) and a trailer block are built
-by joining their parts, then matched once, whole, against the grammar of RFC 9112:
-a method and field names that are tokens (RFC 9110 tchar), a request-target in origin
-form (or `*`) with no space or control byte, field values of field-vchar, SP and HTAB
-(obs-text allowed), and exactly as many lines as the writer wrote: a value holding
-CRLF then a well-formed field would match the grammar, so the line count is what tells
-an injected field from one written. Whatever an HTTP/2 peer, an app or a filter put in
-a field, a head that passes reads back, to any HTTP/1.1 parser, as the same one
-message; one that does not is never written. Both checks run over bytes joined anyway
-(no pass over the fields); finding which field was bad is left to the refusal.
+by joining their parts, then checked once, whole, and never written unless they read
+back, to any HTTP/1.1 parser, as the same one message (RFC 9112):
+
+- one `bytes.translate` of the joined head deletes every byte a field value may hold
+  (HTAB, SP, VCHAR, obs-text); what is left must be exactly the CRLFs of the lines the
+  writer wrote. A CR, LF, NUL or other control byte anywhere (a name, a value, the
+  method, the target, the authority) is left over and fails it; so does a value holding
+  CRLF then a well-formed field, which makes one line too many.
+- field names (and the method) must be tokens (RFC 9110 tchar): the writers look each
+  name up in `KINDS` anyway, to find the fields they frame themselves, and the same
+  lookup says whether it is a token. A name not seen before is matched once against the
+  grammar and remembered (a bounded table: past it, names are matched every time).
+- the request target is origin form (or `*`) with no space or tab, and the authority
+  (the writer's own `host:` line) holds RFC 3986 authority characters only.
+
+The grammar is checked where the parts are known, so the whole head is never matched
+against a regular expression: this runs on every call. Finding which field was bad is
+left to the refusal (`bad_field`, `bad_request_part`).
 """
 
 from __future__ import annotations
@@ -23,58 +32,95 @@ from sidecar.proto.messages import HOP_BY_HOP, Headers
 TCHAR_LOWER = rb"!#$%&'*+\-.^_`|~0-9a-z"
 TCHAR = TCHAR_LOWER + rb"A-Z"
 AUTHORITY_CHARS = rb"A-Za-z0-9\-._~%!$&'()*+,;=:\[\]"
-_VALUE = rb"\t\x20-\x7e\x80-\xff"
-_TARGET = rb"(?:/[\x21-\x7e\x80-\xff]*|\*)"
-_AUTHORITY = rb"[" + AUTHORITY_CHARS + rb"]*"
-_FIELDS = rb"(?:[" + TCHAR + rb"]+: [" + _VALUE + rb"]*\r\n)*\r\n"
-# `host: ` is the writer's own first field; its value is an authority (RFC 3986 3.2:
-# reg-name or IP literal, then a port), which may be empty.
-_REQUEST_HEAD = re.compile(
-    rb"[" + TCHAR + rb"]+ " + _TARGET + rb" HTTP/1\.1\r\nhost: " + _AUTHORITY + rb"\r\n" + _FIELDS
-)
-# The fields after a status line the writer formatted itself; and a trailer block
-# (after the last chunk's `0\r\n`).
-_FIELD_BLOCK = re.compile(_FIELDS)
 
 _TOKEN = re.compile(rb"[" + TCHAR + rb"]+")
-_FIELD_VALUE = re.compile(rb"[" + _VALUE + rb"]*")
-_TARGET_ONLY = re.compile(_TARGET)
-_AUTHORITY_ONLY = re.compile(_AUTHORITY)
+_AUTHORITY = re.compile(rb"[" + AUTHORITY_CHARS + rb"]*")
+_TARGET = re.compile(rb"/[\x21-\x7e\x80-\xff]*|\*")  # for the refusal's reason only
+
+# Every byte a field value may hold (RFC 9110 5.5: field-vchar, SP, HTAB; obs-text).
+_FIELD_BYTES = bytes([9, *range(0x20, 0x7F), *range(0x80, 0x100)])
+_CRLFS = tuple(b"\r\n" * n for n in range(128))
 
 # Fields a trailer block may not carry (RFC 9110 6.5.1): framing and routing, which a
 # recipient that merged them would act on.
 FRAMING_FIELDS = HOP_BY_HOP | {b"content-length", b"trailer", b"te"}
 
-
-def request_head_ok(joined: bytes, end: int, lines: int) -> bool:
-    """True if `joined[:end]` is one well-formed request head of `lines` lines (the blank
-    line included; `end`: where the head stops and a body may begin)."""
-    # The grammar lets LF in only as a line's end: counting LFs counts lines.
-    return (
-        _REQUEST_HEAD.fullmatch(joined, 0, end) is not None and joined.count(b"\n", 0, end) == lines
-    )
+# What a field name is to the writers: PLAIN is written as it is; HOP (hop-by-hop) and
+# LENGTH (content-length) frame the message, which the writer does itself; BAD is not a
+# token and is never written. A name is classified by its lower-case form.
+PLAIN, HOP, LENGTH, BAD = 0, 1, 2, 3
+_LEARNED_MAX = 4096  # names remembered; HTTP/2 peers and apps can send any token
 
 
-def fields_ok(block: bytes, start: int, lines: int) -> bool:
-    """True if `block[start:]` is `lines` lines: fields, then the blank line."""
-    return _FIELD_BLOCK.fullmatch(block, start) is not None and block.count(b"\n", start) == lines
+class _Kinds(dict[bytes, int]):
+    def __missing__(self, name: bytes) -> int:
+        if _TOKEN.fullmatch(name) is None:
+            return BAD  # refused wherever it appears: never remembered
+        lower = name.lower()
+        kind = self.get(lower, PLAIN)
+        if len(self) < _LEARNED_MAX:
+            self[name] = kind
+        return kind
+
+
+KINDS = _Kinds({name: HOP for name in HOP_BY_HOP})
+KINDS[b"content-length"] = LENGTH
+
+_AUTHORITIES: set[bytes] = set()  # authorities checked already (bounded as KINDS)
+
+
+def lines_ok(head: bytes, lines: int) -> bool:
+    """True if `head` holds no byte a field may not, but the CRLFs ending its `lines`
+    lines (the blank line included)."""
+    rest = head.translate(None, _FIELD_BYTES)
+    try:
+        return rest == _CRLFS[lines]
+    except IndexError:
+        return rest == b"\r\n" * lines
+
+
+def request_head_ok(
+    head: bytes, lines: int, method: bytes, target: bytes, authority: bytes
+) -> bool:
+    """True if `head`, a request line formatted from `method` and `target`, a `host:`
+    line holding `authority` and fields whose names the writer found in KINDS, is
+    `lines` lines that read back as that one request."""
+    rest = head.translate(None, _FIELD_BYTES)
+    try:
+        if rest != _CRLFS[lines]:
+            return False
+    except IndexError:
+        if rest != b"\r\n" * lines:
+            return False
+    if KINDS[method] == BAD:
+        return False
+    # Origin form or `*`, and no SP or HTAB (int needles: `in` with a bytes one is slow).
+    if (target[:1] != b"/" and target != b"*") or 32 in target or 9 in target:
+        return False
+    if authority in _AUTHORITIES:
+        return True
+    if _AUTHORITY.fullmatch(authority) is None:
+        return False
+    if len(_AUTHORITIES) < _LEARNED_MAX:
+        _AUTHORITIES.add(authority)
+    return True
 
 
 def bad_field(fields: Headers) -> bytes | None:
     """The name of the first field that cannot be written as HTTP/1.1, or None."""
     for name, value in fields:
-        if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+        if KINDS[name] == BAD or value.translate(None, _FIELD_BYTES):
             return name
     return None
 
 
 def bad_request_part(method: bytes, target: bytes, authority: bytes, fields: Headers) -> str:
-    """What made a request head fail `request_head_ok`, for the error the caller gets."""
-    if _TOKEN.fullmatch(method) is None:
+    """What made a request head fail the checks, for the error the caller gets."""
+    if KINDS[method] == BAD or method.translate(None, _FIELD_BYTES):
         return f"method {method[:64]!r}"
-    if _TARGET_ONLY.fullmatch(target) is None:
+    if _TARGET.fullmatch(target) is None:
         return f"request target {target[:64]!r}"
-    if _AUTHORITY_ONLY.fullmatch(authority) is None:
+    if _AUTHORITY.fullmatch(authority) is None:
         return f"authority {authority[:64]!r}"
     name = bad_field(fields)
     return f"header {(name or b'?')[:64]!r}"
@@ -85,8 +131,11 @@ def last_chunk(trailers: Headers) -> bytes | None:
     None if they would not read back as these fields: then the caller drops them."""
     parts = [b"0\r\n"]
     for name, value in trailers:
-        if name not in FRAMING_FIELDS:
+        kind = KINDS[name]
+        if kind == BAD:
+            return None
+        if kind == PLAIN and name.lower() not in FRAMING_FIELDS:
             parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
     block = b"".join(parts)
-    return block if fields_ok(block, 3, len(parts) // 4 + 1) else None
+    return block if lines_ok(block, len(parts) // 4 + 2) else None

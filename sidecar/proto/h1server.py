@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from sidecar.proto.h1head import FRAMING_FIELDS, bad_field, fields_ok, last_chunk
+from sidecar.proto.h1head import BAD, FRAMING_FIELDS, HOP, KINDS, bad_field, last_chunk, lines_ok
 from sidecar.proto.messages import (
     HOP_BY_HOP,
     Body,
@@ -101,19 +101,20 @@ class H1ServerProtocol(asyncio.Protocol):
         self._idle_timeout = limits.idle_timeout
         self._tick = ctx.timer_tick
         self._url = b""
-        # The request head being parsed, hop-by-hop headers already set aside.
+        # The fields being parsed, hop-by-hop ones already set aside: the head's, then
+        # (a new list, once the head is a Request) the trailers', a block of their own.
+        # Empty between requests.
         self._headers: Headers = []
         self._host: bytes | None = None
-        # Past the head: fields now are trailers, a block of their own (never headers).
-        self._in_trailers = False
-        self._trailers: Headers | None = None
         self._connection_tokens: list[bytes] | None = None
         self._header_bytes = 0
         # One timer per connection, for whichever deadline is running: the head's, the
-        # body's next byte, keep-alive idle. Setting a deadline is a store; the timer
-        # sleeps at most ctx.timer_tick and, woken early, re-arms (not once per request).
+        # body's next byte, keep-alive idle. Setting a deadline is a store; the timer,
+        # armed at the first head, sleeps at most ctx.timer_tick and re-arms until the
+        # connection closes (never once per request). It tells a call's turn from the
+        # client's by the connection's state, so no store marks the call's turn.
         self._header_deadline = 0.0  # loop time; 0 while no head is being read
-        self._deadline = 0.0  # the body's or idle's (`_deadline_kind`); 0: a call's turn
+        self._deadline = 0.0  # the body's next byte or idle's end (`_deadline_kind`)
         self._deadline_kind = _IDLE
         self._timer: asyncio.TimerHandle | None = None
         self._parsing: Request | None = None
@@ -170,6 +171,10 @@ class H1ServerProtocol(asyncio.Protocol):
                 self._reject(cause.status, cause.reason)
             else:
                 self._reject(400, f"malformed HTTP/1.1 request: {exc}")
+        if self._parsing is not None:
+            # A body still on its way: the client's next byte is due in body_read_timeout.
+            self._deadline = self.loop.time() + self._body_read_timeout
+            self._deadline_kind = _BODY
         request = self._arrived
         if request is not None:
             self._arrived = None
@@ -206,15 +211,11 @@ class H1ServerProtocol(asyncio.Protocol):
     # -- httptools callbacks --
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = []
         self._host = None
-        self._in_trailers = False
-        self._trailers = None
         self._connection_tokens = None
         self._header_bytes = 0
         now = self.loop.time()
         self._header_deadline = now + self._header_read_timeout
-        self._deadline = 0.0
         if self._timer is None:
             self._timer = self.loop.call_at(now + self._tick, self._on_timer)
 
@@ -226,13 +227,12 @@ class H1ServerProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._max_header_bytes:
-            what = "headers and trailers" if self._in_trailers else "headers"
+            what = "headers and trailers" if self._parsing is not None else "headers"
             raise _ParseAbort(431, f"request {what} over {self._max_header_bytes} bytes")
         name = name.lower()
-        if self._in_trailers:
-            self._trailer(name, value)
-            return
         if name in HOP_BY_HOP:
+            if self._parsing is not None:  # past the head: a trailer
+                _refuse_trailer(name)
             if name == b"host":
                 if self._host is not None:
                     raise _ParseAbort(400, "a request may have one Host header, not two")
@@ -245,21 +245,15 @@ class H1ServerProtocol(asyncio.Protocol):
                 tokens = [t.strip().lower() for t in value.split(b",")]
                 self._connection_tokens = [t for t in tokens if t not in HOP_BY_HOP]
             return
-        if name == b"te" and value.strip().lower() != b"trailers":
-            return
+        if name == b"te":
+            if self._parsing is not None:
+                _refuse_trailer(name)
+            if value.strip().lower() != b"trailers":
+                return
         self._headers.append((name, value))
-
-    def _trailer(self, name: bytes, value: bytes) -> None:
-        if name in FRAMING_FIELDS:
-            # A recipient that merged it would frame or route by it (RFC 9110 6.5.1).
-            raise _ParseAbort(400, f"a request trailer may not be {name.decode('latin-1')!r}")
-        if self._trailers is None:
-            self._trailers = []
-        self._trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._header_deadline = 0.0
-        self._in_trailers = True
         parser = self.parser
         method = parser.get_method()
         if method == b"CONNECT":
@@ -268,6 +262,7 @@ class H1ServerProtocol(asyncio.Protocol):
         if self._host is None and not http10:
             raise _ParseAbort(400, "an HTTP/1.1 request must have a Host header")
         request = self._build_request(method)
+        self._headers = []  # for its trailers, if any
         self._parsing = request
         keep_alive = bool(parser.should_keep_alive())
         # HTTP/1.0 has no chunked coding: a streamed reply is ended by closing instead.
@@ -280,30 +275,26 @@ class H1ServerProtocol(asyncio.Protocol):
         else:
             self._queue.append((request, keep_alive))
             self._pause_reading()
-        now = self.loop.time()
-        self._deadline = now + self._body_read_timeout  # unless it ends here
-        self._deadline_kind = _BODY
-        if self._timer is None:  # it stops while a call has the next move
-            self._timer = self.loop.call_at(now + self._tick, self._on_timer)
 
     def on_body(self, body: bytes) -> None:
         request = self._parsing
         if request is None:
             return
         request.body.feed(body)
-        self._deadline = self.loop.time() + self._body_read_timeout
         if request.body.buffered > _READ_HIGH_WATER:
             self._pause_reading()
 
     def on_message_complete(self) -> None:
+        trailers = self._headers
+        if trailers:
+            self._headers = []
+            for name, _ in trailers:
+                if name in FRAMING_FIELDS:
+                    _refuse_trailer(name)
         request = self._parsing
-        trailers = self._trailers
-        self._trailers = None
-        self._in_trailers = False
         if request is not None:
             request.body.finish(trailers)
             self._parsing = None
-        self._deadline = 0.0  # the call in progress, not the client, has the next move
 
     # -- requests --
     def _build_request(self, method: bytes) -> Request:
@@ -438,8 +429,10 @@ class H1ServerProtocol(asyncio.Protocol):
             and (self._parsing is None or self._parsing.body.buffered < _READ_LOW_WATER)
         ):
             self._resume_reading()
-        if self._active is None and self._parsing is None and not self._header_deadline:
-            self._keep_alive_idle()
+        if self._parsing is None:
+            # Idle from now (the timer tells a pipelined request's call from idling).
+            self._deadline = self.loop.time() + self._idle_timeout
+            self._deadline_kind = _IDLE
 
     def _body_consumed(self, size: int) -> None:
         if self._reading_paused and not self._queue:
@@ -471,26 +464,26 @@ class H1ServerProtocol(asyncio.Protocol):
                 self._timer.cancel()  # it may sleep past this earlier deadline
             self._timer = self.loop.call_at(deadline, self._on_timer)
 
-    def _keep_alive_idle(self) -> None:
-        now = self.loop.time()
-        self._deadline = now + self._idle_timeout
-        self._deadline_kind = _IDLE
-        if self._timer is None:
-            self._timer = self.loop.call_at(now + self._tick, self._on_timer)
-
     def _on_timer(self) -> None:
         self._timer = None
-        if self._header_deadline:
-            deadline, kind = self._header_deadline, _HEADER
-        else:
-            deadline, kind = self._deadline, self._deadline_kind
-        if not deadline or self._closed:
-            return  # a call is in progress: the next deadline re-arms the timer
+        if self._closed:
+            return
         now = self.loop.time()
-        if kind == _BODY and self._reading_paused:
-            deadline = self._deadline = now + self._body_read_timeout  # we stopped reading
-        if now < deadline:
-            self._timer = self.loop.call_at(min(deadline, now + self._tick), self._on_timer)
+        deadline, kind = self._header_deadline, _HEADER
+        if not deadline:
+            deadline, kind = self._deadline, self._deadline_kind
+            if kind == _BODY:
+                if self._parsing is None:
+                    deadline = 0.0  # the body is whole: a call's turn, not the client's
+                elif self._reading_paused:
+                    deadline = self._deadline = now + self._body_read_timeout  # ours
+            elif self._active is not None or self._parsing is not None or self._queue:
+                deadline = 0.0  # a call's turn: not idle
+        if not deadline or now < deadline:
+            wake = now + self._tick
+            self._timer = self.loop.call_at(
+                min(deadline, wake) if deadline else wake, self._on_timer
+            )
             return
         self._header_deadline = self._deadline = 0.0
         transport = self.transport
@@ -552,6 +545,11 @@ class H1ServerProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+def _refuse_trailer(name: bytes) -> None:
+    # A recipient that merged it would frame or route by it (RFC 9110 6.5.1).
+    raise _ParseAbort(400, f"a request trailer may not be {name.decode('latin-1')!r}")
+
+
 def _check_transfer_coding(value: bytes) -> None:
     """Only `chunked`, last and once, frames a request body (RFC 9112 6.1, 6.3)."""
     codings = [coding.split(b";", 1)[0].strip().lower() for coding in value.split(b",")]
@@ -595,16 +593,20 @@ class _H1Sink:
         first = _STATUS_LINES.get(status) or status_line(status)
         parts = [first]
         declared: bytes | None = None
+        kinds = KINDS
         for name, value in response.headers:
-            if name in HOP_BY_HOP:
-                continue
-            if name == b"content-length":
+            kind = kinds[name]
+            if kind:
+                if kind == HOP:
+                    continue
+                if kind == BAD:
+                    raise ValueError("a header name that is not a token")
                 if declared is not None:
                     raise ValueError("two content-length headers")
                 declared = value
             parts += (name, b": ", value, b"\r\n")
         # The status line, one per header (four parts each) and the blank line.
-        lines = (len(parts) - 1) // 4 + 1
+        lines = (len(parts) - 1) // 4 + 2
         keep_alive = self.keep_alive and not self.conn.ctx.draining
         chunked = False
         length = -1
@@ -636,7 +638,7 @@ class _H1Sink:
         head = b"".join(parts)
         # Parsers refuse such fields on the way in; an HTTP/2 peer or a filter may not
         # have, and a field holding CR or LF would split the header block on the wire.
-        if not fields_ok(head, len(first), lines):
+        if not lines_ok(head, lines):
             raise ValueError("a header that HTTP/1.1 cannot carry")
         return head, chunked, length
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from operator import itemgetter
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -291,6 +292,10 @@ def unsafe_header(headers: Headers) -> bytes | None:
 
 # Connection-specific headers (RFC 9110 7.6.1, RFC 9113 8.2.2): never forwarded.
 # `te` is handled apart: only `te: trailers` survives (gRPC needs it over HTTP/2).
+# A field's name, for scanning a field list at C speed: `name in map(FIELD_NAME, fields)`
+# costs no bytecode per field, where a `for` loop costs several.
+FIELD_NAME = itemgetter(0)
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",

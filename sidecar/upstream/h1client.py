@@ -36,7 +36,10 @@ from sidecar.errors import (
 )
 from sidecar.metrics import Metrics
 from sidecar.proto.h1head import (
+    BAD,
     FRAMING_FIELDS,
+    KINDS,
+    LENGTH,
     bad_field,
     bad_request_part,
     last_chunk,
@@ -59,8 +62,6 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _READ_HIGH_WATER = 256 * 1024
 _READ_LOW_WATER = 64 * 1024
-# Request fields the writer frames itself: never copied from the request.
-_NOT_FORWARDED = HOP_BY_HOP | {b"content-length"}
 
 # What a call waiting for a response head is told: the head, or why there is none.
 HeadCallback = Callable[[Response | MeshError], None]
@@ -89,12 +90,17 @@ class H1ClientConnection(asyncio.Protocol):
         self._ready: Response | None = None  # a head parsed, not yet handed over
         self._by_future = False
         self._owned: Body | None = None  # the current call's response body
+        # The fields being parsed: the head's, then (a new list, once the head is a
+        # Response) the trailers', a block of their own. Empty between responses.
         self._headers: Headers = []
         self._drop: set[bytes] | None = None  # header names a `Connection:` header listed
-        self._header_bytes = 0  # of the head being read, then of its trailers
-        # Past the head: fields now are trailers, a block of their own (never headers).
-        self._in_trailers = False
-        self._trailers: Headers | None = None
+        # limits.max_header_bytes is counted in the bytes read while a head is incomplete
+        # (a read per response, not a sum per field); the head's own fields are counted
+        # exactly only when those bytes go over it (the read held a body as well).
+        self._in_head = True
+        self._head_bytes = 0
+        self._trailer_bytes = 0  # of the fields counted so far, trailers arriving
+        self._trailers_counted = 0
         self._body: Body | None = None
         self._head_request = False
         self._idempotent = False
@@ -118,18 +124,38 @@ class H1ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        if self._in_head:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             # httptools wraps what a callback raised; our own refusals carry the reason.
             cause = exc.__context__
-            reason = str(cause) if isinstance(cause, _ResponseAbort) else f"malformed: {exc}"
-            self._hand_over()
-            self._lost(UpstreamReset(f"HTTP/1.1 response from the app refused: {reason}"))
-            self.close()
+            self._refused(str(cause) if isinstance(cause, _ResponseAbort) else f"malformed: {exc}")
             return
         if self._ready is not None:
             self._hand_over()  # the body goes on arriving after the head
+        if self._in_head:
+            if self._head_bytes > self._max_header_bytes:
+                self._refused(self._over("headers"))
+        elif self._headers:
+            self._count_trailers()  # trailers arriving: over the limit already?
+
+    def _count_trailers(self) -> None:
+        fields = self._headers
+        counted = self._trailers_counted
+        self._trailer_bytes += _field_bytes(fields[counted:])
+        self._trailers_counted = len(fields)
+        if self._trailer_bytes > self._max_header_bytes:
+            self._refused(self._over("trailers"))
+
+    def _over(self, what: str) -> str:
+        return f"response {what} over {self._max_header_bytes} bytes (limits.max_header_bytes)"
+
+    def _refused(self, reason: str) -> None:
+        self._hand_over()
+        self._lost(UpstreamReset(f"HTTP/1.1 response from the app refused: {reason}"))
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -161,21 +187,10 @@ class H1ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks --
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._max_header_bytes:
-            what = "trailers" if self._in_trailers else "headers"
-            raise _ResponseAbort(
-                f"response {what} over {self._max_header_bytes} bytes (limits.max_header_bytes)"
-            )
         name = name.lower()
-        if self._in_trailers:
-            # Framing and routing fields mean nothing in trailers (RFC 9110 6.5.1): dropped.
-            if name not in FRAMING_FIELDS:
-                if self._trailers is None:
-                    self._trailers = []
-                self._trailers.append((name, value))
-            return
         if name in HOP_BY_HOP:
+            if not self._in_head:
+                return  # a trailer: framing means nothing there (RFC 9110 6.5.1), dropped
             if name == b"transfer-encoding":
                 for coding in value.split(b","):
                     coding = coding.strip().lower()
@@ -199,11 +214,14 @@ class H1ClientConnection(asyncio.Protocol):
         self._headers = []
         drop = self._drop
         self._drop = None
-        self._header_bytes = 0
         status = self.parser.get_status_code()
         if status < 200:
             return  # 1xx: informational, the real response follows
-        self._in_trailers = True
+        self._in_head = False
+        if self._head_bytes > self._max_header_bytes and (
+            _field_bytes(headers) > self._max_header_bytes
+        ):
+            raise _ResponseAbort(self._over("headers"))
         if drop:
             headers = [(n, v) for n, v in headers if n not in drop]
         body = Body()
@@ -231,10 +249,17 @@ class H1ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.parser.get_status_code() < 200:
             return
-        self._in_trailers = False
-        self._header_bytes = 0
-        trailers = self._trailers
-        self._trailers = None
+        self._in_head = True
+        self._head_bytes = 0
+        trailers = self._headers
+        if trailers:
+            self._headers = []
+            counted = self._trailers_counted
+            size = self._trailer_bytes + _field_bytes(trailers[counted:])
+            self._trailer_bytes = self._trailers_counted = 0
+            if size > self._max_header_bytes:
+                raise _ResponseAbort(self._over("trailers"))
+            trailers = [(n, v) for n, v in trailers if n not in FRAMING_FIELDS]
         body = self._body
         self._body = None
         if body is not None:
@@ -328,10 +353,14 @@ class H1ClientConnection(asyncio.Protocol):
         method = request.method
         parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
         declared_length: bytes | None = None
+        kinds = KINDS
         for name, value in request.headers:
-            if name in _NOT_FORWARDED:
-                if name == b"content-length":
+            kind = kinds[name]
+            if kind:  # the writer frames the request itself; or not a token
+                if kind == LENGTH:
                     declared_length = value
+                elif kind == BAD:
+                    return self._refuse(request, authority, path)
                 continue
             parts += (name, b": ", value, b"\r\n")
         # The request line, host, the fields (four parts each), a framing line, the blank.
@@ -339,7 +368,8 @@ class H1ClientConnection(asyncio.Protocol):
         body = request.body
         data = b""
         chunked = False
-        if body.complete:
+        complete = body.complete
+        if complete:
             trailers = body.trailers
             if trailers:
                 # Trailers need the chunked coding, even for a body that is all here.
@@ -361,13 +391,10 @@ class H1ClientConnection(asyncio.Protocol):
         elif declared_length.isdigit():
             parts += (b"content-length: ", declared_length, b"\r\n\r\n")
         else:
-            return self._refuse(request, "header 'content-length'", authority, path)
-        if data:
-            parts.append(data)
-        joined = b"".join(parts)
-        if not request_head_ok(joined, len(joined) - len(data), lines):
-            what = bad_request_part(method, path, authority, request.headers)
-            return self._refuse(request, what, authority, path)
+            return self._refuse(request, authority, path, "header 'content-length'")
+        head = b"".join(parts)
+        if not request_head_ok(head, lines, method, path, authority):
+            return self._refuse(request, authority, path)
         self.uses += 1
         self._got_bytes = False
         self._request_sent = False
@@ -375,15 +402,18 @@ class H1ClientConnection(asyncio.Protocol):
         self._idempotent = method in _IDEMPOTENT
         transport = self.transport
         assert transport is not None
-        transport.write(joined)
-        if body.complete:
+        transport.write(head + data if data else head)  # one copy of data, as a join
+        if complete:
             self._request_sent = True
         else:
             length = -1 if chunked or declared_length is None else int(declared_length)
             self._sender = self.loop.create_task(self._send_body(body, length))
         return None
 
-    def _refuse(self, request: Request, what: str, authority: bytes, path: bytes) -> BadRequest:
+    def _refuse(
+        self, request: Request, authority: bytes, path: bytes, what: str = ""
+    ) -> BadRequest:
+        what = what or bad_request_part(request.method, path, authority, request.headers)
         log.error(
             "refused to write a request to %s as HTTP/1.1: its %s holds bytes HTTP/1.1 "
             "does not allow there (CR, LF, NUL, a control byte or a space)",
@@ -468,6 +498,11 @@ class H1ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
+
+
+def _field_bytes(fields: Headers) -> int:
+    """What `fields` took on the wire, near enough for a limit (name, value, `: `, CRLF)."""
+    return sum(len(name) + len(value) + 4 for name, value in fields)
 
 
 def _last_chunk(trailers: Headers) -> bytes:
