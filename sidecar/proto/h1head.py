@@ -52,19 +52,21 @@ PLAIN, HOP, LENGTH, BAD = 0, 1, 2, 3
 _LEARNED_MAX = 4096  # names remembered; HTTP/2 peers and apps can send any token
 
 
-class _Kinds(dict[bytes, int]):
-    def __missing__(self, name: bytes) -> int:
-        if _TOKEN.fullmatch(name) is None:
-            return BAD  # refused wherever it appears: never remembered
-        lower = name.lower()
-        kind = self.get(lower, PLAIN)
-        if len(self) < _LEARNED_MAX:
-            self[name] = kind
-        return kind
-
-
-KINDS = _Kinds({name: HOP for name in HOP_BY_HOP})
+# A plain dict, looked up with `KINDS[name]` in a `try` (a subscript of an exact dict is
+# the fastest lookup there is); a KeyError goes to kind_of, which learns the name.
+KINDS: dict[bytes, int] = {name: HOP for name in HOP_BY_HOP}
 KINDS[b"content-length"] = LENGTH
+
+
+def kind_of(name: bytes) -> int:
+    """What `name` is (see KINDS), for a name KINDS does not hold yet."""
+    if _TOKEN.fullmatch(name) is None:
+        return BAD  # refused wherever it appears: never remembered
+    kind = KINDS.get(name.lower(), PLAIN)
+    if len(KINDS) < _LEARNED_MAX:
+        KINDS[name] = kind
+    return kind
+
 
 _AUTHORITIES: set[bytes] = set()  # authorities checked already (bounded as KINDS)
 
@@ -92,7 +94,7 @@ def request_head_ok(
     except IndexError:
         if rest != b"\r\n" * lines:
             return False
-    if KINDS[method] == BAD:
+    if KINDS.get(method) is None and kind_of(method) == BAD:
         return False
     # Origin form or `*`, and no SP or HTAB (int needles: `in` with a bytes one is slow).
     if (target[:1] != b"/" and target != b"*") or 32 in target or 9 in target:
@@ -109,14 +111,14 @@ def request_head_ok(
 def bad_field(fields: Headers) -> bytes | None:
     """The name of the first field that cannot be written as HTTP/1.1, or None."""
     for name, value in fields:
-        if KINDS[name] == BAD or value.translate(None, _FIELD_BYTES):
+        if kind_of(name) == BAD or value.translate(None, _FIELD_BYTES):
             return name
     return None
 
 
 def bad_request_part(method: bytes, target: bytes, authority: bytes, fields: Headers) -> str:
     """What made a request head fail the checks, for the error the caller gets."""
-    if KINDS[method] == BAD or method.translate(None, _FIELD_BYTES):
+    if kind_of(method) == BAD or method.translate(None, _FIELD_BYTES):
         return f"method {method[:64]!r}"
     if _TARGET.fullmatch(target) is None:
         return f"request target {target[:64]!r}"
@@ -131,7 +133,9 @@ def last_chunk(trailers: Headers) -> bytes | None:
     None if they would not read back as these fields: then the caller drops them."""
     parts = [b"0\r\n"]
     for name, value in trailers:
-        kind = KINDS[name]
+        kind = KINDS.get(name)
+        if kind is None:
+            kind = kind_of(name)
         if kind == BAD:
             return None
         if kind == PLAIN and name.lower() not in FRAMING_FIELDS:

@@ -22,9 +22,19 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from sidecar.proto.h1head import BAD, FRAMING_FIELDS, HOP, KINDS, bad_field, last_chunk, lines_ok
+from sidecar.proto.h1head import (
+    BAD,
+    FRAMING_FIELDS,
+    HOP,
+    KINDS,
+    bad_field,
+    kind_of,
+    last_chunk,
+    lines_ok,
+)
 from sidecar.proto.messages import (
     HOP_BY_HOP,
+    LENGTHS,
     Body,
     BodyError,
     Headers,
@@ -107,7 +117,16 @@ class H1ServerProtocol(asyncio.Protocol):
         self._headers: Headers = []
         self._host: bytes | None = None
         self._connection_tokens: list[bytes] | None = None
-        self._header_bytes = 0
+        # limits.max_header_bytes: the bytes read while a head is incomplete are counted
+        # (a sum per read, not per field); a head is counted exactly, field by field, only
+        # when those bytes went over the limit (they may hold the request line, or a body
+        # after the head). Past the limit by more than a request line could explain, a head
+        # still arriving is refused there and then. Trailers are counted field by field,
+        # as they arrive: a block of their own under the same limit.
+        self._head_read = 0
+        self._head_read_max = limits.max_header_bytes + limits.max_request_line + 4096
+        self._hop_bytes = 0  # the head's hop-by-hop fields, which _headers does not hold
+        self._header_bytes = 0  # the trailers' so far
         # One timer per connection, for whichever deadline is running: the head's, the
         # body's next byte, keep-alive idle. Setting a deadline is a store; the timer,
         # armed at the first head, sleeps at most ctx.timer_tick and re-arms until the
@@ -149,6 +168,8 @@ class H1ServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped_parsing:
             return
+        if self._parsing is None:
+            self._head_read += len(data)  # a head on its way (or about to be)
         try:
             self.parser.feed_data(data)
         except _ParseAbort as abort:
@@ -171,6 +192,8 @@ class H1ServerProtocol(asyncio.Protocol):
                 self._reject(cause.status, cause.reason)
             else:
                 self._reject(400, f"malformed HTTP/1.1 request: {exc}")
+        if self._head_read > self._head_read_max and not self._stopped_parsing:
+            self._reject(431, f"request headers over {self._max_header_bytes} bytes")
         if self._parsing is not None:
             # A body still on its way: the client's next byte is due in body_read_timeout.
             self._deadline = self.loop.time() + self._body_read_timeout
@@ -213,6 +236,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._url = b""
         self._host = None
         self._connection_tokens = None
+        self._hop_bytes = 0
         self._header_bytes = 0
         now = self.loop.time()
         self._header_deadline = now + self._header_read_timeout
@@ -225,14 +249,11 @@ class H1ServerProtocol(asyncio.Protocol):
             raise _ParseAbort(414, f"request target over {self._max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._max_header_bytes:
-            what = "headers and trailers" if self._parsing is not None else "headers"
-            raise _ParseAbort(431, f"request {what} over {self._max_header_bytes} bytes")
         name = name.lower()
         if name in HOP_BY_HOP:
             if self._parsing is not None:  # past the head: a trailer
                 _refuse_trailer(name)
+            self._hop_bytes += len(name) + len(value) + 4
             if name == b"host":
                 if self._host is not None:
                     raise _ParseAbort(400, "a request may have one Host header, not two")
@@ -249,11 +270,22 @@ class H1ServerProtocol(asyncio.Protocol):
             if self._parsing is not None:
                 _refuse_trailer(name)
             if value.strip().lower() != b"trailers":
+                self._hop_bytes += len(name) + len(value) + 4  # dropped, as hop-by-hop ones
                 return
         self._headers.append((name, value))
+        if self._parsing is not None:  # a trailer
+            self._header_bytes += len(name) + len(value) + 4
+            if self._header_bytes > self._max_header_bytes:
+                raise _ParseAbort(431, f"request trailers over {self._max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         self._header_deadline = 0.0
+        if self._head_read > self._max_header_bytes and (
+            self._hop_bytes + sum(len(n) + len(v) + 4 for n, v in self._headers)
+            > self._max_header_bytes
+        ):
+            raise _ParseAbort(431, f"request headers over {self._max_header_bytes} bytes")
+        self._head_read = 0
         parser = self.parser
         method = parser.get_method()
         if method == b"CONNECT":
@@ -595,7 +627,10 @@ class _H1Sink:
         declared: bytes | None = None
         kinds = KINDS
         for name, value in response.headers:
-            kind = kinds[name]
+            try:
+                kind = kinds[name]
+            except KeyError:
+                kind = kind_of(name)
             if kind:
                 if kind == HOP:
                     continue
@@ -624,7 +659,7 @@ class _H1Sink:
                 lines += 1
         elif data is not None:
             # A length the body does not have would end it early or run into the next.
-            if declared != content_length(len(data)):
+            if declared != (LENGTHS.get(len(data)) or content_length(len(data))):
                 raise ValueError("a content-length the body does not have")
         elif declared.isdigit():
             length = int(declared)

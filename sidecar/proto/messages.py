@@ -41,18 +41,24 @@ class Body:
         "_waiter",
         "buffered",
         "buffered_whole",
+        "complete",
         "on_cancel",
         "on_consumed",
         "received",
         "trailers",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, replayable: bool = True) -> None:
+        """`replayable`: keep what is read (up to REPLAY_LIMIT) for rewind(), as a request
+        body must be for a resend; a response body is never resent."""
         self._chunks: deque[tuple[bytes, int]] = deque()
         self._eof = False
+        # True when the whole body is already here (it can be read without waiting): a
+        # slot, not a property, as it is read several times on every call.
+        self.complete = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._replay: list[bytes] | None = []
+        self._replay: list[bytes] | None = [] if replayable else None
         self._replay_size = 0
         self._replay_limit = REPLAY_LIMIT
         # The whole body when a filter buffered it (fixed_body): always replayable.
@@ -86,6 +92,7 @@ class Body:
         if trailers:
             self.trailers = trailers
         self._eof = True
+        self.complete = self._error is None
         if self._waiter is not None:
             self._wake()
 
@@ -104,11 +111,6 @@ class Body:
                 waiter.set_result(None)
 
     # -- consumer side --
-    @property
-    def complete(self) -> bool:
-        """True when the whole body is already here (it can be read without waiting)."""
-        return self._eof and self._error is None
-
     @property
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
@@ -180,6 +182,7 @@ class Body:
         self._replay = None
         self.on_consumed = None
         self._eof = True
+        self.complete = self._error is None
 
     def cancel(self) -> None:
         """The consumer gives up: the producer should stop (reset the stream, close)."""
@@ -266,16 +269,18 @@ class Response:
         self.body = body
 
 
-_LENGTHS: dict[int, bytes] = {}
+# Content-Length values formatted already (content_length); a hot path may look one up
+# before it calls the function.
+LENGTHS: dict[int, bytes] = {}
 
 
 def content_length(size: int) -> bytes:
     """`size` as a Content-Length value; sizes up to 64 KiB are formatted once, then kept."""
-    value = _LENGTHS.get(size)
+    value = LENGTHS.get(size)
     if value is None:
         value = str(size).encode()
         if size <= 65536:
-            _LENGTHS[size] = value
+            LENGTHS[size] = value
     return value
 
 

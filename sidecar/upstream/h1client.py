@@ -42,6 +42,7 @@ from sidecar.proto.h1head import (
     LENGTH,
     bad_field,
     bad_request_part,
+    kind_of,
     last_chunk,
     request_head_ok,
 )
@@ -224,7 +225,7 @@ class H1ClientConnection(asyncio.Protocol):
             raise _ResponseAbort(self._over("headers"))
         if drop:
             headers = [(n, v) for n, v in headers if n not in drop]
-        body = Body()
+        body = Body(replayable=False)
         body.on_consumed = self._on_consumed
         body.on_cancel = self._on_cancel
         self._body = body
@@ -355,7 +356,10 @@ class H1ClientConnection(asyncio.Protocol):
         declared_length: bytes | None = None
         kinds = KINDS
         for name, value in request.headers:
-            kind = kinds[name]
+            try:
+                kind = kinds[name]
+            except KeyError:
+                kind = kind_of(name)
             if kind:  # the writer frames the request itself; or not a token
                 if kind == LENGTH:
                     declared_length = value

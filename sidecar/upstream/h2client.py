@@ -184,7 +184,7 @@ class H2ClientConnection(H2Base):
             elif name[:1] != b":":
                 headers.append((name, value))
         stream_id = event.stream_id
-        body = Body()
+        body = Body(replayable=False)
         body.on_consumed = lambda size: self.ack(stream_id, size)
         body.on_cancel = lambda: self._cancel(stream_id)
         stream.body = body

@@ -377,6 +377,34 @@ def test_headers_over_the_limit_are_431() -> None:
     assert rejection(conn)[0] == 431
 
 
+def test_a_head_that_never_ends_is_431_once_past_the_limit_and_a_request_line() -> None:
+    """A head that keeps coming (one field, never ended) is refused as its bytes pass the
+    limit plus a request line's, before it completes: the parser never buffers more."""
+    limits = LimitsConfig(max_header_bytes=1024, max_request_line=1024)
+
+    async def go() -> Conn:
+        conn = Conn(recording([], None), limits)
+        conn.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        fed = 0
+        while not conn.transport.closed and fed < 64:
+            conn.feed(b"v" * 512)
+            fed += 1
+        assert 1024 + 1024 < fed * 512 <= 1024 + 1024 + 4096 + 512
+        return conn
+
+    conn = asyncio.run(go())
+    assert rejection(conn)[0] == 431
+
+
+def test_a_head_under_the_limit_in_a_read_with_its_body_is_not_431() -> None:
+    """The bytes of one read may hold a body after the head: the head is then counted
+    exactly, field by field."""
+    body = b"b" * 4096
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4096\r\n\r\n" + body
+    conn, seen = run_one(data, limits=LimitsConfig(max_header_bytes=128))
+    assert len(seen) == 1 and parse_responses(conn.transport.data)[0].status == 200
+
+
 def test_connection_close_closes_after_the_reply() -> None:
     conn, _ = run_one(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", reply(b"bye"))
     (response,) = parse_responses(conn.transport.data)
