@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from sidecar.chain import Next
     from sidecar.cluster import Cluster
     from sidecar.discovery.base import Endpoint
-    from sidecar.listener import ImmediateSink, ResponseSink
+    from sidecar.serving import ImmediateSink, ResponseSink
 
 # A caller gone: the sink raises these when it cannot write.
 CLIENT_GONE = (ConnectionError, StreamGone)

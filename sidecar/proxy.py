@@ -48,7 +48,6 @@ from sidecar.errors import (
     UpstreamTimeout,
     error_response,
 )
-from sidecar.listener import ImmediateSink, ResponseSink
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import (
     FIELD_NAME,
@@ -59,6 +58,7 @@ from sidecar.proto.messages import (
     unsafe_header,
 )
 from sidecar.routing import INVOKE_PREFIX, Router
+from sidecar.serving import ImmediateSink, ResponseSink
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
 from sidecar.upstream.h1client import H1Pool
 

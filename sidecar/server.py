@@ -31,11 +31,12 @@ from sidecar.config import SidecarConfig, advertise_host, config_to_dict, resolv
 from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.factory import create_discovery
 from sidecar.lb import RoundRobin
-from sidecar.listener import Admission, Listener, ListenerContext
+from sidecar.listener import Listener
 from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
 from sidecar.proto.h2server import GOAWAY_GRACE_SECONDS
 from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
 from sidecar.routing import Router
+from sidecar.serving import Admission, ListenerContext
 from sidecar.tracing import Tracing, from_env
 from sidecar.upstream.h1client import H1Pool
 from sidecar.upstream.h2pool import H2Pool
@@ -137,7 +138,9 @@ class Sidecar:
             ("outbound", outbound, cfg.listeners.outbound),
             ("inbound", inbound, cfg.listeners.inbound),
         ):
-            ctx = ListenerContext(name, handler, cfg.http2, cfg.limits, self.admission)
+            ctx = ListenerContext(
+                name, handler, cfg.http2, cfg.limits, self.admission, start_now=handler.start_now
+            )
             ctx.on_accept = self.metrics.downstream_connections.labels(name).inc
             ctx.on_refuse = self._refusal_counter(name)
             ctx.on_timeout = self._timeout_counter(name)
