@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from sidecar.accesslog import AccessLog, record
-from sidecar.callbacks import CLIENT_GONE, CallbackCall, not_routed, routed
+from sidecar.callbacks import CallbackCall
 from sidecar.chain import (
     BufferBudget,
     Call,
@@ -48,6 +48,7 @@ from sidecar.errors import (
     UpstreamTimeout,
     error_response,
 )
+from sidecar.forwarding import CLIENT_GONE, not_routed, routed
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import (
     FIELD_NAME,
