@@ -13,58 +13,18 @@ coroutine path does.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 from sidecar.chain import Call
-from sidecar.errors import MeshError, error_response
-from sidecar.proto.h2common import StreamGone
+from sidecar.errors import MeshError
+from sidecar.forwarding import CLIENT_GONE, Responder, not_routed, routed
 from sidecar.proto.messages import Request, Response
 from sidecar.upstream.h1client import H1ClientConnection, H1Pool, Ticket
 
 if TYPE_CHECKING:
-    from sidecar.chain import Next
     from sidecar.cluster import Cluster
     from sidecar.discovery.base import Endpoint
-    from sidecar.listener import ImmediateSink, ResponseSink
-
-# A caller gone: the sink raises these when it cannot write.
-CLIENT_GONE = (ConnectionError, StreamGone)
-
-
-class Responder(Protocol):
-    """What a callback call needs of its handler (proxy.CallHandler)."""
-
-    direction: str
-    max_body_bytes: int
-
-    def prepare(self, call: Call, response: Response) -> Response: ...
-
-    def complete(self, call: Call, response: Response | None, sent: int, span: Any) -> None: ...
-
-    async def run(
-        self,
-        request: Request,
-        sink: ResponseSink,
-        call: Call,
-        chain: Next | None,
-        response: Response | None = None,
-    ) -> None: ...
-
-
-def routed(call: Call, cluster: Cluster, endpoint: Endpoint) -> None:
-    """The router's bookkeeping for a try that got a response head."""
-    call.endpoint = endpoint
-    call.cluster = cluster
-    call.upstream_protocol = cluster.pool.protocol
-    call.tried.append(endpoint)
-    call.tries += 1
-
-
-def not_routed(call: Call, exc: MeshError) -> Response:
-    """The router's answer when the call could not be sent (or sent again)."""
-    call.error = exc
-    call.flags = exc.flag
-    return error_response(exc, grpc=call.request.is_grpc)
+    from sidecar.serving import ImmediateSink
 
 
 class CallbackCall(Call):

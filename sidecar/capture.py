@@ -28,11 +28,12 @@ from typing import Any, Literal, cast
 from sidecar.cluster import ClusterManager
 from sidecar.config import SidecarConfig, parse_ip_port
 from sidecar.discovery.base import Endpoint
-from sidecar.listener import H2_PREFACE, Handler, ListenerContext, ResponseSink
+from sidecar.listener import H2_PREFACE
 from sidecar.metrics import Metrics
 from sidecar.proto.h1server import H1ServerProtocol
 from sidecar.proto.h2server import H2ServerProtocol
 from sidecar.proto.messages import Request
+from sidecar.serving import Handler, ListenerContext, ResponseSink
 
 log = logging.getLogger("sidecar.capture")
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sidecar.errors import MeshError, error_response
 from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
+from sidecar.typedconfig import ConfigError, build_dataclass
 
 if TYPE_CHECKING:
     from sidecar.cluster import Cluster
@@ -290,8 +291,6 @@ class FilterFactory(Generic[_C]):
     build: Callable[[_C, FilterContext], Filter]
 
     def parse(self, raw: object, key: str) -> _C:
-        from sidecar.config import build_dataclass
-
         return build_dataclass(self.config_type, raw, key)
 
 
@@ -328,8 +327,6 @@ def _chain_specs(cfg: SidecarConfig) -> list[tuple[str, tuple[FilterSpec, ...]]]
 
 def validate_filters(cfg: SidecarConfig) -> None:
     """Resolve every configured filter and check its config; ConfigError names the key."""
-    from sidecar.config import ConfigError
-
     for key, specs in _chain_specs(cfg):
         for i, spec in enumerate(specs):
             where = f"{key}[{i}]"

@@ -1,167 +1,22 @@
 """A listener: one TCP port that speaks HTTP/1.1 and cleartext HTTP/2 (prior knowledge),
 told apart by the connection's first bytes, and hands every request to one handler.
 
-It also decides which new connections to take (`Admission`): none beyond a listener's
-`limits.max_connections`, and none once the process's open downstream connections would
-eat into the file descriptors kept back (`limits.fd_reserve`) for what must keep working
-when callers flood it: pooled upstream connections, the admin port, the registry
-heartbeat. A refused connection is closed at once, counted and logged (rate-limited).
+A new connection is first admitted or refused against the limits its context keeps
+(`sidecar.serving.ListenerContext.refusal`); a refused one is closed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
-import resource
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Protocol, cast
+from typing import cast
 
-from sidecar.config import Http2ServerConfig, LimitsConfig
-from sidecar.proto.h1server import H1ServerProtocol, RunningCall
+from sidecar.proto.h1server import H1ServerProtocol
 from sidecar.proto.h2server import H2ServerProtocol
-from sidecar.proto.messages import Request, Response
+from sidecar.serving import ListenerContext
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# At most one log line per listener this often about refused connections.
-REFUSAL_LOG_INTERVAL = 10.0
-
-
-class ResponseSink(Protocol):
-    async def send(self, response: Response) -> int:
-        """Write the response (head, streamed body, trailers); returns body bytes written."""
-        ...
-
-
-class ImmediateSink(ResponseSink, Protocol):
-    """The HTTP/1.1 sink as a call run on callbacks sees it (h1server.py)."""
-
-    def send_now(self, response: Response) -> int | None:
-        """Write the response if its body is all here; None, writing nothing, if not."""
-        ...
-
-    def done(self) -> None: ...
-
-    def crashed(self) -> None: ...
-
-    def spawn(self, work: Callable[[], Awaitable[None]]) -> asyncio.Task[None]: ...
-
-
-Handler = Callable[[Request, ResponseSink], Awaitable[None]]
-# A handler's callback path: takes the call (returning it) or declines (None) having
-# changed nothing, and then the handler's coroutine runs in a task.
-StartNow = Callable[[Request, ImmediateSink], RunningCall | None]
-
-
-class ServerConnection(Protocol):
-    def close_if_idle(self) -> None: ...
-
-
-class Admission:
-    """The process-wide half of the connection limits, shared by a sidecar's listeners:
-    how many downstream connections the fd limit leaves room for."""
-
-    def __init__(self, fd_budget: int | None = None) -> None:
-        self.fd_budget = fd_budget  # None: no fd limit to keep under
-        self.contexts: list[ListenerContext] = []
-
-    @classmethod
-    def from_rlimit(cls, reserve: int) -> Admission:
-        """The budget: RLIMIT_NOFILE's soft limit less the fds open now and `reserve`."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return cls(None)
-        try:
-            open_now = len(os.listdir("/proc/self/fd"))
-        except OSError:
-            open_now = 64  # no procfs: a typical start-up figure
-        budget = soft - open_now - reserve
-        if budget < (soft - open_now) // 2:
-            # A reserve that leaves next to nothing would refuse every caller.
-            budget = (soft - open_now) // 2
-            logging.getLogger("sidecar.listener").warning(
-                "RLIMIT_NOFILE %d with %d fds open leaves too little for limits.fd_reserve=%d:"
-                " downstream connections are capped at %d",
-                soft,
-                open_now,
-                reserve,
-                budget,
-            )
-        return cls(max(budget, 1))
-
-    def full(self) -> bool:
-        budget = self.fd_budget
-        return budget is not None and sum(len(c.connections) for c in self.contexts) >= budget
-
-
-class ListenerContext:
-    """What every connection of one listener shares."""
-
-    def __init__(
-        self,
-        name: str,
-        handler: Handler,
-        http2: Http2ServerConfig,
-        limits: LimitsConfig,
-        admission: Admission | None = None,
-    ) -> None:
-        self.name = name
-        self.handler = handler
-        self.start_now: StartNow | None = getattr(handler, "start_now", None)
-        self.http2 = http2
-        self.limits = limits
-        # A connection's one timer never sleeps longer than the shortest timeout, so a
-        # deadline set after it was armed is still met without re-arming it.
-        self.timer_tick = min(
-            limits.preface_timeout,
-            limits.header_read_timeout,
-            limits.body_read_timeout,
-            limits.idle_timeout,
-        )
-        self.admission = admission if admission is not None else Admission()
-        self.admission.contexts.append(self)
-        self.log = logging.getLogger(f"sidecar.listener.{name}")
-        self.connections: set[ServerConnection] = set()
-        self.draining = False
-        self.in_flight = 0
-        self.idle = asyncio.Event()
-        self.on_accept: Callable[[], None] | None = None  # counts accepted connections
-        self.on_refuse: Callable[[str], None] | None = None  # counts refusals, by reason
-        self.on_timeout: Callable[[str], None] | None = None  # counts closes, by timeout
-        self._refused = 0  # since the last log line about it
-        self._refusal_logged = -REFUSAL_LOG_INTERVAL
-
-    def refusal(self) -> str | None:
-        """Why a new connection cannot be taken now, or None."""
-        if len(self.connections) >= self.limits.max_connections:
-            return "max_connections"
-        if self.admission.full():
-            return "fd_reserve"
-        return None
-
-    def refused(self, reason: str, now: float) -> None:
-        if self.on_refuse is not None:
-            self.on_refuse(reason)
-        self._refused += 1
-        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
-            self.log.warning(
-                "refused %d new connection(s) at limits.%s (%d open on %s, fd budget %s)",
-                self._refused,
-                reason,
-                len(self.connections),
-                self.name,
-                self.admission.fd_budget,
-            )
-            self._refused = 0
-            self._refusal_logged = now
-
-    def timed_out(self, timeout: str, peer: str) -> None:
-        """A connection is closed by one of its timeouts (limits.<timeout>_timeout)."""
-        if self.on_timeout is not None:
-            self.on_timeout(timeout)
-        self.log.debug("closing connection from %s: %s_timeout", peer, timeout)
 
 
 class _Detect(asyncio.Protocol):

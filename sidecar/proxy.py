@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from sidecar.accesslog import AccessLog, record
-from sidecar.callbacks import CLIENT_GONE, CallbackCall, not_routed, routed
+from sidecar.callbacks import CallbackCall
 from sidecar.chain import (
     BufferBudget,
     Call,
@@ -48,7 +48,7 @@ from sidecar.errors import (
     UpstreamTimeout,
     error_response,
 )
-from sidecar.listener import ImmediateSink, ResponseSink
+from sidecar.forwarding import CLIENT_GONE, not_routed, routed
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import (
     FIELD_NAME,
@@ -59,6 +59,7 @@ from sidecar.proto.messages import (
     unsafe_header,
 )
 from sidecar.routing import INVOKE_PREFIX, Router
+from sidecar.serving import ImmediateSink, ResponseSink
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
 from sidecar.upstream.h1client import H1Pool
 

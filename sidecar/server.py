@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
-import os
 import resource
 import signal
 from collections.abc import Callable
@@ -27,36 +25,37 @@ from sidecar.admin import AdminServer
 from sidecar.capture import CaptureListener
 from sidecar.chain import BufferBudget
 from sidecar.cluster import Cluster, ClusterManager, pool_limits
-from sidecar.config import SidecarConfig, advertise_host, config_to_dict, resolve_instance_id
+from sidecar.config import SidecarConfig, advertise_host, resolve_instance_id
 from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.factory import create_discovery
 from sidecar.lb import RoundRobin
-from sidecar.listener import Admission, Listener, ListenerContext
+from sidecar.listener import Listener
 from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
+from sidecar.process import ControlledProcess, write_ports
 from sidecar.proto.h2server import GOAWAY_GRACE_SECONDS
 from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
 from sidecar.routing import Router
+from sidecar.serving import Admission, ListenerContext
 from sidecar.tracing import Tracing, from_env
 from sidecar.upstream.h1client import H1Pool
 from sidecar.upstream.h2pool import H2Pool
 from sidecar.upstream.pool import Pool
+from sidecar.workers import supervise
 
 log = logging.getLogger("sidecar.server")
 # Young-generation threshold 50,000 allocations (CPython: 700): see _tune_gc().
 GC_THRESHOLD = (50_000, 20, 20)
 
 
-class Sidecar:
+class Sidecar(ControlledProcess):
     def __init__(
         self, cfg: SidecarConfig, tracing: Tracing | None = None, worker: int | None = None
     ) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.worker = worker  # this process's index under a supervisor (--workers), or None
         self.tracing = tracing if tracing is not None else from_env(cfg.service.name)
         self.metrics = Metrics()
         self.metrics_registry: CollectorRegistry = self.metrics.registry
-        self.ready = False
-        self.draining = False
         self.discovery = create_discovery(cfg)
         self.clusters = ClusterManager(cfg, self.discovery, self.metrics)
         self.access_log = AccessLog(cfg.log.access_log)
@@ -67,7 +66,6 @@ class Sidecar:
         self.app_cluster: Cluster | None = None
         self.ports: dict[str, int] = {}
         self.handlers: tuple[CallHandler, ...] = ()
-        self._stop = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
 
     # -- AdminState --
@@ -82,14 +80,6 @@ class Sidecar:
         the preStop hook's step before SIGTERM."""
         if self._drain_task is None:
             self._drain_task = asyncio.get_running_loop().create_task(self._drain_listeners())
-
-    def quit(self) -> None:
-        """Drain and exit (SIGTERM, or POST /quitquitquit for Jobs whose app has exited)."""
-        self._stop.set()
-
-    def config_dump(self) -> dict[str, Any]:
-        dumped: dict[str, Any] = redact(config_to_dict(self.cfg))
-        return dumped
 
     def set_log_level(self, level: str) -> None:
         logging.getLogger().setLevel(level)
@@ -137,7 +127,9 @@ class Sidecar:
             ("outbound", outbound, cfg.listeners.outbound),
             ("inbound", inbound, cfg.listeners.inbound),
         ):
-            ctx = ListenerContext(name, handler, cfg.http2, cfg.limits, self.admission)
+            ctx = ListenerContext(
+                name, handler, cfg.http2, cfg.limits, self.admission, start_now=handler.start_now
+            )
             ctx.on_accept = self.metrics.downstream_connections.labels(name).inc
             ctx.on_refuse = self._refusal_counter(name)
             ctx.on_timeout = self._timeout_counter(name)
@@ -246,28 +238,6 @@ class Sidecar:
         self.metrics.close()  # a worker's last figures, for the supervisor
 
 
-_SECRET_WORDS = ("secret", "password", "token", "credential", "private")
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """The config with anything that looks like a secret replaced, for /config_dump.
-    (Keys themselves live in files the config only names: key_file, key_dir, key_env.)"""
-    if isinstance(value, dict):
-        return {k: redact(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if isinstance(value, str) and value and any(w in key.lower() for w in _SECRET_WORDS):
-        return "[redacted]"
-    return value
-
-
-def _write_ports(path: str, ports: dict[str, int]) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(ports, fh)
-    os.replace(tmp, path)
-
-
 def raise_fd_limit() -> None:
     """Raise RLIMIT_NOFILE's soft limit to the hard limit (as Go's runtime does): the
     soft default (often 1024) is a historical select() limit, not a budget."""
@@ -292,7 +262,7 @@ async def serve(
         await sidecar.close()
         return 1
     if ports_file:
-        _write_ports(ports_file, ports)
+        write_ports(ports_file, ports)
     await sidecar.wait_for_stop()
     await sidecar.drain()
     log.info("stopped")
@@ -317,8 +287,6 @@ def run_sidecar(
     worker: int | None = None,
 ) -> int:
     if cfg.workers > 1 and worker is None:
-        from sidecar.workers import supervise
-
         return supervise(cfg, config_path, ports_file)
     try:
         import uvloop

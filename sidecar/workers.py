@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -35,8 +34,8 @@ from prometheus_client import multiprocess as prom_multiprocess
 
 from filters.hmac_replay import SHARED_DIR_ENV
 from sidecar.admin import AdminServer
-from sidecar.config import SidecarConfig, config_to_dict
-from sidecar.server import _write_ports, redact
+from sidecar.config import SidecarConfig
+from sidecar.process import ControlledProcess, read_port, write_ports
 
 log = logging.getLogger("sidecar.workers")
 
@@ -59,16 +58,6 @@ _multiprocess_collector = cast(
 _mark_dead = cast(Callable[[int, str], None], prom_multiprocess.mark_process_dead)
 
 
-def _admin_port(ports_file: str) -> int:
-    """The worker's internal admin port, once it has written its ports file (0 before)."""
-    try:
-        with open(ports_file, encoding="utf-8") as fh:
-            port: int = json.load(fh)["admin"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0
-    return port
-
-
 def _reserve(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -78,16 +67,13 @@ def _reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
-class Supervisor:
+class Supervisor(ControlledProcess):
     def __init__(self, cfg: SidecarConfig, config_path: str | None, ports_file: str | None):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.config_path = config_path
         self.ports_file = ports_file
-        self.ready = False
-        self.draining = False
         self.workers: list[_Worker] = []
         self.restarts = 0
-        self._stop = asyncio.Event()
         self._snapshots: dict[int, Any] = {}
         self.dir = tempfile.mkdtemp(prefix="opus-sidecar-workers-")
         self.metrics_dir = os.path.join(self.dir, "metrics")
@@ -121,13 +107,6 @@ class Supervisor:
     def begin_drain(self) -> None:
         self.draining = True
         self._tell_workers("POST", "/drain")
-
-    def quit(self) -> None:
-        self._stop.set()
-
-    def config_dump(self) -> dict[str, Any]:
-        dumped: dict[str, Any] = redact(config_to_dict(self.cfg))
-        return dumped
 
     def set_log_level(self, level: str) -> None:
         logging.getLogger().setLevel(level)
@@ -199,7 +178,7 @@ class Supervisor:
                     log.warning("worker %d exited with %s: restarting it", i, code)
                     self.workers[i] = worker = self._spawn(i)
                 if not worker.admin_port:
-                    worker.admin_port = _admin_port(worker.ports_file)
+                    worker.admin_port = read_port(worker.ports_file, "admin")
                 if worker.admin_port:
                     snapshot = await self._request(worker, "GET", "/clusters")
                     worker.ready = snapshot is not None
@@ -208,7 +187,7 @@ class Supervisor:
             was_ready = self.ready
             self.ready = bool(self.workers) and all(w.ready for w in self.workers)
             if self.ready and not was_ready and self.ports_file:
-                _write_ports(self.ports_file, self.ports())
+                write_ports(self.ports_file, self.ports())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.5)
 

@@ -18,7 +18,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -44,7 +44,7 @@ from sidecar.proto.messages import (
 )
 
 if TYPE_CHECKING:
-    from sidecar.listener import ListenerContext
+    from sidecar.serving import ListenerContext, RunningCall
 
 # Buffered request body above which the connection stops reading from the client.
 _READ_HIGH_WATER = 256 * 1024
@@ -79,14 +79,6 @@ _INVALID_RESPONSE = (
     b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_INVALID_BODY), _INVALID_BODY)
 )
-
-
-class RunningCall(Protocol):
-    """A call in progress on a connection, which a lost connection cancels."""
-
-    def cancel(self) -> object: ...
-
-    def done(self) -> bool: ...
 
 
 class _ParseAbort(Exception):

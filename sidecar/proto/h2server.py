@@ -20,7 +20,7 @@ from sidecar.proto.h2engine import ErrorCodes, SettingCodes
 from sidecar.proto.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
 
 if TYPE_CHECKING:
-    from sidecar.listener import ListenerContext
+    from sidecar.serving import ListenerContext
 
 _STATUS_BYTES = {code: str(code).encode() for code in range(100, 600)}
 

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import Http2ServerConfig, LimitsConfig
-from sidecar.listener import ListenerContext, ResponseSink
 from sidecar.proto.h1server import H1ServerProtocol
 from sidecar.proto.messages import Request, Response, fixed_body
+from sidecar.serving import ListenerContext, ResponseSink
 from tests.unit.memtransport import attach
 
 BOUNDED = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow])

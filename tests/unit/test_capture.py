@@ -23,9 +23,9 @@ from sidecar.capture import (
 )
 from sidecar.config import ConfigError, load_config
 from sidecar.discovery.base import Endpoint
-from sidecar.listener import ResponseSink
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import Request, Response, fixed_body
+from sidecar.serving import ResponseSink
 from tests.unit.memtransport import attach, until
 
 H2_START = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04"

@@ -24,11 +24,11 @@ from sidecar.cluster import Cluster
 from sidecar.config import load_config
 from sidecar.discovery.base import Endpoint
 from sidecar.lb import RoundRobin
-from sidecar.listener import ListenerContext
 from sidecar.metrics import Metrics
 from sidecar.proto.h1server import H1ServerProtocol
 from sidecar.proxy import InboundHandler, OutboundHandler
 from sidecar.routing import Router
+from sidecar.serving import ListenerContext
 from sidecar.tracing import Tracing
 from sidecar.upstream.h1client import H1ClientConnection, H1Pool
 from sidecar.upstream.pool import PoolLimits
@@ -156,9 +156,8 @@ class Rig:
                 self.access_log,
                 tracing,
             )
-        self.ctx = ListenerContext(direction, handler, cfg.http2, cfg.limits)
-        if not callbacks:
-            self.ctx.start_now = None
+        start_now = handler.start_now if callbacks else None
+        self.ctx = ListenerContext(direction, handler, cfg.http2, cfg.limits, start_now=start_now)
 
     async def _connect(
         self, factory: Callable[[], H1ClientConnection], host: str, port: int

@@ -10,9 +10,9 @@ from typing import Any
 import httptools
 
 from sidecar.config import Http2ServerConfig, LimitsConfig
-from sidecar.listener import ListenerContext, ResponseSink
 from sidecar.proto.h1server import H1ServerProtocol
 from sidecar.proto.messages import Body, Request, Response, fixed_body
+from sidecar.serving import ListenerContext, ResponseSink
 from tests.unit.memtransport import MemoryTransport, attach, until
 
 Handler = Callable[[Request, ResponseSink], Awaitable[None]]

@@ -17,10 +17,11 @@ from hyperframe.frame import GoAwayFrame
 from sidecar.config import Http2ServerConfig, LimitsConfig
 from sidecar.discovery.base import Endpoint
 from sidecar.errors import StreamRefused, UpstreamReset
-from sidecar.listener import Listener, ListenerContext, ResponseSink, _Detect
+from sidecar.listener import Listener, _Detect
 from sidecar.metrics import Metrics
 from sidecar.proto.h2server import H2ServerProtocol
 from sidecar.proto.messages import Body, BodyError, Request, Response, fixed_body
+from sidecar.serving import ListenerContext, ResponseSink
 from sidecar.upstream import h2pool
 from sidecar.upstream.h2client import H2ClientConnection
 from sidecar.upstream.h2pool import H2Pool

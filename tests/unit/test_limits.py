@@ -16,8 +16,9 @@ import h2.events
 import pytest
 
 from sidecar.config import Http2ServerConfig, LimitsConfig
-from sidecar.listener import H2_PREFACE, Admission, ListenerContext, ResponseSink, _Detect
+from sidecar.listener import H2_PREFACE, _Detect
 from sidecar.proto.messages import Body, BodyError, Request, Response, fixed_body
+from sidecar.serving import Admission, ListenerContext, ResponseSink
 from tests.unit.memtransport import MemoryTransport, attach
 
 T = TypeVar("T")
