@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from sidecar.accesslog import AccessLog, record
@@ -59,7 +60,7 @@ from sidecar.proto.messages import (
     unsafe_header,
 )
 from sidecar.routing import INVOKE_PREFIX, Router
-from sidecar.serving import ImmediateSink, ResponseSink
+from sidecar.serving import ImmediateSink, ResponseSink, TaskWork
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
 from sidecar.upstream.h1client import H1Pool
 
@@ -409,34 +410,51 @@ class OutboundHandler(CallHandler):
             return "invoke"
         return "proxy" if request.absolute_form else "host"
 
+    def _resolve(self, request: Request) -> tuple[str, bytes, int, Cluster]:
+        """Where the call goes: service, upstream path, route index and cluster."""
+        service, path, route = self.router.resolve(request)
+        cluster = self.clusters.get(service)
+        if cluster is None:
+            raise UnknownService(f"unknown service {service!r}", service=service)
+        return service, path, route, cluster
+
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
         try:
-            service, path, route = self.router.resolve(request)
-            cluster = self.clusters.get(service)
-            if cluster is None:
-                raise UnknownService(f"unknown service {service!r}", service=service)
+            service, path, route, cluster = self._resolve(request)
         except MeshError as exc:
             await self._reply_error(request, sink, exc)
             return
+        await self._forward(request, sink, service, path, route, cluster)
+
+    async def _forward(
+        self,
+        request: Request,
+        sink: ResponseSink,
+        service: str,
+        path: bytes,
+        route: int,
+        cluster: Cluster,
+    ) -> None:
         call = Call(request, "outbound", service, service.encode(), path, self.max_body_bytes)
         call.route = self._route_name(request, route)
         await self.run(request, sink, call, self._chain(service, route, cluster))
 
-    def start_now(self, request: Request, sink: ImmediateSink) -> CallbackCall | None:
-        """The listener's callback path (see CallbackCall); None to take the task path."""
+    def start_now(self, request: Request, sink: ImmediateSink) -> CallbackCall | TaskWork | None:
+        """The listener's callback path (see CallbackCall). The call is routed here, once:
+        a call that cannot run on callbacks goes on in a task with that route (TaskWork).
+        None (nothing done) when tracing is on, which only the task path does."""
         if self.tracing.enabled:
             return None
         try:
-            service, path, route = self.router.resolve(request)
-            cluster = self.clusters.get(service)
-        except MeshError:
-            return None  # answered on the task path, which resolves again
-        if cluster is None or not cluster.endpoints:
-            return None
-        if self._callbacks_for(self._chain(service, route, cluster)) is None:
-            return None
-        if request.headers and _caller_deadline(request) is not None:
-            return None
+            service, path, route, cluster = self._resolve(request)
+        except MeshError as exc:
+            return TaskWork(partial(self._reply_error, request, sink, exc))
+        if (
+            not cluster.endpoints
+            or self._callbacks_for(self._chain(service, route, cluster)) is None
+            or (request.headers and _caller_deadline(request) is not None)
+        ):
+            return TaskWork(partial(self._forward, request, sink, service, path, route, cluster))
         call = CallbackCall(self, sink, cluster, request, service, service.encode(), path)
         call.route = self._route_name(request, route)
         call.start()

@@ -60,9 +60,23 @@ class RunningCall(Protocol):
 
 
 Handler = Callable[[Request, ResponseSink], Awaitable[None]]
-# A handler's callback path: takes the call (returning it) or declines (None) having
-# changed nothing, and then the handler's coroutine runs in a task.
-StartNow = Callable[[Request, ImmediateSink], RunningCall | None]
+
+
+class TaskWork:
+    """What a handler's callback path returns when it has routed the call but the call
+    must run in a task (a chain with filters, an HTTP/2 pool): the listener runs `work`
+    in the call's task instead of the handler, so the call is not routed again."""
+
+    __slots__ = ("work",)
+
+    def __init__(self, work: Callable[[], Awaitable[None]]) -> None:
+        self.work = work
+
+
+# A handler's callback path: takes the call (returning it), hands back the rest of it
+# for a task (TaskWork), or declines (None) having changed nothing, and then the
+# handler's coroutine runs in a task.
+StartNow = Callable[[Request, ImmediateSink], RunningCall | TaskWork | None]
 
 
 class ServerConnection(Protocol):

@@ -42,6 +42,7 @@ from sidecar.proto.messages import (
     Response,
     content_length,
 )
+from sidecar.serving import TaskWork
 
 if TYPE_CHECKING:
     from sidecar.serving import ListenerContext, RunningCall
@@ -390,6 +391,10 @@ class H1ServerProtocol(asyncio.Protocol):
                 call = start_now(request, sink)
             except Exception:
                 sink.crashed()  # as a handler raising in its task would
+                return
+            if isinstance(call, TaskWork):
+                # Routed already: its task runs the rest (counted in flight already).
+                self._active_task = self.loop.create_task(self._run(request, sink, call.work))
                 return
             if call is not None:
                 if not call.done():

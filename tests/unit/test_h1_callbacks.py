@@ -26,6 +26,7 @@ from sidecar.discovery.base import Endpoint
 from sidecar.lb import RoundRobin
 from sidecar.metrics import Metrics
 from sidecar.proto.h1server import H1ServerProtocol
+from sidecar.proto.messages import Request
 from sidecar.proxy import InboundHandler, OutboundHandler
 from sidecar.routing import Router
 from sidecar.serving import ListenerContext
@@ -317,6 +318,38 @@ def test_a_call_with_a_deadline_takes_the_task_path(tmp_path: Path) -> None:
         return running
 
     assert isinstance(asyncio.run(go()), asyncio.Task)
+
+
+@pytest.mark.parametrize("extra", [b"", b"X-Opus-Deadline-Ms: 5000\r\n"])
+def test_an_outbound_call_is_routed_once_on_either_path(tmp_path: Path, extra: bytes) -> None:
+    """The callback path routes the call; when it must run in a task (a deadline here; an
+    HTTP/2 pool or filters alike), the task goes on with that route, never routing again."""
+
+    async def go() -> tuple[int, object]:
+        rig = Rig("outbound", tmp_path, callbacks=True)
+        handler = rig.ctx.handler
+        assert isinstance(handler, OutboundHandler)
+        resolves = 0
+        resolve = handler.router.resolve
+
+        def counting(request: Request) -> tuple[str, bytes, int]:
+            nonlocal resolves
+            resolves += 1
+            return resolve(request)
+
+        handler.router.resolve = counting  # type: ignore[method-assign]
+        proto, caller = rig.caller()
+        proto.data_received(request(target("outbound", b"/a"), extra=extra))
+        await asyncio.sleep(0)
+        running = proto._active_task
+        await rig.settle()
+        rig.access_log.close()
+        assert b"200 OK" in caller.data
+        return resolves, running
+
+    resolves, running = asyncio.run(go())
+    assert resolves == 1
+    assert isinstance(running, asyncio.Task if extra else CallbackCall)
 
 
 # -- what a lost caller, a full pool and a refused connect do, both ways ----------------
