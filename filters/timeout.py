@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next
+from sidecar.deadline import (
+    DEADLINE_HEADER,
+    GRPC_TIMEOUT_HEADER,
+    format_grpc_timeout,
+    parse_grpc_timeout,
+)
 from sidecar.errors import UpstreamTimeout
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import Response
-from sidecar.proxy import DEADLINE_HEADER, parse_grpc_timeout
-
-GRPC_TIMEOUT_HEADER = b"grpc-timeout"
-
-_GRPC_MAX_DIGITS = 8  # grpc-timeout's TimeoutValue (PROTOCOL-HTTP2.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,15 +37,6 @@ class TimeoutConfig:
     def validate(self) -> None:
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ValueError(f"timeout must be a number > 0, got {self.timeout}")
-
-
-def format_grpc_timeout(seconds: float) -> bytes:
-    """The grpc-timeout value for `seconds`, in milliseconds while they fit 8 digits."""
-    # Rounded to the microsecond first, so float noise (0.7000000001 s) is not a whole ms more.
-    ms = max(math.ceil(round(seconds * 1000, 3)), 0)
-    if ms < 10**_GRPC_MAX_DIGITS:
-        return b"%dm" % ms
-    return b"%dS" % min(math.ceil(seconds), 10**_GRPC_MAX_DIGITS - 1)
 
 
 def incoming_timeout(call: Call) -> float | None:

@@ -40,6 +40,7 @@ from sidecar.chain import (
 )
 from sidecar.cluster import Cluster, ClusterManager
 from sidecar.config import FilterSpec, SidecarConfig
+from sidecar.deadline import DEADLINE_HEADER, caller_deadline
 from sidecar.discovery.base import Endpoint
 from sidecar.errors import (
     MeshError,
@@ -64,8 +65,6 @@ from sidecar.upstream.h1client import H1Pool
 
 log = logging.getLogger("sidecar.proxy")
 
-DEADLINE_HEADER = b"x-opus-deadline-ms"
-_DEADLINE_FIELDS = frozenset({b"grpc-timeout", DEADLINE_HEADER})
 # Response headers only the mesh sets (filters included); stripped from apps' replies.
 MESH_RESPONSE_HEADERS = frozenset(
     {
@@ -111,32 +110,6 @@ def router_step(cluster: Cluster) -> Next:
 
 _UPSTREAM_HEADERS = frozenset({b"x-opus-upstream", b"x-opus-upstream-protocol"})
 _PROTOCOLS = {"http1": b"http1", "h2c": b"h2c"}
-
-_GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
-
-def parse_grpc_timeout(value: bytes) -> float | None:
-    """`grpc-timeout` (PROTOCOL-HTTP2.md: 1-8 digits and a unit) in seconds, else None."""
-    unit = _GRPC_TIMEOUT_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not digits.isdigit() or len(digits) > 8:
-        return None
-    return int(digits) * unit
-
-
-def _caller_deadline(request: Request) -> float | None:
-    """The deadline the caller set (gRPC's grpc-timeout, or a peer sidecar's
-    x-opus-deadline-ms), as a time.monotonic() value."""
-    headers = request.headers
-    if _DEADLINE_FIELDS.isdisjoint(map(FIELD_NAME, headers)):
-        return None  # the usual call: found without a loop over its fields
-    seconds: float | None = None
-    for name, value in headers:
-        if name == b"grpc-timeout":
-            seconds = parse_grpc_timeout(value)
-        elif name == DEADLINE_HEADER and value.isdigit():
-            seconds = int(value) / 1000
-    return None if seconds is None else time.monotonic() + seconds
 
 
 async def _until(deadline: float, chain: Next, call: Call) -> Response:
@@ -203,7 +176,7 @@ class CallHandler:
         call.budget = self.budget
         try:
             if chain is not None:
-                deadline = _caller_deadline(request)
+                deadline = caller_deadline(request)
                 if deadline is None:
                     response = await chain(call)
                 else:
@@ -434,7 +407,7 @@ class OutboundHandler(CallHandler):
             return None
         if self._callbacks_for(self._chain(service, route, cluster)) is None:
             return None
-        if request.headers and _caller_deadline(request) is not None:
+        if request.headers and caller_deadline(request) is not None:
             return None
         call = CallbackCall(self, sink, cluster, request, service, service.encode(), path)
         call.route = self._route_name(request, route)
@@ -502,7 +475,7 @@ class InboundHandler(CallHandler):
         cluster = self._callback_cluster
         if cluster is None or not cluster.endpoints:
             return None
-        if request.headers and _caller_deadline(request) is not None:
+        if request.headers and caller_deadline(request) is not None:
             return None
         authority = request.authority or self._authority
         _append_forwarded_for(request)
