@@ -23,14 +23,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next, set_response_header
+from sidecar.call import Call, Next, error_reply, set_response_header
+from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.errors import (
     MeshError,
     StreamRefused,
     UpstreamConnectError,
     UpstreamReset,
     UpstreamTimeout,
-    error_response,
 )
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import Response
@@ -200,9 +200,7 @@ class CircuitBreakerFilter(Filter):
         self.active -= 1
 
     def _refuse(self, call: Call, error: MeshError, name: bytes, value: bytes) -> Response:
-        call.error = error
-        call.flags = error.flag
-        response = error_response(error, grpc=call.request.is_grpc)
+        response = error_reply(call, error)
         set_response_header(response, name, value)
         return response
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory
+from sidecar.call import Call
+from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.proto.messages import Headers, Response
 
 _FORBIDDEN_VALUE = re.compile(r"[\r\n\x00]")

@@ -21,7 +21,8 @@ from typing import Literal
 
 from filters.keyring import Key, KeyRing, Keys, KeySourceConfig, load_keys
 from sidecar import signing
-from sidecar.chain import BodyTooLarge, Call, Filter, FilterContext, FilterFactory
+from sidecar.call import BodyTooLarge, Call
+from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.errors import MeshError
 from sidecar.proto.messages import Body, BodyError, Response, fixed_body
 

@@ -32,7 +32,8 @@ from filters.hmac_sign import (
     matching_key,
 )
 from filters.keyring import KeyRing, KeySourceConfig, load_keys
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory
+from sidecar.call import Call
+from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.errors import MeshError
 from sidecar.proto.messages import Response
 

@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, set_response_header
-from sidecar.errors import MeshError, error_response
+from sidecar.call import Call, error_reply, set_response_header
+from sidecar.chain import Filter, FilterContext, FilterFactory
+from sidecar.errors import MeshError
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import Response
 
@@ -75,9 +76,7 @@ class RateLimitFilter(Filter):
         if self.metrics is not None:
             self.metrics.rate_limited.labels(call.service).inc()
         error = RateLimited(f"rate limit of {self.config.rate:g}/s exceeded", service=call.service)
-        call.error = error
-        call.flags = error.flag
-        response = error_response(error, grpc=call.request.is_grpc)
+        response = error_reply(call, error)
         # Retry-After is whole seconds (RFC 9110 10.2.3); round up so a client that
         # honours it finds a token waiting.
         set_response_header(response, b"retry-after", str(max(1, math.ceil(wait))).encode())

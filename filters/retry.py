@@ -19,13 +19,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next, set_response_header
+from sidecar.call import Call, Next, error_reply, set_response_header
+from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.errors import (
     StreamRefused,
     UpstreamConnectError,
     UpstreamReset,
     UpstreamTimeout,
-    error_response,
 )
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import Headers, Request, Response, fixed_body
@@ -181,13 +181,12 @@ class RetryFilter(Filter):
                 self.retries_in_flight -= 1
         condition = self.retry_condition(call, response)
         if condition is not None and self._may_resend(call, condition):
-            call.flags = "URX"
+            call.set_flags("URX")
         return response
 
     async def _try(self, call: Call, next: Next) -> Response:
         # call.error and flags describe the latest try; the router sets them only on failure.
-        call.error = None
-        call.flags = "-"
+        call.begin_try()
         per_try = self.config.per_try_timeout
         if per_try is None:
             return await next(call)
@@ -200,9 +199,7 @@ class RetryFilter(Filter):
         if self.metrics is not None:
             self.metrics.timeouts.labels(call.service, "per_try").inc()
         error = PerTryTimeout(f"try exceeded per_try_timeout {per_try:g}s", service=call.service)
-        call.error = error
-        call.flags = error.flag
-        return error_response(error, grpc=call.request.is_grpc)
+        return error_reply(call, error)
 
     def retry_condition(self, call: Call, response: Response) -> str | None:
         """Which configured retry_on condition this try's outcome meets, if any."""

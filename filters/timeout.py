@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next
+from sidecar.call import Call, Next
+from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.deadline import (
     DEADLINE_HEADER,
     GRPC_TIMEOUT_HEADER,

@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sidecar.chain import Call
+from sidecar.call import Call
 from sidecar.errors import MeshError, error_response
 from sidecar.proto.h2common import StreamGone
 from sidecar.proto.messages import Request, Response
 from sidecar.upstream.h1client import H1ClientConnection, H1Pool, Ticket
 
 if TYPE_CHECKING:
-    from sidecar.chain import Next
+    from sidecar.call import Next
     from sidecar.cluster import Cluster
     from sidecar.discovery.base import Endpoint
     from sidecar.listener import ImmediateSink, ResponseSink
@@ -53,17 +53,17 @@ class Responder(Protocol):
 
 def routed(call: Call, cluster: Cluster, endpoint: Endpoint) -> None:
     """The router's bookkeeping for a try that got a response head."""
-    call.endpoint = endpoint
-    call.cluster = cluster
-    call.upstream_protocol = cluster.pool.protocol
-    call.tried.append(endpoint)
-    call.tries += 1
+    call._endpoint = endpoint
+    call._cluster = cluster
+    call._upstream_protocol = cluster.pool.protocol
+    call._tried_endpoints.append(endpoint)
+    call._tries += 1
 
 
 def not_routed(call: Call, exc: MeshError) -> Response:
     """The router's answer when the call could not be sent (or sent again)."""
-    call.error = exc
-    call.flags = exc.flag
+    call._error = exc
+    call._flags = exc.flag
     return error_response(exc, grpc=call.request.is_grpc)
 
 
@@ -132,7 +132,7 @@ class CallbackCall(Call):
                 self._conn.abandon()
                 self._conn = None
             self._release()
-            self.flags = "DC"
+            self._flags = "DC"
             self._handler.complete(self, None, 0, None)
         except Exception:
             self._sink.crashed()
@@ -222,7 +222,7 @@ class CallbackCall(Call):
             try:
                 written = self._sink.send_now(response)
             except CLIENT_GONE:
-                self.flags = "DC"  # downstream went away: stop the upstream call
+                self._flags = "DC"  # downstream went away: stop the upstream call
                 response.body.cancel()
             else:
                 if written is None:

@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.accesslog import AccessLog
 from sidecar.admin import AdminServer
+from sidecar.call import BufferBudget
 from sidecar.capture import CaptureListener
-from sidecar.chain import BufferBudget
 from sidecar.cluster import Cluster, ClusterManager, pool_limits
 from sidecar.config import SidecarConfig, advertise_host, config_to_dict, resolve_instance_id
 from sidecar.discovery.base import Endpoint, Instance

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import wasmtime
 
-from sidecar.chain import Call, FilterContext
+from sidecar.call import Call
+from sidecar.chain import FilterContext
 from sidecar.proto.messages import Headers, Request, Response, fixed_body
 
 from .abi import LogLevel

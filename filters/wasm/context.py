@@ -12,7 +12,7 @@ from sidecar.proto.messages import Headers
 from .abi import MapType, encode_pairs
 
 if TYPE_CHECKING:
-    from sidecar.chain import Call
+    from sidecar.call import Call
     from sidecar.discovery.base import Endpoint
 
 _REQ = int(MapType.HTTP_REQUEST_HEADERS)

@@ -18,15 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.chain import (
-    Call,
-    Filter,
-    FilterContext,
-    FilterFactory,
-    FilterFailed,
-    Next,
-    read_response_body,
-)
+from sidecar.call import Call, Next, read_response_body
+from sidecar.chain import Filter, FilterContext, FilterFactory, FilterFailed
 from sidecar.proto.messages import Headers, Response, fixed_body
 
 from .abi import LogLevel, MapType
@@ -171,7 +164,7 @@ class WasmFilter(Filter):
                 plugin.trapped(vm, exc)
                 return await self._failed(call, next, exc)
             if reply is not None:
-                call.local_reply_by = self.name
+                call.note_local_reply(self.name)
                 return reply
             response = await next(call)
             try:

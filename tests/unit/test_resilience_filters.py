@@ -17,7 +17,8 @@ from filters.headers import HeadersConfig, HeadersFilter
 from filters.rate_limit import RateLimitConfig, RateLimitFilter
 from filters.retry import RetryConfig, RetryFilter
 from filters.timeout import TimeoutConfig, TimeoutFilter, format_grpc_timeout
-from sidecar.chain import Call, compose
+from sidecar.call import Call
+from sidecar.chain import compose
 from sidecar.config import ConfigError, load_config
 from sidecar.errors import (
     MeshError,
@@ -87,13 +88,13 @@ class Router:
         while chunk := await call.request.body.read():
             parts.append(chunk)
         self.bodies.append(b"".join(parts))
-        call.tries += 1
+        call._tries += 1  # the router's own bookkeeping, as sidecar/callbacks.py keeps it
         outcome = self.outcomes[min(index, len(self.outcomes) - 1)]
         if callable(outcome):
             return await outcome(call)
         if isinstance(outcome, MeshError):
-            call.error = outcome
-            call.flags = outcome.flag
+            call._error = outcome
+            call._flags = outcome.flag
             return error_response(outcome, grpc=call.request.is_grpc)
         if isinstance(outcome, Response):
             return outcome
@@ -562,7 +563,7 @@ def test_filter_refusals_do_not_count_as_upstream_failures() -> None:
     flt = breaker(clock, consecutive_failures=1)
 
     async def limited(call: Call) -> Response:
-        call.error = rate_limit.RateLimited("slow down", status=429)
+        call.record_error(rate_limit.RateLimited("slow down", status=429))
         return Response(429, [], fixed_body())
 
     run(flt.handle(make_call(), limited))
