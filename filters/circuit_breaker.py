@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from sidecar.call import Call, Next, error_reply, set_response_header
 from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.errors import (
@@ -32,7 +34,7 @@ from sidecar.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sidecar.metrics import Metrics
+from sidecar.filtermetrics import FilterMetrics
 from sidecar.proto.messages import Response
 
 _UPSTREAM_FAILURES = (UpstreamConnectError, StreamRefused, UpstreamReset, UpstreamTimeout)
@@ -135,11 +137,18 @@ class CircuitBreakerFilter(Filter):
     def __init__(
         self,
         config: CircuitBreakerConfig,
-        metrics: Metrics | None = None,
+        metrics: FilterMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.metrics = metrics
+        self.openings: Counter | None = None
+        if metrics is not None:
+            self.openings = metrics.counter(
+                "circuit_open",
+                "Times a circuit breaker opened, by service and reason "
+                "(consecutive_failures or probe_failed).",
+                ["service", "reason"],
+            )
         self.breaker = Breaker(config, clock)
         self.active = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
@@ -166,8 +175,8 @@ class CircuitBreakerFilter(Filter):
                     self.breaker.abandon_probe()  # cancelled or raised: no verdict
             else:
                 reason = self.breaker.record(probe, outcome)
-                if reason is not None and self.metrics is not None:
-                    self.metrics.circuit_open.labels(call.service, reason).inc()
+                if reason is not None and self.openings is not None:
+                    self.openings.labels(call.service, reason).inc()
 
     async def _acquire(self) -> bool:
         if self.active < self.config.max_requests:
@@ -219,7 +228,7 @@ def is_failure(call: Call, response: Response) -> bool:
 
 
 def _build(config: CircuitBreakerConfig, ctx: FilterContext) -> Filter:
-    return CircuitBreakerFilter(config, ctx.metrics)
+    return CircuitBreakerFilter(config, ctx.metrics, ctx.clock)
 
 
 factory = FilterFactory(CircuitBreakerConfig, _build)

@@ -14,10 +14,8 @@ import hashlib
 import logging
 import re
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
@@ -36,9 +34,6 @@ from sidecar.call import Call
 from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.errors import MeshError
 from sidecar.proto.messages import Response
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("sidecar.filters.hmac")
 
@@ -82,23 +77,6 @@ class HmacVerifyConfig(KeySourceConfig):
         if self.max_body_bytes is not None and self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         load_keys(self)
-
-
-# One counter per metrics registry, however many chains build this filter.
-_FAILURES: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
-
-
-def failures_counter(registry: CollectorRegistry) -> Counter:
-    counter = _FAILURES.get(registry)
-    if counter is None:
-        counter = Counter(
-            "opus_hmac_failures",
-            "Inbound calls refused by hmac_verify, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        _FAILURES[registry] = counter
-    return counter
 
 
 class HmacVerify(Filter):
@@ -210,7 +188,11 @@ class HmacVerify(Filter):
 
 def build(config: HmacVerifyConfig, ctx: FilterContext) -> Filter:
     now: Callable[[], float] = ctx.extra.get("now", time.time)
-    failures = failures_counter(ctx.metrics.registry) if ctx.metrics is not None else None
+    failures = None
+    if ctx.metrics is not None:
+        failures = ctx.metrics.counter(
+            "hmac_failures", "Inbound calls refused by hmac_verify, by reason.", ["reason"]
+        )
     # Every worker builds the same config, so the same name: one table for all of them.
     table = hashlib.sha256(f"{ctx.service_name}|{config!r}".encode()).hexdigest()[:16]
     replays = replay_cache(table, config.replay_cache_size, ctx.extra.get("environ"))

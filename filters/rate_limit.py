@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from sidecar.call import Call, error_reply, set_response_header
 from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.errors import MeshError
-from sidecar.metrics import Metrics
+from sidecar.filtermetrics import FilterMetrics
 from sidecar.proto.messages import Response
 
 
@@ -60,11 +62,15 @@ class RateLimitFilter(Filter):
     def __init__(
         self,
         config: RateLimitConfig,
-        metrics: Metrics | None = None,
+        metrics: FilterMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.metrics = metrics
+        self.limited: Counter | None = None
+        if metrics is not None:
+            self.limited = metrics.counter(
+                "rate_limited", "Calls answered 429 by rate_limit, by service.", ["service"]
+            )
         self.clock = clock
         burst = config.burst if config.burst is not None else max(1, math.ceil(config.rate))
         self.bucket = TokenBucket(config.rate, burst, clock())
@@ -73,8 +79,8 @@ class RateLimitFilter(Filter):
         wait = self.bucket.take(self.clock())
         if wait == 0.0:
             return None
-        if self.metrics is not None:
-            self.metrics.rate_limited.labels(call.service).inc()
+        if self.limited is not None:
+            self.limited.labels(call.service).inc()
         error = RateLimited(f"rate limit of {self.config.rate:g}/s exceeded", service=call.service)
         response = error_reply(call, error)
         # Retry-After is whole seconds (RFC 9110 10.2.3); round up so a client that
@@ -84,7 +90,7 @@ class RateLimitFilter(Filter):
 
 
 def _build(config: RateLimitConfig, ctx: FilterContext) -> Filter:
-    return RateLimitFilter(config, ctx.metrics)
+    return RateLimitFilter(config, ctx.metrics, ctx.clock)
 
 
 factory = FilterFactory(RateLimitConfig, _build)

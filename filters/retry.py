@@ -19,6 +19,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from prometheus_client import Counter
+
+from filters.timeout import timeouts_counter
 from sidecar.call import Call, Next, error_reply, set_response_header
 from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.errors import (
@@ -27,7 +30,7 @@ from sidecar.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sidecar.metrics import Metrics
+from sidecar.filtermetrics import FilterMetrics
 from sidecar.proto.messages import Headers, Request, Response, fixed_body
 
 RetryOn = Literal[
@@ -121,14 +124,26 @@ class RetryFilter(Filter):
     def __init__(
         self,
         config: RetryConfig,
-        metrics: Metrics | None = None,
+        metrics: FilterMetrics | None = None,
         *,
         sleep: Sleep = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.metrics = metrics
+        self.retries: Counter | None = None
+        self.refused: Counter | None = None
+        self.timeouts: Counter | None = None
+        if metrics is not None:
+            self.retries = metrics.counter(
+                "retries", "Retries sent by the retry filter, by service.", ["service"]
+            )
+            self.refused = metrics.counter(
+                "retry_budget_exhausted",
+                "Retries the retry budget refused (the last response was returned), by service.",
+                ["service"],
+            )
+            self.timeouts = timeouts_counter(metrics)
         self.sleep = sleep
         self.rand = rand
         self.clock = clock
@@ -162,8 +177,8 @@ class RetryFilter(Filter):
             if condition is None or not self._may_resend(call, condition):
                 return response
             if not self.budget_allows():
-                if self.metrics is not None:
-                    self.metrics.retry_budget_exhausted.labels(call.service).inc()
+                if self.refused is not None:
+                    self.refused.labels(call.service).inc()
                 return response
             delay = self.backoff(retry)
             if call.deadline is not None and self.clock() + delay >= call.deadline:
@@ -174,8 +189,8 @@ class RetryFilter(Filter):
             self.retries_in_flight += 1
             try:
                 await self.sleep(delay)
-                if self.metrics is not None:
-                    self.metrics.retries.labels(call.service).inc()
+                if self.retries is not None:
+                    self.retries.labels(call.service).inc()
                 response = await self._try(call, next)
             finally:
                 self.retries_in_flight -= 1
@@ -196,8 +211,8 @@ class RetryFilter(Filter):
         except TimeoutError:
             if not scope.expired():
                 raise
-        if self.metrics is not None:
-            self.metrics.timeouts.labels(call.service, "per_try").inc()
+        if self.timeouts is not None:
+            self.timeouts.labels(call.service, "per_try").inc()
         error = PerTryTimeout(f"try exceeded per_try_timeout {per_try:g}s", service=call.service)
         return error_reply(call, error)
 
@@ -251,7 +266,7 @@ def _header(response: Response, name: bytes) -> bytes | None:
 
 
 def _build(config: RetryConfig, ctx: FilterContext) -> Filter:
-    return RetryFilter(config, ctx.metrics)
+    return RetryFilter(config, ctx.metrics, clock=ctx.clock)
 
 
 factory = FilterFactory(RetryConfig, _build)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
+from prometheus_client import Counter
+
 from sidecar.call import Call, Next
 from sidecar.chain import Filter, FilterContext, FilterFactory
 from sidecar.deadline import (
@@ -27,7 +29,7 @@ from sidecar.deadline import (
     parse_grpc_timeout,
 )
 from sidecar.errors import UpstreamTimeout
-from sidecar.metrics import Metrics
+from sidecar.filtermetrics import FilterMetrics
 from sidecar.proto.messages import Response
 
 
@@ -38,6 +40,15 @@ class TimeoutConfig:
     def validate(self) -> None:
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ValueError(f"timeout must be a number > 0, got {self.timeout}")
+
+
+def timeouts_counter(metrics: FilterMetrics) -> Counter:
+    """opus_timeouts{service,kind}: `timeout` counts kind="overall", `retry` kind="per_try"."""
+    return metrics.counter(
+        "timeouts",
+        "Calls or tries cut off by a timeout, by service and kind (overall or per_try).",
+        ["service", "kind"],
+    )
 
 
 def incoming_timeout(call: Call) -> float | None:
@@ -58,11 +69,11 @@ class TimeoutFilter(Filter):
     def __init__(
         self,
         config: TimeoutConfig,
-        metrics: Metrics | None = None,
+        metrics: FilterMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.metrics = metrics
+        self.timeouts = timeouts_counter(metrics) if metrics is not None else None
         self.clock = clock
 
     async def handle(self, call: Call, next: Next) -> Response:
@@ -96,8 +107,8 @@ class TimeoutFilter(Filter):
             self._expired(call, budget)
 
     def _expired(self, call: Call, budget: float) -> NoReturn:
-        if self.metrics is not None:
-            self.metrics.timeouts.labels(call.service, "overall").inc()
+        if self.timeouts is not None:
+            self.timeouts.labels(call.service, "overall").inc()
         raise UpstreamTimeout(
             f"call to {call.service!r} exceeded its deadline ({budget:g}s)",
             service=call.service,
@@ -105,7 +116,7 @@ class TimeoutFilter(Filter):
 
 
 def _build(config: TimeoutConfig, ctx: FilterContext) -> Filter:
-    return TimeoutFilter(config, ctx.metrics)
+    return TimeoutFilter(config, ctx.metrics, ctx.clock)
 
 
 factory = FilterFactory(TimeoutConfig, _build)

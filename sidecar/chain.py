@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -25,6 +26,7 @@ from sidecar.proto.messages import Response
 
 if TYPE_CHECKING:
     from sidecar.config import FilterSpec, SidecarConfig
+    from sidecar.filtermetrics import FilterMetrics
     from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.filters")
@@ -84,8 +86,9 @@ class FilterContext:
 
     direction: str
     service_name: str  # the local app's service
-    metrics: Metrics | None = None
+    metrics: FilterMetrics | None = None  # declares the filter's own metrics; None: kept nowhere
     extra: dict[str, Any] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic  # for deadlines and rates; a test's fake here
 
 
 _C = TypeVar("_C")

@@ -140,7 +140,7 @@ class CallHandler:
         self._last_address = b""
 
     def build_chain(self, specs: tuple[FilterSpec, ...], cluster: Cluster, key: str) -> Next:
-        ctx = FilterContext(self.direction, self.cfg.service.name, self.metrics)
+        ctx = FilterContext(self.direction, self.cfg.service.name, self.metrics.filters)
         filters = build_filters(specs, ctx, key)
         self.filters += filters
         return compose(filters, router_step(cluster), self.metrics)

@@ -373,7 +373,7 @@ class WasmFilter(Filter):
 def _build(config: WasmConfig, ctx: FilterContext) -> Filter:
     plugin = load_plugin(config, ctx, config.plugin_name())
     if ctx.metrics is not None:
-        export_to(ctx.metrics.registry, plugin.metrics)
+        export_to(ctx.metrics, plugin.metrics)
     return WasmFilter(plugin, config.fail_open, config.buffer_bodies)
 
 

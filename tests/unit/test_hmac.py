@@ -210,7 +210,8 @@ def signer(
     cfg = HmacSignConfig(key_file=str(key_file), **{"key_id": "k1", **config})
     cfg.validate()
     return hmac_sign.factory.build(
-        cfg, FilterContext("outbound", "payment", metrics, {"now": clock})
+        cfg,
+        FilterContext("outbound", "payment", metrics.filters if metrics else None, {"now": clock}),
     )
 
 
@@ -219,7 +220,9 @@ def verifier(
 ) -> Filter:
     cfg = HmacVerifyConfig(key_file=str(key_file), **config)
     cfg.validate()
-    ctx = FilterContext("inbound", "inventory", metrics, {"now": clock})
+    ctx = FilterContext(
+        "inbound", "inventory", metrics.filters if metrics else None, {"now": clock}
+    )
     return hmac_verify.factory.build(cfg, ctx)
 
 

@@ -121,7 +121,11 @@ class Sleeps:
 
 def retry_filter(metrics: Metrics | None = None, rand: float = 0.5, **config: Any) -> RetryFilter:
     return RetryFilter(
-        RetryConfig(**config), metrics, sleep=Sleeps(), rand=lambda: rand, clock=FakeClock()
+        RetryConfig(**config),
+        metrics.filters if metrics is not None else None,
+        sleep=Sleeps(),
+        rand=lambda: rand,
+        clock=FakeClock(),
     )
 
 
@@ -410,7 +414,7 @@ def test_timeout_cancels_the_inner_call_and_answers_504() -> None:
         raise AssertionError("unreachable")
 
     metrics = Metrics()
-    flt = TimeoutFilter(TimeoutConfig(timeout=0.02), metrics)
+    flt = TimeoutFilter(TimeoutConfig(timeout=0.02), metrics.filters)
     flt.name = "timeout"
     call = make_call()
     response = run(compose([flt], hang)(call))
@@ -442,7 +446,7 @@ def test_timeout_config_is_checked() -> None:
 def test_token_bucket_allows_burst_then_rate_with_retry_after() -> None:
     clock = FakeClock()
     metrics = Metrics()
-    flt = RateLimitFilter(RateLimitConfig(rate=5, burst=5), metrics, clock)
+    flt = RateLimitFilter(RateLimitConfig(rate=5, burst=5), metrics.filters, clock)
     router = Router(200)
     statuses = [run(flt.handle(make_call(), router)).status for _ in range(5)]
     assert statuses == [200] * 5
@@ -485,7 +489,8 @@ def test_rate_limit_config_is_checked() -> None:
 def breaker(
     clock: FakeClock, metrics: Metrics | None = None, **config: Any
 ) -> CircuitBreakerFilter:
-    return CircuitBreakerFilter(CircuitBreakerConfig(**config), metrics, clock)
+    filter_metrics = metrics.filters if metrics is not None else None
+    return CircuitBreakerFilter(CircuitBreakerConfig(**config), filter_metrics, clock)
 
 
 def state(flt: CircuitBreakerFilter) -> State:
