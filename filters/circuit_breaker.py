@@ -25,17 +25,22 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
-from sidecar.call import Call, Next, error_reply, set_response_header
-from sidecar.chain import Filter, FilterContext, FilterFactory
-from sidecar.errors import (
+from sidecar.sdk import (
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    FilterMetrics,
     MeshError,
+    Next,
+    Response,
     StreamRefused,
     UpstreamConnectError,
     UpstreamReset,
     UpstreamTimeout,
+    error_reply,
+    set_response_header,
 )
-from sidecar.filtermetrics import FilterMetrics
-from sidecar.proto.messages import Response
 
 _UPSTREAM_FAILURES = (UpstreamConnectError, StreamRefused, UpstreamReset, UpstreamTimeout)
 

@@ -30,10 +30,7 @@ from filters.hmac_sign import (
     matching_key,
 )
 from filters.keyring import KeyRing, KeySourceConfig, load_keys
-from sidecar.call import Call
-from sidecar.chain import Filter, FilterContext, FilterFactory
-from sidecar.errors import MeshError
-from sidecar.proto.messages import Response
+from sidecar.sdk import Call, Filter, FilterContext, FilterFactory, MeshError, Response
 
 log = logging.getLogger("sidecar.filters.hmac")
 

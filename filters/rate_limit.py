@@ -14,11 +14,17 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
-from sidecar.call import Call, error_reply, set_response_header
-from sidecar.chain import Filter, FilterContext, FilterFactory
-from sidecar.errors import MeshError
-from sidecar.filtermetrics import FilterMetrics
-from sidecar.proto.messages import Response
+from sidecar.sdk import (
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    FilterMetrics,
+    MeshError,
+    Response,
+    error_reply,
+    set_response_header,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,16 +22,24 @@ from typing import Literal
 from prometheus_client import Counter
 
 from filters.timeout import timeouts_counter
-from sidecar.call import Call, Next, error_reply, set_response_header
-from sidecar.chain import Filter, FilterContext, FilterFactory
-from sidecar.errors import (
+from sidecar.sdk import (
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    FilterMetrics,
+    Headers,
+    Next,
+    Request,
+    Response,
     StreamRefused,
     UpstreamConnectError,
     UpstreamReset,
     UpstreamTimeout,
+    error_reply,
+    fixed_body,
+    set_response_header,
 )
-from sidecar.filtermetrics import FilterMetrics
-from sidecar.proto.messages import Headers, Request, Response, fixed_body
 
 RetryOn = Literal[
     "connect-failure",

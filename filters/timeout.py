@@ -20,17 +20,20 @@ from typing import NoReturn
 
 from prometheus_client import Counter
 
-from sidecar.call import Call, Next
-from sidecar.chain import Filter, FilterContext, FilterFactory
-from sidecar.deadline import (
+from sidecar.sdk import (
     DEADLINE_HEADER,
     GRPC_TIMEOUT_HEADER,
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    FilterMetrics,
+    Next,
+    Response,
+    UpstreamTimeout,
     format_grpc_timeout,
     parse_grpc_timeout,
 )
-from sidecar.errors import UpstreamTimeout
-from sidecar.filtermetrics import FilterMetrics
-from sidecar.proto.messages import Response
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.call import Call, Next, read_response_body
-from sidecar.chain import Filter, FilterContext, FilterFactory, FilterFailed
-from sidecar.proto.messages import Headers, Response, fixed_body
+from sidecar.sdk import (
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    FilterFailed,
+    Headers,
+    Next,
+    Response,
+    fixed_body,
+    read_response_body,
+)
 
 from .abi import LogLevel, MapType
 from .cache import wasm_bytes

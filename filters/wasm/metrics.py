@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from .abi import MetricType
 
 if TYPE_CHECKING:
-    from sidecar.filtermetrics import FilterMetrics
+    from sidecar.sdk import FilterMetrics
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_:]")
 
