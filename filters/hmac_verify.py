@@ -2,7 +2,7 @@
 
 Checks run cheapest first (headers, timestamp skew, key id and its scope, a replay of
 an admitted signature), all before a byte of the body is buffered, then the body's MD5
-(buffered under the sidecar's buffer budget, sidecar/chain.py). Every refusal is a 401
+(buffered under the sidecar's buffer budget, sidecar/call.py). Every refusal is a 401
 with a JSON reason and the access-log flag AUTH, counted in opus_hmac_failures_total{reason}.
 A valid signature is remembered until its timestamp leaves the skew window, so a replay
 inside the window is refused too.
