@@ -221,9 +221,10 @@ class CircuitBreakerFilter(Filter):
 
 def is_failure(call: Call, response: Response) -> bool:
     """What counts against the breaker: 5xx, upstream errors, gRPC UNAVAILABLE."""
-    if isinstance(call.error, _UPSTREAM_FAILURES):
+    error = call.error
+    if isinstance(error, _UPSTREAM_FAILURES):
         return True
-    if call.error is not None:
+    if error is not None:
         return False  # a filter's own refusal (429, 401) says nothing of the upstream
     if response.status >= 500:
         return True

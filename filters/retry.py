@@ -172,10 +172,11 @@ class RetryFilter(Filter):
             response = await self._run(call, next, replay)
         finally:
             self.active -= 1
-        if call.tries > 1:
+        tries = call.tries
+        if tries > 1:
             # Tells the caller (opus_client) the mesh already retried, so it does not
             # retry on top and multiply the attempts.
-            set_response_header(response, ATTEMPT_COUNT_HEADER, str(call.tries).encode())
+            set_response_header(response, ATTEMPT_COUNT_HEADER, str(tries).encode())
         return response
 
     async def _run(self, call: Call, next: Next, replay: _Replay) -> Response:
