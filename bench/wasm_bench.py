@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from filters.wasm.filter import WasmConfig, WasmFilter, load_plugin
-from sidecar.chain import Call, FilterContext, Next, compose
+from sidecar.call import Call, Next
+from sidecar.chain import FilterContext, compose
 from sidecar.proto.messages import Request, Response, fixed_body
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,17 +23,24 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next, set_response_header
-from sidecar.errors import (
+from prometheus_client import Counter
+
+from sidecar.sdk import (
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    FilterMetrics,
     MeshError,
+    Next,
+    Response,
     StreamRefused,
     UpstreamConnectError,
     UpstreamReset,
     UpstreamTimeout,
-    error_response,
+    error_reply,
+    set_response_header,
 )
-from sidecar.metrics import Metrics
-from sidecar.proto.messages import Response
 
 _UPSTREAM_FAILURES = (UpstreamConnectError, StreamRefused, UpstreamReset, UpstreamTimeout)
 
@@ -135,11 +142,18 @@ class CircuitBreakerFilter(Filter):
     def __init__(
         self,
         config: CircuitBreakerConfig,
-        metrics: Metrics | None = None,
+        metrics: FilterMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.metrics = metrics
+        self.openings: Counter | None = None
+        if metrics is not None:
+            self.openings = metrics.counter(
+                "circuit_open",
+                "Times a circuit breaker opened, by service and reason "
+                "(consecutive_failures or probe_failed).",
+                ["service", "reason"],
+            )
         self.breaker = Breaker(config, clock)
         self.active = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
@@ -166,8 +180,8 @@ class CircuitBreakerFilter(Filter):
                     self.breaker.abandon_probe()  # cancelled or raised: no verdict
             else:
                 reason = self.breaker.record(probe, outcome)
-                if reason is not None and self.metrics is not None:
-                    self.metrics.circuit_open.labels(call.service, reason).inc()
+                if reason is not None and self.openings is not None:
+                    self.openings.labels(call.service, reason).inc()
 
     async def _acquire(self) -> bool:
         if self.active < self.config.max_requests:
@@ -200,18 +214,17 @@ class CircuitBreakerFilter(Filter):
         self.active -= 1
 
     def _refuse(self, call: Call, error: MeshError, name: bytes, value: bytes) -> Response:
-        call.error = error
-        call.flags = error.flag
-        response = error_response(error, grpc=call.request.is_grpc)
+        response = error_reply(call, error)
         set_response_header(response, name, value)
         return response
 
 
 def is_failure(call: Call, response: Response) -> bool:
     """What counts against the breaker: 5xx, upstream errors, gRPC UNAVAILABLE."""
-    if isinstance(call.error, _UPSTREAM_FAILURES):
+    error = call.error
+    if isinstance(error, _UPSTREAM_FAILURES):
         return True
-    if call.error is not None:
+    if error is not None:
         return False  # a filter's own refusal (429, 401) says nothing of the upstream
     if response.status >= 500:
         return True
@@ -221,7 +234,7 @@ def is_failure(call: Call, response: Response) -> bool:
 
 
 def _build(config: CircuitBreakerConfig, ctx: FilterContext) -> Filter:
-    return CircuitBreakerFilter(config, ctx.metrics)
+    return CircuitBreakerFilter(config, ctx.metrics, ctx.clock)
 
 
 factory = FilterFactory(CircuitBreakerConfig, _build)

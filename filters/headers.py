@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory
-from sidecar.proto.messages import Headers, Response
+from sidecar.sdk import Call, Filter, FilterContext, FilterFactory, Headers, Response
 
 _FORBIDDEN_VALUE = re.compile(r"[\r\n\x00]")
 # RFC 9110 5.6.2 token characters.

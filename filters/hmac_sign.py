@@ -21,9 +21,18 @@ from typing import Literal
 
 from filters.keyring import Key, KeyRing, Keys, KeySourceConfig, load_keys
 from sidecar import signing
-from sidecar.chain import BodyTooLarge, Call, Filter, FilterContext, FilterFactory
-from sidecar.errors import MeshError
-from sidecar.proto.messages import Body, BodyError, Response, fixed_body
+from sidecar.sdk import (
+    Body,
+    BodyError,
+    BodyTooLarge,
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    MeshError,
+    Response,
+    fixed_body,
+)
 
 log = logging.getLogger("sidecar.filters.hmac")
 

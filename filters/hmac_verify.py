@@ -2,7 +2,7 @@
 
 Checks run cheapest first (headers, timestamp skew, key id and its scope, a replay of
 an admitted signature), all before a byte of the body is buffered, then the body's MD5
-(buffered under the sidecar's buffer budget, sidecar/chain.py). Every refusal is a 401
+(buffered under the sidecar's buffer budget, sidecar/call.py). Every refusal is a 401
 with a JSON reason and the access-log flag AUTH, counted in opus_hmac_failures_total{reason}.
 A valid signature is remembered until its timestamp leaves the skew window, so a replay
 inside the window is refused too.
@@ -14,10 +14,8 @@ import hashlib
 import logging
 import re
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
@@ -32,12 +30,7 @@ from filters.hmac_sign import (
     matching_key,
 )
 from filters.keyring import KeyRing, KeySourceConfig, load_keys
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory
-from sidecar.errors import MeshError
-from sidecar.proto.messages import Response
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+from sidecar.sdk import Call, Filter, FilterContext, FilterFactory, MeshError, Response
 
 log = logging.getLogger("sidecar.filters.hmac")
 
@@ -81,23 +74,6 @@ class HmacVerifyConfig(KeySourceConfig):
         if self.max_body_bytes is not None and self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         load_keys(self)
-
-
-# One counter per metrics registry, however many chains build this filter.
-_FAILURES: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
-
-
-def failures_counter(registry: CollectorRegistry) -> Counter:
-    counter = _FAILURES.get(registry)
-    if counter is None:
-        counter = Counter(
-            "opus_hmac_failures",
-            "Inbound calls refused by hmac_verify, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        _FAILURES[registry] = counter
-    return counter
 
 
 class HmacVerify(Filter):
@@ -209,7 +185,11 @@ class HmacVerify(Filter):
 
 def build(config: HmacVerifyConfig, ctx: FilterContext) -> Filter:
     now: Callable[[], float] = ctx.extra.get("now", time.time)
-    failures = failures_counter(ctx.metrics.registry) if ctx.metrics is not None else None
+    failures = None
+    if ctx.metrics is not None:
+        failures = ctx.metrics.counter(
+            "hmac_failures", "Inbound calls refused by hmac_verify, by reason.", ["reason"]
+        )
     # Every worker builds the same config, so the same name: one table for all of them.
     table = hashlib.sha256(f"{ctx.service_name}|{config!r}".encode()).hexdigest()[:16]
     replays = replay_cache(table, config.replay_cache_size, ctx.extra.get("environ"))

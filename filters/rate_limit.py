@@ -12,10 +12,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, set_response_header
-from sidecar.errors import MeshError, error_response
-from sidecar.metrics import Metrics
-from sidecar.proto.messages import Response
+from prometheus_client import Counter
+
+from sidecar.sdk import (
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    FilterMetrics,
+    MeshError,
+    Response,
+    error_reply,
+    set_response_header,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +68,15 @@ class RateLimitFilter(Filter):
     def __init__(
         self,
         config: RateLimitConfig,
-        metrics: Metrics | None = None,
+        metrics: FilterMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.metrics = metrics
+        self.limited: Counter | None = None
+        if metrics is not None:
+            self.limited = metrics.counter(
+                "rate_limited", "Calls answered 429 by rate_limit, by service.", ["service"]
+            )
         self.clock = clock
         burst = config.burst if config.burst is not None else max(1, math.ceil(config.rate))
         self.bucket = TokenBucket(config.rate, burst, clock())
@@ -72,12 +85,10 @@ class RateLimitFilter(Filter):
         wait = self.bucket.take(self.clock())
         if wait == 0.0:
             return None
-        if self.metrics is not None:
-            self.metrics.rate_limited.labels(call.service).inc()
+        if self.limited is not None:
+            self.limited.labels(call.service).inc()
         error = RateLimited(f"rate limit of {self.config.rate:g}/s exceeded", service=call.service)
-        call.error = error
-        call.flags = error.flag
-        response = error_response(error, grpc=call.request.is_grpc)
+        response = error_reply(call, error)
         # Retry-After is whole seconds (RFC 9110 10.2.3); round up so a client that
         # honours it finds a token waiting.
         set_response_header(response, b"retry-after", str(max(1, math.ceil(wait))).encode())
@@ -85,7 +96,7 @@ class RateLimitFilter(Filter):
 
 
 def _build(config: RateLimitConfig, ctx: FilterContext) -> Filter:
-    return RateLimitFilter(config, ctx.metrics)
+    return RateLimitFilter(config, ctx.metrics, ctx.clock)
 
 
 factory = FilterFactory(RateLimitConfig, _build)

@@ -19,16 +19,27 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next, set_response_header
-from sidecar.errors import (
+from prometheus_client import Counter
+
+from filters.timeout import timeouts_counter
+from sidecar.sdk import (
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    FilterMetrics,
+    Headers,
+    Next,
+    Request,
+    Response,
     StreamRefused,
     UpstreamConnectError,
     UpstreamReset,
     UpstreamTimeout,
-    error_response,
+    error_reply,
+    fixed_body,
+    set_response_header,
 )
-from sidecar.metrics import Metrics
-from sidecar.proto.messages import Headers, Request, Response, fixed_body
 
 RetryOn = Literal[
     "connect-failure",
@@ -121,14 +132,26 @@ class RetryFilter(Filter):
     def __init__(
         self,
         config: RetryConfig,
-        metrics: Metrics | None = None,
+        metrics: FilterMetrics | None = None,
         *,
         sleep: Sleep = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.metrics = metrics
+        self.retries: Counter | None = None
+        self.refused: Counter | None = None
+        self.timeouts: Counter | None = None
+        if metrics is not None:
+            self.retries = metrics.counter(
+                "retries", "Retries sent by the retry filter, by service.", ["service"]
+            )
+            self.refused = metrics.counter(
+                "retry_budget_exhausted",
+                "Retries the retry budget refused (the last response was returned), by service.",
+                ["service"],
+            )
+            self.timeouts = timeouts_counter(metrics)
         self.sleep = sleep
         self.rand = rand
         self.clock = clock
@@ -149,10 +172,11 @@ class RetryFilter(Filter):
             response = await self._run(call, next, replay)
         finally:
             self.active -= 1
-        if call.tries > 1:
+        tries = call.tries
+        if tries > 1:
             # Tells the caller (opus_client) the mesh already retried, so it does not
             # retry on top and multiply the attempts.
-            set_response_header(response, ATTEMPT_COUNT_HEADER, str(call.tries).encode())
+            set_response_header(response, ATTEMPT_COUNT_HEADER, str(tries).encode())
         return response
 
     async def _run(self, call: Call, next: Next, replay: _Replay) -> Response:
@@ -162,8 +186,8 @@ class RetryFilter(Filter):
             if condition is None or not self._may_resend(call, condition):
                 return response
             if not self.budget_allows():
-                if self.metrics is not None:
-                    self.metrics.retry_budget_exhausted.labels(call.service).inc()
+                if self.refused is not None:
+                    self.refused.labels(call.service).inc()
                 return response
             delay = self.backoff(retry)
             if call.deadline is not None and self.clock() + delay >= call.deadline:
@@ -174,20 +198,19 @@ class RetryFilter(Filter):
             self.retries_in_flight += 1
             try:
                 await self.sleep(delay)
-                if self.metrics is not None:
-                    self.metrics.retries.labels(call.service).inc()
+                if self.retries is not None:
+                    self.retries.labels(call.service).inc()
                 response = await self._try(call, next)
             finally:
                 self.retries_in_flight -= 1
         condition = self.retry_condition(call, response)
         if condition is not None and self._may_resend(call, condition):
-            call.flags = "URX"
+            call.set_flags("URX")
         return response
 
     async def _try(self, call: Call, next: Next) -> Response:
         # call.error and flags describe the latest try; the router sets them only on failure.
-        call.error = None
-        call.flags = "-"
+        call.begin_try()
         per_try = self.config.per_try_timeout
         if per_try is None:
             return await next(call)
@@ -197,12 +220,10 @@ class RetryFilter(Filter):
         except TimeoutError:
             if not scope.expired():
                 raise
-        if self.metrics is not None:
-            self.metrics.timeouts.labels(call.service, "per_try").inc()
+        if self.timeouts is not None:
+            self.timeouts.labels(call.service, "per_try").inc()
         error = PerTryTimeout(f"try exceeded per_try_timeout {per_try:g}s", service=call.service)
-        call.error = error
-        call.flags = error.flag
-        return error_response(error, grpc=call.request.is_grpc)
+        return error_reply(call, error)
 
     def retry_condition(self, call: Call, response: Response) -> str | None:
         """Which configured retry_on condition this try's outcome meets, if any."""
@@ -254,7 +275,7 @@ def _header(response: Response, name: bytes) -> bytes | None:
 
 
 def _build(config: RetryConfig, ctx: FilterContext) -> Filter:
-    return RetryFilter(config, ctx.metrics)
+    return RetryFilter(config, ctx.metrics, clock=ctx.clock)
 
 
 factory = FilterFactory(RetryConfig, _build)

@@ -18,15 +18,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next
-from sidecar.errors import UpstreamTimeout
-from sidecar.metrics import Metrics
-from sidecar.proto.messages import Response
-from sidecar.proxy import DEADLINE_HEADER, parse_grpc_timeout
+from prometheus_client import Counter
 
-GRPC_TIMEOUT_HEADER = b"grpc-timeout"
-
-_GRPC_MAX_DIGITS = 8  # grpc-timeout's TimeoutValue (PROTOCOL-HTTP2.md)
+from sidecar.sdk import (
+    DEADLINE_HEADER,
+    GRPC_TIMEOUT_HEADER,
+    Call,
+    Filter,
+    FilterContext,
+    FilterFactory,
+    FilterMetrics,
+    Next,
+    Response,
+    UpstreamTimeout,
+    format_grpc_timeout,
+    parse_grpc_timeout,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +45,13 @@ class TimeoutConfig:
             raise ValueError(f"timeout must be a number > 0, got {self.timeout}")
 
 
-def format_grpc_timeout(seconds: float) -> bytes:
-    """The grpc-timeout value for `seconds`, in milliseconds while they fit 8 digits."""
-    # Rounded to the microsecond first, so float noise (0.7000000001 s) is not a whole ms more.
-    ms = max(math.ceil(round(seconds * 1000, 3)), 0)
-    if ms < 10**_GRPC_MAX_DIGITS:
-        return b"%dm" % ms
-    return b"%dS" % min(math.ceil(seconds), 10**_GRPC_MAX_DIGITS - 1)
+def timeouts_counter(metrics: FilterMetrics) -> Counter:
+    """opus_timeouts{service,kind}: `timeout` counts kind="overall", `retry` kind="per_try"."""
+    return metrics.counter(
+        "timeouts",
+        "Calls or tries cut off by a timeout, by service and kind (overall or per_try).",
+        ["service", "kind"],
+    )
 
 
 def incoming_timeout(call: Call) -> float | None:
@@ -65,11 +72,11 @@ class TimeoutFilter(Filter):
     def __init__(
         self,
         config: TimeoutConfig,
-        metrics: Metrics | None = None,
+        metrics: FilterMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.metrics = metrics
+        self.timeouts = timeouts_counter(metrics) if metrics is not None else None
         self.clock = clock
 
     async def handle(self, call: Call, next: Next) -> Response:
@@ -103,8 +110,8 @@ class TimeoutFilter(Filter):
             self._expired(call, budget)
 
     def _expired(self, call: Call, budget: float) -> NoReturn:
-        if self.metrics is not None:
-            self.metrics.timeouts.labels(call.service, "overall").inc()
+        if self.timeouts is not None:
+            self.timeouts.labels(call.service, "overall").inc()
         raise UpstreamTimeout(
             f"call to {call.service!r} exceeded its deadline ({budget:g}s)",
             service=call.service,
@@ -112,7 +119,7 @@ class TimeoutFilter(Filter):
 
 
 def _build(config: TimeoutConfig, ctx: FilterContext) -> Filter:
-    return TimeoutFilter(config, ctx.metrics)
+    return TimeoutFilter(config, ctx.metrics, ctx.clock)
 
 
 factory = FilterFactory(TimeoutConfig, _build)

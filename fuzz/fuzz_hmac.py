@@ -16,7 +16,8 @@ with atheris.instrument_imports():
     from filters import hmac_verify
     from filters.hmac_verify import HmacVerifyConfig, SignatureRejected
     from sidecar import signing
-    from sidecar.chain import BodyTooLarge, FilterContext
+    from sidecar.call import BodyTooLarge
+    from sidecar.chain import FilterContext
     from tests.unit.chain_helpers import make_call
 
 NOW = 1_700_000_000

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-from sidecar.chain import Call
+from sidecar.call import Call
 from sidecar.errors import MeshError
 from sidecar.forwarding import CLIENT_GONE, Responder, not_routed, routed
 from sidecar.proto.messages import Request, Response
@@ -92,7 +92,7 @@ class CallbackCall(Call):
                 self._conn.abandon()
                 self._conn = None
             self._release()
-            self.flags = "DC"
+            self._flags = "DC"
             self._handler.complete(self, None, 0, None)
         except Exception:
             self._sink.crashed()
@@ -182,7 +182,7 @@ class CallbackCall(Call):
             try:
                 written = self._sink.send_now(response)
             except CLIENT_GONE:
-                self.flags = "DC"  # downstream went away: stop the upstream call
+                self._flags = "DC"  # downstream went away: stop the upstream call
                 response.body.cancel()
             else:
                 if written is None:

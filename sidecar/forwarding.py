@@ -15,7 +15,7 @@ from sidecar.errors import MeshError, error_response
 from sidecar.proto.h2common import StreamGone
 
 if TYPE_CHECKING:
-    from sidecar.chain import Call, Next
+    from sidecar.call import Call, Next
     from sidecar.cluster import Cluster
     from sidecar.discovery.base import Endpoint
     from sidecar.proto.messages import Request, Response
@@ -47,15 +47,15 @@ class Responder(Protocol):
 
 def routed(call: Call, cluster: Cluster, endpoint: Endpoint) -> None:
     """The router's bookkeeping for a try that got a response head."""
-    call.endpoint = endpoint
-    call.cluster = cluster
-    call.upstream_protocol = cluster.pool.protocol
-    call.tried.append(endpoint)
-    call.tries += 1
+    call._endpoint = endpoint
+    call._cluster = cluster
+    call._upstream_protocol = cluster.pool.protocol
+    call._tried_endpoints.append(endpoint)
+    call._tries += 1
 
 
 def not_routed(call: Call, exc: MeshError) -> Response:
     """The router's answer when the call could not be sent (or sent again)."""
-    call.error = exc
-    call.flags = exc.flag
+    call._error = exc
+    call._flags = exc.flag
     return error_response(exc, grpc=call.request.is_grpc)

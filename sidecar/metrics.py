@@ -27,6 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 
+from sidecar.filtermetrics import FilterMetrics
+
 # Sub-millisecond to seconds: a sidecar hop costs ~0.1 ms, a slow call seconds.
 DURATION_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -243,35 +245,6 @@ class Metrics:
             "Calls refused 503 because filters.max_buffered_request_bytes was in use.",
             registry=r,
         )
-        # Resilience filters (filters/retry.py, timeout.py, rate_limit.py, circuit_breaker.py).
-        self.retries = Counter(
-            "opus_retries", "Retries sent by the retry filter, by service.", ["service"], registry=r
-        )
-        self.retry_budget_exhausted = Counter(
-            "opus_retry_budget_exhausted",
-            "Retries the retry budget refused (the last response was returned), by service.",
-            ["service"],
-            registry=r,
-        )
-        self.timeouts = Counter(
-            "opus_timeouts",
-            "Calls or tries cut off by a timeout, by service and kind (overall or per_try).",
-            ["service", "kind"],
-            registry=r,
-        )
-        self.rate_limited = Counter(
-            "opus_rate_limited",
-            "Calls answered 429 by rate_limit, by service.",
-            ["service"],
-            registry=r,
-        )
-        self.circuit_open = Counter(
-            "opus_circuit_open",
-            "Times a circuit breaker opened, by service and reason "
-            "(consecutive_failures or probe_failed).",
-            ["service", "reason"],
-            registry=r,
-        )
         self.discovery_errors = Counter(
             "opus_discovery_errors",
             "Failed registry requests (watches, registration, heartbeats), by backend.",
@@ -315,6 +288,8 @@ class Metrics:
             ["direction"],
             registry=r,
         )
+        # Filters declare their own metrics (opus_retries, opus_hmac_failures, ...) here.
+        self.filters = FilterMetrics(r)
         # requests, request_duration, request_size and response_size are fed only by
         # fold(), which sets the histograms' sums: an observe() elsewhere would be lost.
         self._request_children: dict[_RequestKey, Counter] = {}

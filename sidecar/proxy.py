@@ -27,20 +27,12 @@ from functools import partial
 from typing import Any
 
 from sidecar.accesslog import AccessLog, record
+from sidecar.call import BufferBudget, Call, Next, set_response_header
 from sidecar.callbacks import CallbackCall
-from sidecar.chain import (
-    BufferBudget,
-    Call,
-    Filter,
-    FilterContext,
-    FilterFailed,
-    Next,
-    build_filters,
-    compose,
-    set_response_header,
-)
+from sidecar.chain import Filter, FilterContext, FilterFailed, build_filters, compose
 from sidecar.cluster import Cluster, ClusterManager
 from sidecar.config import FilterSpec, SidecarConfig
+from sidecar.deadline import DEADLINE_HEADER, caller_deadline
 from sidecar.discovery.base import Endpoint
 from sidecar.errors import (
     MeshError,
@@ -66,8 +58,6 @@ from sidecar.upstream.h1client import H1Pool
 
 log = logging.getLogger("sidecar.proxy")
 
-DEADLINE_HEADER = b"x-opus-deadline-ms"
-_DEADLINE_FIELDS = frozenset({b"grpc-timeout", DEADLINE_HEADER})
 # Response headers only the mesh sets (filters included); stripped from apps' replies.
 MESH_RESPONSE_HEADERS = frozenset(
     {
@@ -99,7 +89,7 @@ class RouterStep:
                 call.set_header(b"grpc-timeout", b"%dm" % remaining_ms)
         try:
             response, endpoint = await cluster.forward(
-                call.request, call.authority, call.path, call.tried
+                call.request, call.authority, call.path, call._tried_endpoints
             )
         except MeshError as exc:
             return not_routed(call, exc)
@@ -114,32 +104,6 @@ def router_step(cluster: Cluster) -> Next:
 _UPSTREAM_HEADERS = frozenset({b"x-opus-upstream", b"x-opus-upstream-protocol"})
 _PROTOCOLS = {"http1": b"http1", "h2c": b"h2c"}
 
-_GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
-
-def parse_grpc_timeout(value: bytes) -> float | None:
-    """`grpc-timeout` (PROTOCOL-HTTP2.md: 1-8 digits and a unit) in seconds, else None."""
-    unit = _GRPC_TIMEOUT_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not digits.isdigit() or len(digits) > 8:
-        return None
-    return int(digits) * unit
-
-
-def _caller_deadline(request: Request) -> float | None:
-    """The deadline the caller set (gRPC's grpc-timeout, or a peer sidecar's
-    x-opus-deadline-ms), as a time.monotonic() value."""
-    headers = request.headers
-    if _DEADLINE_FIELDS.isdisjoint(map(FIELD_NAME, headers)):
-        return None  # the usual call: found without a loop over its fields
-    seconds: float | None = None
-    for name, value in headers:
-        if name == b"grpc-timeout":
-            seconds = parse_grpc_timeout(value)
-        elif name == DEADLINE_HEADER and value.isdigit():
-            seconds = int(value) / 1000
-    return None if seconds is None else time.monotonic() + seconds
-
 
 async def _until(deadline: float, chain: Next, call: Call) -> Response:
     """Run the chain until the response head arrives or the deadline passes (504 /
@@ -149,8 +113,8 @@ async def _until(deadline: float, chain: Next, call: Call) -> Response:
             return await chain(call)
     except TimeoutError:
         error = UpstreamTimeout("the caller's deadline passed", service=call.service)
-        call.error = error
-        call.flags = error.flag
+        call._error = error
+        call._flags = error.flag
         return error_response(error, grpc=call.request.is_grpc)
 
 
@@ -178,7 +142,7 @@ class CallHandler:
         self._last_address = b""
 
     def build_chain(self, specs: tuple[FilterSpec, ...], cluster: Cluster, key: str) -> Next:
-        ctx = FilterContext(self.direction, self.cfg.service.name, self.metrics)
+        ctx = FilterContext(self.direction, self.cfg.service.name, self.metrics.filters)
         filters = build_filters(specs, ctx, key)
         self.filters += filters
         return compose(filters, router_step(cluster), self.metrics)
@@ -202,10 +166,10 @@ class CallHandler:
         already prepared, just stream it and observe."""
         sent = 0
         span = self.tracing.start(call) if chain is not None and self.tracing.enabled else None
-        call.budget = self.budget
+        call._budget = self.budget
         try:
             if chain is not None:
-                deadline = _caller_deadline(request)
+                deadline = caller_deadline(request)
                 if deadline is None:
                     response = await chain(call)
                 else:
@@ -216,17 +180,17 @@ class CallHandler:
             try:
                 sent = await sink.send(response)
             except CLIENT_GONE:
-                call.flags = "DC"  # downstream went away: stop the upstream call
+                call._flags = "DC"  # downstream went away: stop the upstream call
                 response.body.cancel()
             except BodyError as exc:
-                call.flags = UpstreamReset.flag
+                call._flags = UpstreamReset.flag
                 log.debug("upstream body failed mid-response: %s", exc)
-                if call.cluster is not None and call.endpoint is not None:
+                if call._cluster is not None and call._endpoint is not None:
                     # forward() saw a good head; the failure came later: outlier detection.
-                    call.cluster.report(call.endpoint, UpstreamReset(str(exc)))
+                    call._cluster.report(call._endpoint, UpstreamReset(str(exc)))
                 raise
         except asyncio.CancelledError:
-            call.flags = "DC"
+            call._flags = "DC"
             if response is not None:
                 response.body.cancel()
             raise
@@ -235,17 +199,17 @@ class CallHandler:
 
     def prepare(self, call: Call, response: Response) -> Response:
         """What happens to the chain's response before it is sent."""
-        if call.local_reply_by or (call.error is not None and call.endpoint is None):
-            who = call.local_reply_by or "router"
+        if call._local_reply_by or (call._error is not None and call._endpoint is None):
+            who = call._local_reply_by or "router"
             self.metrics.local_replies.labels(who, str(response.status)).inc()
         if self.filters and (bad := unsafe_header(response.headers)) is not None:
             # Parsers reject such bytes on the way in; only a filter can put them here.
             log.error("refusing a reply whose header %r holds CR, LF or NUL", bad)
             response.body.cancel()
             error = FilterFailed(f"a filter set an invalid header {bad.decode('latin-1')!r}")
-            call.error, call.flags = error, error.flag
+            call._error, call._flags = error, error.flag
             response = error_response(error, grpc=call.request.is_grpc)
-        endpoint = call.endpoint
+        endpoint = call._endpoint
         if endpoint is not None:
             if self.direction == "outbound":
                 # Ours to say: replace anything upstream sent under these names.
@@ -253,9 +217,9 @@ class CallHandler:
                     self._last_endpoint = endpoint
                     self._last_address = endpoint.address.encode()
                 address = self._last_address
-                protocol = _PROTOCOLS.get(call.upstream_protocol)
+                protocol = _PROTOCOLS.get(call._upstream_protocol)
                 if protocol is None:
-                    protocol = call.upstream_protocol.encode()
+                    protocol = call._upstream_protocol.encode()
                 headers = response.headers
                 for name, _ in headers:
                     if name in _UPSTREAM_HEADERS:
@@ -265,7 +229,7 @@ class CallHandler:
                 else:  # the usual case: append, as set_response_header would
                     headers.append((b"x-opus-upstream", address))
                     headers.append((b"x-opus-upstream-protocol", protocol))
-            elif not call.local_reply_by:
+            elif not call._local_reply_by:
                 # The app's own reply may not speak for the mesh: a forged x-opus-error
                 # would make callers resend calls the app already served.
                 headers = response.headers
@@ -277,7 +241,7 @@ class CallHandler:
 
     def complete(self, call: Call, response: Response | None, sent: int, span: Any) -> None:
         """The call is over (answered, or abandoned): trace, metrics, access log."""
-        if call.buffered:
+        if call._buffered:
             call.release()
         request = call.request
         grpc_status = grpc_status_of(response) if response is not None else ""
@@ -294,13 +258,13 @@ class CallHandler:
         """Answer a call the mesh could not route (no chain ran)."""
         response = error_response(error, grpc=request.is_grpc)
         call = Call(request, self.direction, error.service or "-", b"", request.path, 0)
-        call.error = error
-        call.flags = error.flag
+        call._error = error
+        call._flags = error.flag
         sent = 0
         try:
             sent = await sink.send(response)
         except CLIENT_GONE:
-            call.flags = "DC"
+            call._flags = "DC"
         finally:
             grpc_status = grpc_status_of(response)
             self._observe(
@@ -331,8 +295,8 @@ class CallHandler:
             sent,
         )
         if self._logging:
-            flags = call.flags
-            if call.local_reply_by and flags == "-":
+            flags = call._flags
+            if call._local_reply_by and flags == "-":
                 flags = "LR"
             self.access_log.write(
                 record(
@@ -345,14 +309,14 @@ class CallHandler:
                     protocol=request.protocol,
                     status=status,
                     duration_s=duration,
-                    upstream=call.endpoint.address if call.endpoint is not None else "-",
+                    upstream=call._endpoint.address if call._endpoint is not None else "-",
                     bytes_in=request.body.received,
                     bytes_out=sent,
-                    flags=flags if not call.local_reply_by else f"{flags}:{call.local_reply_by}",
+                    flags=flags if not call._local_reply_by else f"{flags}:{call._local_reply_by}",
                     trace_id=trace_id,
-                    route=call.route,
+                    route=call._route,
                     grpc_status=grpc_status,
-                    tries=call.tries,
+                    tries=call._tries,
                 )
             )
 
@@ -436,7 +400,7 @@ class OutboundHandler(CallHandler):
         cluster: Cluster,
     ) -> None:
         call = Call(request, "outbound", service, service.encode(), path, self.max_body_bytes)
-        call.route = self._route_name(request, route)
+        call._route = self._route_name(request, route)
         await self.run(request, sink, call, self._chain(service, route, cluster))
 
     def start_now(self, request: Request, sink: ImmediateSink) -> CallbackCall | TaskWork | None:
@@ -452,11 +416,11 @@ class OutboundHandler(CallHandler):
         if (
             not cluster.endpoints
             or self._callbacks_for(self._chain(service, route, cluster)) is None
-            or (request.headers and _caller_deadline(request) is not None)
+            or (request.headers and caller_deadline(request) is not None)
         ):
             return TaskWork(partial(self._forward, request, sink, service, path, route, cluster))
         call = CallbackCall(self, sink, cluster, request, service, service.encode(), path)
-        call.route = self._route_name(request, route)
+        call._route = self._route_name(request, route)
         call.start()
         return call
 
@@ -521,7 +485,7 @@ class InboundHandler(CallHandler):
         cluster = self._callback_cluster
         if cluster is None or not cluster.endpoints:
             return None
-        if request.headers and _caller_deadline(request) is not None:
+        if request.headers and caller_deadline(request) is not None:
             return None
         authority = request.authority or self._authority
         _append_forwarded_for(request)

@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.accesslog import AccessLog
 from sidecar.admin import AdminServer
+from sidecar.call import BufferBudget
 from sidecar.capture import CaptureListener
-from sidecar.chain import BufferBudget
 from sidecar.cluster import Cluster, ClusterManager, pool_limits
 from sidecar.config import SidecarConfig, advertise_host, resolve_instance_id
 from sidecar.discovery.base import Endpoint, Instance

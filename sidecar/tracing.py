@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-    from sidecar.chain import Call
+    from sidecar.call import Call
     from sidecar.proto.messages import Headers, Request, Response
 
 log = logging.getLogger("sidecar.tracing")
@@ -151,12 +151,12 @@ class Tracing:
             span.set_attribute("http.response.status_code", status)
         if grpc_status:
             span.set_attribute("rpc.grpc.status_code", int(grpc_status))
-        if call.endpoint is not None:
-            span.set_attribute("opus.upstream", call.endpoint.address)
-        if call.flags != "-":
-            span.set_attribute("opus.flags", call.flags)
-        if call.error is not None or status >= 500 or status == 0:
-            error_type = call.error.flag if call.error is not None else str(status or "aborted")
+        if call._endpoint is not None:
+            span.set_attribute("opus.upstream", call._endpoint.address)
+        if call._flags != "-":
+            span.set_attribute("opus.flags", call._flags)
+        if call._error is not None or status >= 500 or status == 0:
+            error_type = call._error.flag if call._error is not None else str(status or "aborted")
             span.set_attribute("error.type", error_type)
             span.set_status(Status(StatusCode.ERROR))
         span.end()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
-from sidecar.proto.messages import Headers
+from sidecar.sdk import Headers
 
 ABI_MARKERS = {
     "proxy_abi_version_0_2_1": "0.2.1",

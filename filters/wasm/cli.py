@@ -15,8 +15,7 @@ from pathlib import Path
 
 import wasmtime
 
-from sidecar.chain import Call, FilterContext
-from sidecar.proto.messages import Headers, Request, Response, fixed_body
+from sidecar.sdk import Call, FilterContext, Headers, Request, Response, fixed_body
 
 from .abi import LogLevel
 from .cache import wasm_bytes

@@ -7,13 +7,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar.proto.messages import Headers
+from sidecar.sdk import Headers
 
 from .abi import MapType, encode_pairs
 
 if TYPE_CHECKING:
-    from sidecar.chain import Call
-    from sidecar.discovery.base import Endpoint
+    from sidecar.sdk import Call, Endpoint
 
 _REQ = int(MapType.HTTP_REQUEST_HEADERS)
 _RESP = int(MapType.HTTP_RESPONSE_HEADERS)

@@ -18,16 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.chain import (
+from sidecar.sdk import (
     Call,
     Filter,
     FilterContext,
     FilterFactory,
     FilterFailed,
+    Headers,
     Next,
+    Response,
+    fixed_body,
     read_response_body,
 )
-from sidecar.proto.messages import Headers, Response, fixed_body
 
 from .abi import LogLevel, MapType
 from .cache import wasm_bytes
@@ -171,7 +173,7 @@ class WasmFilter(Filter):
                 plugin.trapped(vm, exc)
                 return await self._failed(call, next, exc)
             if reply is not None:
-                call.local_reply_by = self.name
+                call.note_local_reply(self.name)
                 return reply
             response = await next(call)
             try:
@@ -380,7 +382,7 @@ class WasmFilter(Filter):
 def _build(config: WasmConfig, ctx: FilterContext) -> Filter:
     plugin = load_plugin(config, ctx, config.plugin_name())
     if ctx.metrics is not None:
-        export_to(ctx.metrics.registry, plugin.metrics)
+        export_to(ctx.metrics, plugin.metrics)
     return WasmFilter(plugin, config.fail_open, config.buffer_bodies)
 
 

@@ -11,8 +11,8 @@ import re
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -22,6 +22,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .abi import MetricType
+
+if TYPE_CHECKING:
+    from sidecar.sdk import FilterMetrics
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_:]")
 
@@ -131,15 +134,6 @@ class WasmCollector(Collector):
             yield family
 
 
-_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, WasmCollector] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def export_to(registry: CollectorRegistry, metrics: PluginMetrics) -> None:
-    """Show `metrics` on `registry`'s exposition (one collector per registry)."""
-    collector = _COLLECTORS.get(registry)
-    if collector is None:
-        collector = _COLLECTORS[registry] = WasmCollector()
-        registry.register(collector)
-    collector.plugins.add(metrics)
+def export_to(metrics: FilterMetrics, plugin: PluginMetrics) -> None:
+    """Show `plugin`'s metrics on the sidecar's exposition (one collector per registry)."""
+    metrics.collector(WasmCollector).plugins.add(plugin)

@@ -65,6 +65,7 @@ def test_a_filter_from_an_installed_package_stamps_request_and_response(
     mesh.service("inventory")
     payment = _caller(mesh, filter_site, {"filters": {"outbound": [_stamp("blue")]}})
     mesh.wait_endpoints(payment, "inventory", 1)
+    stamped = payment.metric("opus_example_stamps_total", service="inventory")  # the probes'
 
     resp = httpx.post(f"{payment.outbound}/v1/invoke/inventory/orders", content=b"{}", timeout=10)
 
@@ -74,6 +75,8 @@ def test_a_filter_from_an_installed_package_stamps_request_and_response(
     assert echoed["headers"]["x-stamp"] == "blue"  # set on the way out, seen by the app
     assert resp.headers["x-stamped"] == "blue by payment"  # set on the way back
     assert resp.headers["x-app"] == "inventory"
+    # A metric the package declared through FilterContext.metrics, prefixed by the SDK.
+    assert payment.metric("opus_example_stamps_total", service="inventory") == stamped + 1
 
 
 def test_a_raising_filter_fails_only_its_call(mesh: Mesh, filter_site: str) -> None:

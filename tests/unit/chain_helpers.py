@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, EntryPoints
 
-from sidecar.chain import Call, Filter, FilterContext, FilterFactory, Next, compose
+from sidecar.call import Call, Next
+from sidecar.chain import Filter, FilterContext, FilterFactory, compose
 from sidecar.discovery.base import Endpoint
 from sidecar.errors import MeshError
 from sidecar.metrics import Metrics
@@ -66,7 +67,7 @@ class Terminal:
             parts.append(chunk)
         self.bodies.append(b"".join(parts))
         self.headers.append(list(call.request.headers))
-        call.endpoint = Endpoint("127.0.0.1", 9)
+        call._endpoint = Endpoint("127.0.0.1", 9)  # as the router records it
         return Response(200, [(b"x-terminal", b"yes")], fixed_body(b"from upstream"))
 
     @property

@@ -14,14 +14,8 @@ import pytest
 
 import sidecar.chain
 from sidecar.accesslog import AccessLog
-from sidecar.chain import (
-    BodyTooLarge,
-    Call,
-    FilterContext,
-    build_filters,
-    read_response_body,
-    resolve_factory,
-)
+from sidecar.call import BodyTooLarge, Call, read_response_body
+from sidecar.chain import FilterContext, build_filters, resolve_factory
 from sidecar.config import ConfigError, FilterSpec, load_config
 from sidecar.discovery.base import Endpoint
 from sidecar.metrics import Metrics

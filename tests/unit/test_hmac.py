@@ -25,7 +25,8 @@ from filters.hmac_sign import HmacSignConfig
 from filters.hmac_verify import HmacVerifyConfig, ReplayCache
 from filters.keyring import KeyLoadError, KeyRing, KeySourceConfig, load_keys
 from sidecar import signing
-from sidecar.chain import BufferBudget, Call, Filter, FilterContext, compose
+from sidecar.call import BufferBudget, Call
+from sidecar.chain import Filter, FilterContext, compose
 from sidecar.config import ConfigError, load_config
 from sidecar.metrics import Metrics
 from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
@@ -209,7 +210,8 @@ def signer(
     cfg = HmacSignConfig(key_file=str(key_file), **{"key_id": "k1", **config})
     cfg.validate()
     return hmac_sign.factory.build(
-        cfg, FilterContext("outbound", "payment", metrics, {"now": clock})
+        cfg,
+        FilterContext("outbound", "payment", metrics.filters if metrics else None, {"now": clock}),
     )
 
 
@@ -218,7 +220,9 @@ def verifier(
 ) -> Filter:
     cfg = HmacVerifyConfig(key_file=str(key_file), **config)
     cfg.validate()
-    ctx = FilterContext("inbound", "inventory", metrics, {"now": clock})
+    ctx = FilterContext(
+        "inbound", "inventory", metrics.filters if metrics else None, {"now": clock}
+    )
     return hmac_verify.factory.build(cfg, ctx)
 
 
@@ -896,11 +900,11 @@ def test_buffer_budget_refuses_past_capacity_and_gives_back_on_release() -> None
 def test_read_body_over_the_budget_is_503_naming_the_key_and_is_counted() -> None:
     budget = BufferBudget(4000)
     holder = make_call(chunked(b"a" * 3000))
-    holder.budget = budget
+    holder._budget = budget  # as the proxy sets it
     assert asyncio.run(holder.read_body()) == b"a" * 3000
     assert budget.used == 3000
     over = make_call(chunked(b"b" * 3000))
-    over.budget = budget
+    over._budget = budget  # as the proxy sets it
     with pytest.raises(Exception) as err:
         asyncio.run(over.read_body())
     assert getattr(err.value, "status", None) == 503
@@ -918,14 +922,14 @@ def test_verifier_over_the_budget_answers_503_and_a_small_call_still_passes(
     budget = BufferBudget(5000)
     big = signed_inbound(SECRET_1, body=b"z" * 8000)
     big.request.body = chunked(b"z" * 8000)
-    big.budget = budget
+    big._budget = budget  # as the proxy sets it
     app = App()
     response = run(verify, big, app)
     assert response.status == 503 and app.calls == []
     assert b"max_buffered_request_bytes" in body_of(response)
     big.release()
     small = signed_inbound(SECRET_1, body=b"small")
-    small.budget = budget
+    small._budget = budget  # as the proxy sets it
     assert run(verify, small, app).status == 200 and len(app.calls) == 1
 
 
@@ -934,7 +938,7 @@ def test_signer_buffering_to_sign_holds_the_budget(key_file: Path) -> None:
     app = App()
     for oversize in ("reject", "unsigned_body"):
         call = make_call(chunked(b"q" * 3000))
-        call.budget = budget
+        call._budget = budget  # as the proxy sets it
         response = run(signer(key_file, FakeClock(), oversize=oversize), call, app)
         assert response.status == 503 and app.calls == []
         assert budget.used == 1000  # the first chunk; the second was refused

@@ -17,7 +17,8 @@ from filters.headers import HeadersConfig, HeadersFilter
 from filters.rate_limit import RateLimitConfig, RateLimitFilter
 from filters.retry import RetryConfig, RetryFilter
 from filters.timeout import TimeoutConfig, TimeoutFilter, format_grpc_timeout
-from sidecar.chain import Call, compose
+from sidecar.call import Call
+from sidecar.chain import compose
 from sidecar.config import ConfigError, load_config
 from sidecar.errors import (
     MeshError,
@@ -87,13 +88,13 @@ class Router:
         while chunk := await call.request.body.read():
             parts.append(chunk)
         self.bodies.append(b"".join(parts))
-        call.tries += 1
+        call._tries += 1  # the router's own bookkeeping, as sidecar/callbacks.py keeps it
         outcome = self.outcomes[min(index, len(self.outcomes) - 1)]
         if callable(outcome):
             return await outcome(call)
         if isinstance(outcome, MeshError):
-            call.error = outcome
-            call.flags = outcome.flag
+            call._error = outcome
+            call._flags = outcome.flag
             return error_response(outcome, grpc=call.request.is_grpc)
         if isinstance(outcome, Response):
             return outcome
@@ -120,7 +121,11 @@ class Sleeps:
 
 def retry_filter(metrics: Metrics | None = None, rand: float = 0.5, **config: Any) -> RetryFilter:
     return RetryFilter(
-        RetryConfig(**config), metrics, sleep=Sleeps(), rand=lambda: rand, clock=FakeClock()
+        RetryConfig(**config),
+        metrics.filters if metrics is not None else None,
+        sleep=Sleeps(),
+        rand=lambda: rand,
+        clock=FakeClock(),
     )
 
 
@@ -409,7 +414,7 @@ def test_timeout_cancels_the_inner_call_and_answers_504() -> None:
         raise AssertionError("unreachable")
 
     metrics = Metrics()
-    flt = TimeoutFilter(TimeoutConfig(timeout=0.02), metrics)
+    flt = TimeoutFilter(TimeoutConfig(timeout=0.02), metrics.filters)
     flt.name = "timeout"
     call = make_call()
     response = run(compose([flt], hang)(call))
@@ -441,7 +446,7 @@ def test_timeout_config_is_checked() -> None:
 def test_token_bucket_allows_burst_then_rate_with_retry_after() -> None:
     clock = FakeClock()
     metrics = Metrics()
-    flt = RateLimitFilter(RateLimitConfig(rate=5, burst=5), metrics, clock)
+    flt = RateLimitFilter(RateLimitConfig(rate=5, burst=5), metrics.filters, clock)
     router = Router(200)
     statuses = [run(flt.handle(make_call(), router)).status for _ in range(5)]
     assert statuses == [200] * 5
@@ -484,7 +489,8 @@ def test_rate_limit_config_is_checked() -> None:
 def breaker(
     clock: FakeClock, metrics: Metrics | None = None, **config: Any
 ) -> CircuitBreakerFilter:
-    return CircuitBreakerFilter(CircuitBreakerConfig(**config), metrics, clock)
+    filter_metrics = metrics.filters if metrics is not None else None
+    return CircuitBreakerFilter(CircuitBreakerConfig(**config), filter_metrics, clock)
 
 
 def state(flt: CircuitBreakerFilter) -> State:
@@ -562,7 +568,7 @@ def test_filter_refusals_do_not_count_as_upstream_failures() -> None:
     flt = breaker(clock, consecutive_failures=1)
 
     async def limited(call: Call) -> Response:
-        call.error = rate_limit.RateLimited("slow down", status=429)
+        call.record_error(rate_limit.RateLimited("slow down", status=429))
         return Response(429, [], fixed_body())
 
     run(flt.handle(make_call(), limited))

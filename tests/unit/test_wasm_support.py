@@ -23,7 +23,8 @@ def build(
     path: Path, runtime: WasmRuntime, metrics: Metrics | None = None, **config: Any
 ) -> WasmFilter:
     cfg = WasmConfig(path=str(path), **config)
-    ctx = FilterContext("outbound", "payment", metrics, extra={"wasm_runtime": runtime})
+    filter_metrics = metrics.filters if metrics is not None else None
+    ctx = FilterContext("outbound", "payment", filter_metrics, extra={"wasm_runtime": runtime})
     flt = _build(cfg, ctx)
     flt.name = "wasm"
     assert isinstance(flt, WasmFilter)
