@@ -598,7 +598,9 @@ def test_http2_callers_get_one_reply_each_and_only_their_own(
 ) -> None:
     token, innocent, hostile_target, innocent_target = _tokens(upgrade, response)
     head: Fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x")]
-    streams = [([*head, (b":path", t)], b"", []) for t in (hostile_target, innocent_target)]
+    streams: list[tuple[Fields, bytes, Fields]] = [
+        ([*head, (b":path", t)], b"", []) for t in (hostile_target, innocent_target)
+    ]
     answers = _h2_exchange(upgrade.caller.ports["outbound"], streams, H2_CLIENT)
     if len(answers) == 1 or answers[1].closed or answers[1].goaway is not None:
         answers = answers[:1] + _h2_exchange(

@@ -62,7 +62,9 @@ def _h2_status(
         while time.monotonic() < deadline:
             for got in raw.frames(timeout=1.0):
                 if isinstance(got, HeadersFrame) and got.stream_id == 1:
-                    return dict(decoder.decode(got.data))[":status"]
+                    # str pairs (raw=False), though hpack annotates them as bytes
+                    fields: dict[Any, Any] = dict(decoder.decode(got.data))
+                    return fields[":status"]
                 if isinstance(got, RstStreamFrame) and got.stream_id == 1:
                     return got
             if raw.closed:

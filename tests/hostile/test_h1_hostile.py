@@ -83,7 +83,9 @@ def _app_saw(sidecar: Sidecar, path: str) -> bool:
 
 
 @pytest.mark.parametrize("shape", sorted(SMUGGLING_SHAPES))
-def test_smuggling_shapes_are_400_and_never_forwarded(echo_pair, shape: str) -> None:  # type: ignore[no-untyped-def]
+def test_smuggling_shapes_are_400_and_never_forwarded(
+    echo_pair: tuple[Proc, Sidecar], shape: str
+) -> None:
     app, sidecar = echo_pair
     before = app_calls(app)
     raw = exchange(sidecar.ports["inbound"], SMUGGLING_SHAPES[shape])
@@ -95,7 +97,9 @@ def test_smuggling_shapes_are_400_and_never_forwarded(echo_pair, shape: str) -> 
 
 
 @pytest.mark.parametrize("shape", sorted(BODY_FRAMING_SHAPES))
-def test_bad_body_framing_fails_the_call_promptly(echo_pair, shape: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_body_framing_fails_the_call_promptly(
+    echo_pair: tuple[Proc, Sidecar], shape: str
+) -> None:
     """The head was valid, so the call had started (and streamed to the app) when the
     chunked framing turned out bad. Promised: the client gets 400 (or at least a close)
     within 2 s, and the smuggled second request never reaches the app."""
@@ -108,7 +112,9 @@ def test_bad_body_framing_fails_the_call_promptly(echo_pair, shape: str) -> None
     assert statuses(raw) in ([400], [502], [])
 
 
-def test_valid_pipeline_then_garbage_forwards_only_the_valid_request(echo_pair) -> None:  # type: ignore[no-untyped-def]
+def test_valid_pipeline_then_garbage_forwards_only_the_valid_request(
+    echo_pair: tuple[Proc, Sidecar],
+) -> None:
     """A valid request pipelined ahead of a smuggling shape: the first is answered, then
     the connection closes (the bad one is refused by closing, as a reply to it could be
     mistaken for the first one's by a confused intermediary)."""
@@ -163,7 +169,9 @@ def test_body_over_a_buffering_filters_limit_is_413(mesh: Mesh) -> None:
     assert app_calls(app) == before
 
 
-def test_slowloris_is_cut_off_after_the_header_read_timeout(echo_pair) -> None:  # type: ignore[no-untyped-def]
+def test_slowloris_is_cut_off_after_the_header_read_timeout(
+    echo_pair: tuple[Proc, Sidecar],
+) -> None:
     """Headers trickled one byte every 0.2 s: limits.header_read_timeout (1 s) ends it with
     408 and a close, while a second client keeps being served."""
     app, sidecar = echo_pair

@@ -24,7 +24,6 @@ import httpx
 import pytest
 
 from tests.hostile.h2raw import PREFACE
-from tests.integration import conftest
 from tests.integration.conftest import Mesh, Sidecar
 
 pytestmark = pytest.mark.integration
@@ -124,12 +123,12 @@ def fd_limit(workdir: Path, nofile: int) -> Iterator[None]:
     wrapper = workdir / "python-limited"
     wrapper.write_text(f'#!/bin/sh\nexec prlimit --nofile={nofile} -- {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
-    real = conftest.sys.executable
-    conftest.sys.executable = str(wrapper)
+    real = sys.executable
+    sys.executable = str(wrapper)
     try:
         yield
     finally:
-        conftest.sys.executable = real
+        sys.executable = real
 
 
 def test_at_the_fd_limit_new_connections_are_shed_and_the_sidecar_keeps_working(

@@ -204,12 +204,8 @@ def test_a_call_recovers_when_the_endpoint_fails_once(shop: Sidecar, app: Script
     assert outbound_503s(shop) == 1
 
 
-def _closed_port() -> int:
-    return refusing_port()
-
-
 def test_retryable_error_once_the_retries_are_spent(mesh: Mesh) -> None:
-    gone = mesh.sidecar("gone", _closed_port())  # its app is not up: the sidecar answers 503
+    gone = mesh.sidecar("gone", refusing_port())  # its app is not up: the sidecar answers 503
     with (
         OpusClient(gone.outbound, max_retries=3, retry_delay=0.01) as client,
         pytest.raises(RetryableError) as info,
@@ -218,7 +214,7 @@ def test_retryable_error_once_the_retries_are_spent(mesh: Mesh) -> None:
     assert (info.value.status, info.value.attempts) == (503, 4)
     assert gone.metric("opus_requests_total", direction="outbound", code="503") == 4
 
-    dead = f"http://127.0.0.1:{_closed_port()}"  # refused before reaching any sidecar
+    dead = f"http://127.0.0.1:{refusing_port()}"  # refused before reaching any sidecar
     with (
         OpusClient(dead, max_retries=2, retry_delay=0.01) as client,
         pytest.raises(RetryableError) as info,

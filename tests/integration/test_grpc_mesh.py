@@ -29,14 +29,17 @@ def _grpc_mesh(mesh: Mesh) -> tuple[Proc, Sidecar, Sidecar]:
 
 
 def _channel(sidecar: Sidecar, authority: str | None = "inventory") -> grpc.Channel:
-    options = [("grpc.max_receive_message_length", _BIG), ("grpc.max_send_message_length", _BIG)]
+    options: list[tuple[str, str | int]] = [
+        ("grpc.max_receive_message_length", _BIG),
+        ("grpc.max_send_message_length", _BIG),
+    ]
     if authority:
         options.append(("grpc.default_authority", authority))
     return grpc.insecure_channel(f"127.0.0.1:{sidecar.ports['outbound']}", options=options)
 
 
 def _method(channel: grpc.Channel, kind: str, name: str) -> grpc.UnaryUnaryMultiCallable:
-    return getattr(channel, kind)(f"/test.Echo/{name}")  # type: ignore[no-any-return]
+    return getattr(channel, kind)(f"/test.Echo/{name}")
 
 
 def test_four_call_shapes_with_metadata_and_trailers(mesh: Mesh) -> None:

@@ -41,7 +41,8 @@ def _flood(port: int, connections: int, streams: int, per_stream: int, seconds: 
     """Open `streams` streams on each of `connections` h2c connections, each with a random
     well-formed signature and a fresh timestamp, and push up to `per_stream` bytes on each,
     never ending any. Returns how many streams the sidecar answered or reset."""
-    conns = []
+    # Per connection: its socket, its h2 state and the bytes sent on each stream.
+    conns: list[tuple[socket.socket, h2.connection.H2Connection, dict[int, int]]] = []
     for _ in range(connections):
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         sock.setblocking(False)

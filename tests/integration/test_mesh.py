@@ -10,7 +10,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -79,7 +81,7 @@ def test_http_proxy_unmodified_clients(mesh: Mesh) -> None:
     # httpx honours HTTP_PROXY from the environment too (trust_env).
     script = "import httpx,sys; r=httpx.get('http://inventory:80/x?y=1'); sys.stdout.write(r.text)"
     out = subprocess.run(
-        [os.sys.executable, "-c", script], env=env, capture_output=True, timeout=20, check=True
+        [sys.executable, "-c", script], env=env, capture_output=True, timeout=20, check=True
     )
     assert json.loads(out.stdout)["path"] == "/x?y=1"
 
@@ -142,7 +144,7 @@ def test_large_bodies_stream_both_ways(mesh: Mesh) -> None:
     size = 5 * 1024 * 1024 + 123  # far past the 64 KiB stream and 1 MiB connection windows
     payload = _pattern(size)
 
-    def chunks() -> object:
+    def chunks() -> Iterator[bytes]:
         for i in range(0, size, 100_000):
             yield payload[i : i + 100_000]
 

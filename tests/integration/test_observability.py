@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import Mesh
+from tests.integration.conftest import Mesh, refusing_port
 
 pytestmark = pytest.mark.integration
 
@@ -66,13 +66,13 @@ def test_metrics_move_as_calls_happen(mesh: Mesh) -> None:
 
 def test_access_log_flags_name_each_failure(mesh: Mesh) -> None:
     _, inventory = mesh.service("inventory")
-    # "ghost" has a registered endpoint nobody listens on: connect failure.
+    # "ghost" has a registered endpoint that refuses connections: connect failure.
     _, payment = mesh.service(
         "payment",
         {
             "discovery": {"backend": "static", "static": {"services": {
                 "inventory": [f"127.0.0.1:{inventory.ports['inbound']}"],
-                "ghost": ["127.0.0.1:1"],
+                "ghost": [f"127.0.0.1:{refusing_port()}"],
                 "empty": [],
             }}},
         },

@@ -21,14 +21,9 @@ def outbound_filters(*filters: dict[str, Any]) -> dict[str, Any]:
     return {"filters": {"outbound": list(filters)}}
 
 
-def closed_port() -> int:
-    """A port that refuses connections (bound, never listening, held for the run)."""
-    return refusing_port()
-
-
 def broken_inventory(mesh: Mesh) -> Sidecar:
     """An inventory instance whose app is gone: its inbound sidecar answers 503 (UF)."""
-    return mesh.sidecar("inventory", closed_port())
+    return mesh.sidecar("inventory", refusing_port())
 
 
 def access_lines(sidecar: Sidecar, workdir: Path) -> list[dict[str, Any]]:
@@ -49,7 +44,7 @@ def refusing_inventory(mesh: Mesh) -> Sidecar:
     breaker = {"consecutive_failures": 1, "open_duration": 300.0}
     sidecar = mesh.sidecar(
         "inventory",
-        closed_port(),
+        refusing_port(),
         {"filters": {"inbound": [{"name": "circuit_breaker", "config": breaker}]}},
     )
     assert httpx.get(f"{sidecar.inbound}/trip", timeout=10).status_code == 503

@@ -34,6 +34,16 @@ class FakeState:
     def begin_drain(self) -> None:
         self.draining = True
 
+    # The rest of AdminState, which these tests do not call.
+    def quit(self) -> None:
+        self.begin_drain()
+
+    def config_dump(self) -> dict[str, Any]:
+        return {}
+
+    def set_log_level(self, level: str) -> None:
+        pass
+
 
 @asynccontextmanager
 async def serving(state: FakeState) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:

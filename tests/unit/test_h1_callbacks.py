@@ -637,7 +637,7 @@ def test_a_request_http11_cannot_carry_is_refused_and_the_connection_serves_the_
     from sidecar.errors import BadRequest
     from sidecar.proto.messages import Body, Request, Response, fixed_body
 
-    async def go() -> tuple[BaseException | Response | None, bytes, int, list[bytes]]:
+    async def go() -> tuple[BaseException | Response | None, bytes, int, tuple[int, bytes]]:
         rig = Rig("inbound", tmp_path, callbacks=False)
         endpoint = rig.cluster.endpoints[0]
         await rig.pool.request(endpoint, make_request(b"/a"), b"app", b"/a")
@@ -663,7 +663,7 @@ def test_a_request_http11_cannot_carry_is_refused_and_the_connection_serves_the_
         after = await rig.pool.request(endpoint, make_request(b"/a"), b"app", b"/a")
         await rig.settle()
         rig.access_log.close()
-        return outcome, refused_wrote, rig.connects, [after.status, rig.app_sides[0].data]
+        return outcome, refused_wrote, rig.connects, (after.status, rig.app_sides[0].data)
 
     outcome, refused_wrote, connects, (status, app_saw) = asyncio.run(go())
     assert isinstance(outcome, BadRequest) and outcome.status == 400

@@ -7,6 +7,8 @@ runs a subset against a live listener."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hpack import Encoder
 from hyperframe.frame import (
@@ -45,7 +47,7 @@ class Peer:
         return self.encoder.encode(headers)
 
     def headers(
-        self, stream_id: int, headers: list | None = None, end_stream: bool = True, **kw: object
+        self, stream_id: int, headers: list | None = None, end_stream: bool = True, **kw: Any
     ) -> HeadersFrame:
         flags = ["END_HEADERS"] + (["END_STREAM"] if end_stream else [])
         frame = HeadersFrame(stream_id, flags=flags, **kw)
@@ -708,7 +710,7 @@ def test_8_3_2_malformed_response_is_protocol_error(headers: list) -> None:
     """A response ... MUST include :status; pseudo-headers for requests MUST NOT appear
     in responses; the field rules of 8.2 hold: else a stream error PROTOCOL_ERROR."""
     conn, encoder = _client()
-    events = conn.receive_data(raw_headers(1, encoder.encode(headers)).serialize())
+    events: list[Any] = conn.receive_data(raw_headers(1, encoder.encode(headers)).serialize())
     assert [type(e) for e in events] == [engine.StreamReset]
     assert events[0].error_code == E.PROTOCOL_ERROR and not events[0].remote
 
@@ -799,8 +801,8 @@ def test_7541_4_huffman_names_and_indexed_repeats_are_checked_once() -> None:
     as indexed fields: both accepted, the dynamic table followed.)"""
     peer = Peer()
     fields = [*REQUEST, ("x-custom-name", "some value with spaces")]
-    first = peer.send(raw_headers(1, peer.block(fields)))
-    second = peer.send(raw_headers(3, peer.block(fields)))
+    first: list[Any] = peer.send(raw_headers(1, peer.block(fields)))
+    second: list[Any] = peer.send(raw_headers(3, peer.block(fields)))
     assert first[0].headers == second[0].headers
     assert (b"x-custom-name", b"some value with spaces") in second[0].headers
 
@@ -814,7 +816,7 @@ def test_memory_a_frame_trickled_a_byte_at_a_time_is_held_once() -> None:
     peer = Peer()
     peer.send(peer.headers(1, end_stream=False))
     wire = DataFrame(1, data=b"x" * 16384).serialize()
-    events = []
+    events: list[Any] = []
     for i in range(len(wire)):
         events += peer.conn.receive_data(wire[i : i + 1])
         assert len(peer.conn._pending) <= len(wire)

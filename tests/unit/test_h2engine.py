@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import h2.config
 import h2.connection
 import h2.events
@@ -119,12 +121,12 @@ def test_header_blocks_over_a_frame_are_split_and_reassembled() -> None:
     peer.send_headers(1, [*REQUEST, *big], end_stream=True)
     raw = peer.data_to_send()
     assert any(isinstance(f, ContinuationFrame) for f in frames(raw))
-    mine = ours.receive_data(raw)
+    mine: list[Any] = ours.receive_data(raw)
     assert mine[0].headers[4:] == big
     ours.send_headers(1, [(b":status", b"200"), *big], end_stream=True)
     out = ours.data_to_send()
     assert [type(f) for f in frames(out)].count(ContinuationFrame) >= 2
-    theirs = peer.receive_data(out)
+    theirs: list[Any] = peer.receive_data(out)
     assert theirs[0].headers[1:] == big
 
 
@@ -163,7 +165,7 @@ def test_malformed_requests_are_reset_and_never_reported(headers: list) -> None:
     ours, _ = server_with_client()
     head = HeadersFrame(1, flags=["END_HEADERS", "END_STREAM"])
     head.data = engine._Encoder().encode([(n, v, False) for n, v in headers])
-    events = ours.receive_data(head.serialize())
+    events: list[Any] = ours.receive_data(head.serialize())
     # Never announced as a request: only the reset we sent, with why.
     assert [(type(e), e.remote) for e in events] == [(engine.StreamReset, False)]
     assert events[0].reason
@@ -175,7 +177,9 @@ def test_body_longer_or_shorter_than_content_length_is_reset() -> None:
     ours, peer = server_with_client()
     peer.send_headers(1, [*REQUEST, (b"content-length", b"3")])
     pump(ours, peer)
-    events = ours.receive_data(DataFrame(1, data=b"four", flags=["END_STREAM"]).serialize())
+    events: list[Any] = ours.receive_data(
+        DataFrame(1, data=b"four", flags=["END_STREAM"]).serialize()
+    )
     assert [type(e) for e in events] == [engine.StreamReset]
     assert events[0].error_code == ErrorCodes.PROTOCOL_ERROR and not events[0].remote
     head = HeadersFrame(3, flags=["END_HEADERS", "END_STREAM"])
@@ -274,7 +278,7 @@ def test_padded_frames_and_bytes_split_anywhere() -> None:
     data = DataFrame(1, data=b"abc", flags=["END_STREAM", "PADDED"])
     data.pad_length = 4
     wire = head.serialize() + data.serialize()
-    events = []
+    events: list[Any] = []
     for i in range(len(wire)):  # one byte at a time
         events += ours.receive_data(wire[i : i + 1])
     assert [type(e) for e in events] == [
@@ -295,7 +299,7 @@ def test_goaway_leaves_streams_below_it_running() -> None:
     pump(ours, peer)
     goaway = GoAwayFrame(0)
     goaway.last_stream_id = 1
-    events = ours.receive_data(goaway.serialize())
+    events: list[Any] = ours.receive_data(goaway.serialize())
     assert [(type(e), e.last_stream_id) for e in events] == [(engine.ConnectionTerminated, 1)]
     peer.send_headers(1, [(b":status", b"200")], end_stream=True)
     mine, _ = pump(ours, peer)

@@ -16,10 +16,11 @@ from filters.circuit_breaker import CircuitBreakerConfig, CircuitBreakerFilter, 
 from filters.headers import HeadersConfig, HeadersFilter
 from filters.rate_limit import RateLimitConfig, RateLimitFilter
 from filters.retry import RetryConfig, RetryFilter
-from filters.timeout import TimeoutConfig, TimeoutFilter, format_grpc_timeout
+from filters.timeout import TimeoutConfig, TimeoutFilter
 from sidecar.call import Call
 from sidecar.chain import compose
 from sidecar.config import ConfigError, load_config
+from sidecar.deadline import format_grpc_timeout
 from sidecar.errors import (
     MeshError,
     NoHealthyUpstream,
