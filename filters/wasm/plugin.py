@@ -17,10 +17,10 @@ from typing import Any
 
 import wasmtime
 
-from .hostcalls import CalloutResponse, HostCalls
+from .context import CalloutResponse
 from .metrics import PluginMetrics
 from .native import WasmCallError
-from .runtime import WasmRuntime
+from .runtime import SharedData, WasmRuntime
 from .vm import WasmVM
 
 log = logging.getLogger("sidecar.wasm")
@@ -49,6 +49,8 @@ class PluginSettings:
 
 
 class Plugin:
+    """A configured filter module; the `Host` (host.py) its instances' host functions use."""
+
     name: str
     root_id: str
     vm_id: str
@@ -91,6 +93,10 @@ class Plugin:
         self._tokens = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         runtime.ensure_ticker()
+
+    @property
+    def shared(self) -> SharedData:
+        return self.runtime.shared
 
     # -- instances ------------------------------------------------------------------------
 
@@ -232,41 +238,38 @@ class Plugin:
 
     def http_call(
         self,
-        vm: HostCalls,
+        caller: object,
         upstream: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         timeout_ms: int,
     ) -> int:
         """Start the callout; its response comes back to the root context (as in cpp-host),
-        where SDKs switch to the calling stream with proxy_set_effective_context."""
+        where SDKs switch to the calling stream with proxy_set_effective_context. `caller`:
+        the asking instance's HostCalls; a reply reaches it only while it still serves."""
         from .callout import fetch  # aiohttp is only imported by filters that call out
 
         base = self.resolve_upstream(upstream)
         token = next(self._tokens)
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._callout(vm, token, fetch(base, headers, body, timeout_ms)))
+        task = loop.create_task(
+            self._callout(caller, token, fetch(base, headers, body, timeout_ms))
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return token
 
     async def _callout(
         self,
-        vm: HostCalls,
+        caller: object,
         token: int,
         request: Coroutine[Any, Any, CalloutResponse | None],
     ) -> None:
         response = await request
-        if vm is not self.vm or not isinstance(vm, WasmVM) or vm.cb_http_call_response is None:
+        vm = self.vm
+        if vm is None or vm.calls is not caller:
             return  # the instance that asked is gone
-        if response is None:
-            counts = (0, 0, 0)
-        else:
-            counts = (len(response.headers), len(response.body), len(response.trailers))
-        vm.callout = response
         try:
-            vm.invoke(vm.cb_http_call_response, vm.root_id, token, *counts)
+            vm.http_call_response(token, response)
         except WasmCallError as exc:
             self.trapped(vm, exc)
-        finally:
-            vm.callout = None
