@@ -18,6 +18,7 @@ from typing import Any
 import wasmtime
 
 from .context import CalloutResponse
+from .diagnose import REJECTED, misconfigured
 from .metrics import PluginMetrics
 from .native import WasmCallError
 from .runtime import SharedData, WasmRuntime
@@ -85,6 +86,7 @@ class Plugin:
         self.metrics = PluginMetrics(settings.name)
         self.log_sink = log_sink
         self.unimplemented: set[str] = set()
+        self._start_logs: list[str] | None = None  # guest logs while an instance starts
         self.vm: WasmVM | None = None
         self._failures = 0
         self._retry_at = 0.0
@@ -111,18 +113,25 @@ class Plugin:
         if now < self._retry_at:
             raise Unavailable(f"wasm filter {self.name!r} is restarting")
         vm = None
+        logs: list[str] = []
+        self._start_logs = logs
         try:
             vm = WasmVM(self, self.module)
             self.metrics.instances += 1
             if not vm.start():
-                raise WasmCallError("the root context rejected its configuration")
-        except Exception:
+                raise WasmCallError(REJECTED)
+        except Exception as exc:
             if vm is not None:
                 vm.release()
             self._failures += 1
             self._retry_at = now + min(MAX_BACKOFF_S, 0.05 * 2 ** (self._failures - 1))
             self.metrics.traps += 1
+            cause = misconfigured(exc, logs, self.root_id, self.configuration)
+            if cause is not None:
+                raise cause from exc
             raise
+        finally:
+            self._start_logs = None
         self._failures = 0
         self.vm = vm
         return vm
@@ -155,6 +164,8 @@ class Plugin:
     # -- logs and unimplemented imports -------------------------------------------------
 
     def guest_log(self, level: int, message: str) -> None:
+        if self._start_logs is not None:
+            self._start_logs.append(message)
         if self.log_sink is not None:
             self.log_sink(level, message)
         log.log(level, "wasm filter %s: %s", self.name, message)
