@@ -9,7 +9,6 @@ calls share its keep-alive connections to the sidecar.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -18,12 +17,10 @@ from typing import Any
 import httpx
 
 from opus_client._call import DEFAULT_TIMEOUT, Headers, PreparedCall, make_settings
+from opus_client._steps import Outcome, Wait, advance, call_steps
 from opus_client.auth import AsyncToken, AsyncTokenProvider
 from opus_client.exceptions import ClientClosedError
 from opus_client.response import Response
-from opus_client.retry import ErrorKind, error_kind
-
-log = logging.getLogger("opus_client")
 
 
 class AsyncOpusClient:
@@ -85,42 +82,23 @@ class AsyncOpusClient:
         prepared = PreparedCall(
             self._settings, service, method, body, headers, timeout, idempotent, time.monotonic()
         )
-        state = prepared.state
+        steps = call_steps(prepared, self._http.build_request, lambda: self._closed)
+        outcome: Outcome = None
         while True:
-            if self._closed:
-                raise ClientClosedError("the client is closed")
-            time_left = state.start_attempt(time.monotonic())
+            step = advance(steps, outcome)
+            if isinstance(step, Response):
+                return step
+            if isinstance(step, Wait):
+                outcome = None
+                await asyncio.sleep(step.delay)
+                continue
             token = await self._token.get() if self._token is not None else None
-            request = self._http.build_request(
-                "POST",
-                prepared.url,
-                content=prepared.content,
-                headers=prepared.attempt_headers(time_left, token, time.time()),
-                timeout=time_left,
-            )
             try:
                 # httpx bounds each read and write; this bounds the attempt as a whole.
-                async with asyncio.timeout(time_left):
-                    reply = await self._http.send(request)
-            except TimeoutError:
-                delay = state.after_error(ErrorKind.TIMEOUT, "", time.monotonic())
-            except httpx.TransportError as exc:
-                if self._closed:
-                    raise ClientClosedError("the client was closed during the call") from exc
-                detail = str(exc) or type(exc).__name__
-                delay = state.after_error(error_kind(exc), detail, time.monotonic())
-            else:
-                status, content = reply.status_code, reply.content
-                wait = state.after_reply(
-                    status, reply.headers, content, time.monotonic(), time.time()
-                )
-                if wait is None:
-                    return Response(status, reply.headers, content, state.attempts)
-                delay = wait
-            log.debug(
-                "%s: attempt %d failed; resending in %.3fs", state.what, state.attempts, delay
-            )
-            await asyncio.sleep(delay)
+                async with asyncio.timeout(step.timeout):
+                    outcome = await self._http.send(step.request(token))
+            except (TimeoutError, httpx.TransportError) as exc:
+                outcome = exc
 
     async def aclose(self) -> None:
         self._closed = True

@@ -76,22 +76,54 @@ class _Fixed:
         return self.token
 
 
-class Token:
+class _TokenSource:
+    """What both clients' tokens share: the fixed string, or the cache in front of a
+    provider, and what to keep when a renewal fails. The shells only lock and call."""
+
+    def __init__(
+        self,
+        source: str | Callable[[], object],
+        ttl: float | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.fixed = _Fixed(source, ttl, clock) if isinstance(source, str) else None
+        self.cache = TokenCache(ttl)
+        self.clock = clock
+
+    def ready(self) -> str | None:
+        """The token to send when no renewal is due (checked again under the lock)."""
+        if self.fixed is not None:
+            return self.fixed.get()
+        return self.cache.current(self.clock())
+
+    def renewed(self, fresh: object, now: float) -> str:
+        """The provider's result (`fresh`, or the exception it raised) fetched at `now`."""
+        if not isinstance(fresh, Exception):
+            try:
+                return self.cache.store(fresh, now)
+            except TokenError as exc:  # not a token
+                fresh = exc
+        token = self.cache.still_valid(now)
+        if token is None:
+            if isinstance(fresh, TokenError):
+                raise fresh
+            raise TokenError(f"the token provider failed: {fresh!r}") from fresh
+        log.warning("token renewal failed (%r); keeping the current token until its ttl", fresh)
+        return token
+
+
+class Token(_TokenSource):
     """The sync clients' token: safe to share between threads (renewal runs once)."""
 
     def __init__(
         self, source: str | TokenProvider, ttl: float | None, clock: Callable[[], float]
     ) -> None:
-        self.fixed = _Fixed(source, ttl, clock) if isinstance(source, str) else None
+        super().__init__(source, ttl, clock)
         self.provider = None if isinstance(source, str) else source
-        self.cache = TokenCache(ttl)
-        self.clock = clock
         self.lock = threading.Lock()
 
     def get(self) -> str:
-        if self.fixed is not None:
-            return self.fixed.get()
-        token = self.cache.current(self.clock())
+        token = self.ready()
         if token is not None:
             return token
         assert self.provider is not None
@@ -101,27 +133,24 @@ class Token:
             if token is not None:
                 return token
             try:
-                return self.cache.store(self.provider(), now)
+                fresh: object = self.provider()
             except Exception as exc:
-                return _fallback(self.cache, now, exc)
+                fresh = exc
+            return self.renewed(fresh, now)
 
 
-class AsyncToken:
+class AsyncToken(_TokenSource):
     """The asyncio client's token. A plain (blocking) provider runs in a worker thread."""
 
     def __init__(
         self, source: str | AsyncTokenProvider, ttl: float | None, clock: Callable[[], float]
     ) -> None:
-        self.fixed = _Fixed(source, ttl, clock) if isinstance(source, str) else None
+        super().__init__(source, ttl, clock)
         self.provider = None if isinstance(source, str) else source
-        self.cache = TokenCache(ttl)
-        self.clock = clock
         self.lock = asyncio.Lock()
 
     async def get(self) -> str:
-        if self.fixed is not None:
-            return self.fixed.get()
-        token = self.cache.current(self.clock())
+        token = self.ready()
         if token is not None:
             return token
         assert self.provider is not None
@@ -137,16 +166,6 @@ class AsyncToken:
                     fresh = await asyncio.to_thread(self.provider)
                     if inspect.isawaitable(fresh):
                         fresh = await fresh
-                return self.cache.store(fresh, now)
             except Exception as exc:
-                return _fallback(self.cache, now, exc)
-
-
-def _fallback(cache: TokenCache, now: float, exc: Exception) -> str:
-    token = cache.still_valid(now)
-    if token is None:
-        if isinstance(exc, TokenError):
-            raise exc
-        raise TokenError(f"the token provider failed: {exc!r}") from exc
-    log.warning("token renewal failed (%r); keeping the current token until its ttl", exc)
-    return token
+                fresh = exc
+            return self.renewed(fresh, now)

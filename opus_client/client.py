@@ -9,7 +9,6 @@ thread, future or not, reuses its keep-alive connections to the sidecar.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +19,10 @@ from typing import Any
 import httpx
 
 from opus_client._call import DEFAULT_TIMEOUT, Headers, PreparedCall, make_settings
+from opus_client._steps import Outcome, Wait, advance, call_steps
 from opus_client.auth import Token, TokenProvider
 from opus_client.exceptions import ClientClosedError
 from opus_client.response import Response
-from opus_client.retry import error_kind
-
-log = logging.getLogger("opus_client")
 
 
 class OpusClient:
@@ -201,43 +198,23 @@ class OpusClient:
             self._pending.discard(future)
 
     def _run(self, prepared: PreparedCall, stop: threading.Event | None) -> Response:
-        state = prepared.state
+        steps = call_steps(prepared, self._http.build_request, lambda: self._closed)
+        outcome: Outcome = None
         while True:
-            if stop is not None and stop.is_set():
-                raise CancelledError
-            if self._closed:
-                raise ClientClosedError("the client is closed")
-            time_left = state.start_attempt(time.monotonic())
+            if outcome is None and stop is not None and stop.is_set():
+                raise CancelledError  # before an attempt, as a Wait's end checks too
+            step = advance(steps, outcome)
+            if isinstance(step, Response):
+                return step
+            if isinstance(step, Wait):
+                outcome = None
+                if stop is None:
+                    time.sleep(step.delay)
+                elif stop.wait(step.delay):
+                    raise CancelledError
+                continue
             token = self._token.get() if self._token is not None else None
-            request = self._http.build_request(
-                "POST",
-                prepared.url,
-                content=prepared.content,
-                headers=prepared.attempt_headers(time_left, token, time.time()),
-                timeout=time_left,
-            )
             try:
-                reply = self._http.send(request)
+                outcome = self._http.send(step.request(token))
             except httpx.TransportError as exc:
-                if self._closed:
-                    raise ClientClosedError("the client was closed during the call") from exc
-                delay = state.after_error(error_kind(exc), _describe(exc), time.monotonic())
-            else:
-                status, content = reply.status_code, reply.content
-                wait = state.after_reply(
-                    status, reply.headers, content, time.monotonic(), time.time()
-                )
-                if wait is None:
-                    return Response(status, reply.headers, content, state.attempts)
-                delay = wait
-            log.debug(
-                "%s: attempt %d failed; resending in %.3fs", state.what, state.attempts, delay
-            )
-            if stop is None:
-                time.sleep(delay)
-            elif stop.wait(delay):
-                raise CancelledError
-
-
-def _describe(exc: Exception) -> str:
-    return str(exc) or type(exc).__name__
+                outcome = exc

@@ -2,7 +2,8 @@
 
 Errors raised on a call's path carry the status the caller should see, a short
 reason and the access-log flag; `error_response()` renders them as a small JSON
-body, or as a trailers-only gRPC status for gRPC callers.
+body, or as a trailers-only gRPC status for gRPC callers. `error_body()` is that JSON
+body alone, also what the HTTP/1.1 server writes when it rejects a request outright.
 """
 
 from __future__ import annotations
@@ -85,6 +86,25 @@ class BadRequest(MeshError):
 RETRY_SAFE = (UpstreamConnectError, StreamRefused)
 
 
+JSON = b"application/json"
+
+
+def error_body(
+    status: int, reason: str, service: str = "", *, spaced: bool = False
+) -> tuple[bytes, bytes]:
+    """The JSON body of an error reply, and its content type.
+
+    spaced: json.dumps' default separators (", ", ": "), as the HTTP/1.1 server's
+    rejections have always been written (h1server._rejection); else compact, as the
+    replies to calls are (error_response).
+    """
+    payload: dict[str, object] = {"error": reason, "status": status}
+    if service:
+        payload["service"] = service
+    separators = (", ", ": ") if spaced else (",", ":")
+    return json.dumps(payload, separators=separators).encode(), JSON
+
+
 def error_response(error: MeshError, *, grpc: bool = False) -> Response:
     if grpc:
         # Trailers-only gRPC reply: HTTP 200 with the status in the headers.
@@ -96,12 +116,9 @@ def error_response(error: MeshError, *, grpc: bool = False) -> Response:
             (b"x-opus-error", error.flag.encode()),
         ]
         return Response(200, headers, fixed_body())
-    payload = {"error": error.reason, "status": error.status}
-    if error.service:
-        payload["service"] = error.service
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    body, content_type = error_body(error.status, error.reason, error.service)
     headers = [
-        (b"content-type", b"application/json"),
+        (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
         (b"x-opus-error", error.flag.encode()),
     ]

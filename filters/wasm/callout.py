@@ -6,7 +6,7 @@ import logging
 
 import aiohttp
 
-from .hostcalls import CalloutResponse
+from .context import CalloutResponse
 
 log = logging.getLogger("sidecar.wasm")
 

@@ -3,6 +3,10 @@
 `run` passes one sample request and response through the filter in process and prints
 what it did: header changes, a local reply, logs, metrics, imports it called that this host
 does not implement. `inspect` lists the module's ABI version, imports and exports.
+
+Exit codes: 0 done; 1 the filter failed (a trap, a start failure); 2 bad arguments or
+not a filter; 3 the filter failed to start for want of --root-id or --plugin-config
+(diagnose.py), said in one line on stderr.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from sidecar.sdk import Call, FilterContext, Headers, Request, Response, fixed_b
 
 from .abi import LogLevel
 from .cache import wasm_bytes
+from .diagnose import Misconfigured
 from .filter import WasmConfig, WasmFilter, load_plugin
 from .native import WasmCallError
 from .plugin import Unavailable
@@ -26,6 +31,7 @@ from .runtime import WasmRuntime
 from .vm import LoadError, abi_version, implemented
 
 PROG = "opus-sidecar wasm"
+MISCONFIGURED = 3  # the filter failed to start for want of --root-id or --plugin-config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,8 +158,11 @@ def run(args: argparse.Namespace) -> int:
         failure = None
     except Exception as exc:  # FilterFailed (a trap, fail closed) or a start failure
         failure = exc
-    print(f"filter: {args.filter} (ABI {plugin.vm.abi if plugin.vm else '?'})")
-    if failure is not None:
+    print(f"filter: {args.filter} (ABI {abi_version(plugin.module) or '?'})")
+    cause = _misconfigured(failure)
+    if cause is not None:
+        print(f"FAILED: {cause.for_cli()}")
+    elif failure is not None:
         print(f"FAILED: {failure}")
     elif not upstream:
         print(f"local reply: {response.status}")
@@ -182,7 +191,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"unimplemented imports called: {', '.join(sorted(plugin.unimplemented))}")
     flt.close()
     runtime.close()
+    if cause is not None:
+        # Last, so that it is what the terminal shows: the guest's logs above say the same
+        # in the SDK's words, the trap's backtrace does not.
+        print(f"{PROG}: {cause.for_cli()}", file=sys.stderr)
+        return MISCONFIGURED
     return 1 if failure is not None else 0
+
+
+def _misconfigured(failure: BaseException | None) -> Misconfigured | None:
+    """The Misconfigured start failure behind `failure` (the FilterFailed raised while
+    handling it), if any."""
+    while failure is not None:
+        if isinstance(failure, Misconfigured):
+            return failure
+        failure = failure.__cause__ or failure.__context__
+    return None
 
 
 def main(argv: list[str]) -> int:

@@ -27,6 +27,17 @@ class LocalReply:
     grpc_status: int
 
 
+class CalloutResponse:
+    """The reply to a guest's proxy_http_call, as its callback reads it."""
+
+    __slots__ = ("body", "headers", "trailers")
+
+    def __init__(self, headers: Headers, body: bytes, trailers: Headers) -> None:
+        self.headers = headers
+        self.body = body
+        self.trailers = trailers
+
+
 def dirty_bit(map_type: int) -> int:
     """A map's bit in HttpStream.dirty; the bodies count as maps -1 and -2."""
     return 1 << (map_type + 2)

@@ -34,6 +34,7 @@ from sidecar.sdk import (
 from .abi import LogLevel, MapType
 from .cache import wasm_bytes
 from .context import HttpStream, dirty_bit
+from .diagnose import Misconfigured
 from .metrics import export_to
 from .native import WasmCallError
 from .plugin import Plugin, PluginSettings, Unavailable
@@ -92,6 +93,8 @@ class WasmConfig:
         plugin = load_plugin(self, FilterContext("inbound", "check"), self.plugin_name())
         try:
             plugin.acquire()
+        except Misconfigured as exc:
+            raise ValueError(f"{exc.key}: the filter failed to start: {exc}") from None
         except (WasmCallError, LoadError, Unavailable) as exc:
             raise ValueError(f"path: {self.path}: the filter failed to start: {exc}") from None
         finally:

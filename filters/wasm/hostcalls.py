@@ -2,7 +2,9 @@
 
 Each is a method taking the raw i32/i64 arguments and returning a WasmResult; guest memory
 is reached through the instance's raw buffer. `HostCalls` holds the per-instance state the
-functions act on; `WasmVM` (vm.py) links them and drives the callbacks.
+functions act on (memory, contexts, the running callback) and reaches the configured
+filter only through the `Host` protocol; `WasmVM` (vm.py) owns one, links its functions
+and drives the callbacks.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import logging
 import os
 import struct
 import time
-from typing import TYPE_CHECKING
 
 from .abi import (
     WASI_FAULT,
@@ -23,13 +24,11 @@ from .abi import (
     decode_pairs,
     encode_pairs,
 )
-from .context import HttpStream, LocalReply
+from .context import CalloutResponse, HttpStream, LocalReply
 from .fused import Fused
+from .host import Host
 from .native import ExportFn, HostError, PublicMemory, RawMemory
 from .properties import lookup_property
-
-if TYPE_CHECKING:
-    from .plugin import Plugin
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -47,76 +46,67 @@ class ProcExit(Exception):
     """The guest called proc_exit (the AssemblyScript SDK's abort): a trap."""
 
 
-class CalloutResponse:
-    __slots__ = ("body", "headers", "trailers")
-
-    def __init__(
-        self, headers: list[tuple[bytes, bytes]], body: bytes, trailers: list[tuple[bytes, bytes]]
-    ) -> None:
-        self.headers = headers
-        self.body = body
-        self.trailers = trailers
-
-
 class HostCalls:
     """Host-function implementations over one instance's memory and contexts."""
 
-    plugin: Plugin
-    mem: RawMemory | PublicMemory
+    mem: RawMemory | PublicMemory  # set once the instance exists (WasmVM.__init__)
     malloc: ExportFn | None
-    root_id: int
-    active_id: int  # the context whose callback is running
-    effective_id: int  # what proxy_set_effective_context chose (0: the active one)
-    streams: dict[int, HttpStream]
-    callout: CalloutResponse | None
-    min_level: int  # guest log levels below this are dropped before decoding
-    abi: str
-    fused: Fused | None  # the fused-call driver (fused.py), when linked
-    staging: HttpStream | None  # shown once the driver reaches on_request_headers
-    effective_step: int  # the driver's step when the effective context was set
+
+    def __init__(self, host: Host, abi: str, min_level: int) -> None:
+        self.host = host
+        self.abi = abi
+        self.min_level = min_level  # guest log levels below this are dropped before decoding
+        self.root_id = 1
+        self.active_id = 0  # the context whose callback is running
+        self.effective_id = 0  # what proxy_set_effective_context chose (0: the active one)
+        self.streams: dict[int, HttpStream] = {}
+        self.callout: CalloutResponse | None = None
+        self.fused: Fused | None = None  # the fused-call driver (fused.py), when linked
+        self.staging: HttpStream | None = None  # shown once the driver reaches on_request_headers
+        self.effective_step = 0  # the driver's step when the effective context was set
 
     # -- memory -----------------------------------------------------------------------
 
-    def _at(self, ptr: int, size: int) -> int:
+    def at(self, ptr: int, size: int) -> int:
         """The view index of guest bytes [ptr, ptr + size), bounds-checked."""
         mem = self.mem
         if ptr + size > mem.size and ptr + size > mem.refresh():
             raise HostError(_BAD_MEMORY)
         return mem.base + ptr
 
-    def _read(self, ptr: int, size: int) -> bytes:
-        mem = self.mem  # _at, inlined: most host calls read a name or two
+    def read(self, ptr: int, size: int) -> bytes:
+        mem = self.mem  # at(), inlined: most host calls read a name or two
         end = ptr + size
         if end > mem.size and end > mem.refresh():
             raise HostError(_BAD_MEMORY)
         return mem.view[mem.base + ptr : mem.base + end].tobytes()
 
-    def _write(self, ptr: int, data: bytes) -> None:
-        at = self._at(ptr, len(data))
+    def write(self, ptr: int, data: bytes) -> None:
+        at = self.at(ptr, len(data))
         self.mem.view[at : at + len(data)] = data
 
-    def _put_u32(self, ptr: int, value: int) -> None:
-        _U32.pack_into(self.mem.view, self._at(ptr, 4), value)
+    def put_u32(self, ptr: int, value: int) -> None:
+        _U32.pack_into(self.mem.view, self.at(ptr, 4), value)
 
-    def _put_u64(self, ptr: int, value: int) -> None:
-        _U64.pack_into(self.mem.view, self._at(ptr, 8), value & 0xFFFFFFFFFFFFFFFF)
+    def put_u64(self, ptr: int, value: int) -> None:
+        _U64.pack_into(self.mem.view, self.at(ptr, 8), value & 0xFFFFFFFFFFFFFFFF)
 
-    def _give(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
+    def give(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
         """Copy `data` into guest-allocated memory; write its address and size (cpp-host's
         copyToPointerSize: an empty value is 0/0 without calling the allocator)."""
         size = len(data)
         if size == 0:
-            self._put_u32(ptr_ptr, 0)
-            self._put_u32(size_ptr, 0)
+            self.put_u32(ptr_ptr, 0)
+            self.put_u32(size_ptr, 0)
             return _OK
         if self.malloc is None:
             return _BAD_MEMORY
         addr = self.malloc(size) & 0xFFFFFFFF
         if addr == 0:
             return _BAD_MEMORY
-        self._write(addr, data)  # the allocator may have grown memory: _at re-reads the size
-        self._put_u32(ptr_ptr, addr)
-        self._put_u32(size_ptr, size)
+        self.write(addr, data)  # the allocator may have grown memory: at() re-reads the size
+        self.put_u32(ptr_ptr, addr)
+        self.put_u32(size_ptr, size)
         return _OK
 
     def _step(self) -> int:
@@ -138,20 +128,20 @@ class HostCalls:
     def proxy_log(self, level: int, ptr: int, size: int) -> int:
         if level < self.min_level:
             return _OK
-        message = self._read(ptr, size).decode("utf-8", "replace")
-        self.plugin.guest_log(_PY_LEVELS.get(level, logging.CRITICAL), message)
+        message = self.read(ptr, size).decode("utf-8", "replace")
+        self.host.guest_log(_PY_LEVELS.get(level, logging.CRITICAL), message)
         return _OK
 
     def proxy_get_log_level(self, ret: int) -> int:
-        self._put_u32(ret, self.min_level)
+        self.put_u32(ret, self.min_level)
         return _OK
 
     def proxy_get_current_time_nanoseconds(self, ret: int) -> int:
-        self._put_u64(ret, time.time_ns())
+        self.put_u64(ret, time.time_ns())
         return _OK
 
     def proxy_set_tick_period_milliseconds(self, period: int) -> int:
-        self.plugin.set_tick_period(period)
+        self.host.set_tick_period(period)
         return _OK
 
     def proxy_done(self) -> int:
@@ -165,16 +155,16 @@ class HostCalls:
         return _OK
 
     def proxy_get_status(self, code_ptr: int, ptr_ptr: int, size_ptr: int) -> int:
-        self._put_u32(code_ptr, 0)
-        return self._give(b"", ptr_ptr, size_ptr)
+        self.put_u32(code_ptr, 0)
+        return self.give(b"", ptr_ptr, size_ptr)
 
     # -- buffers ------------------------------------------------------------------------
 
     def _buffer(self, buffer_type: int) -> bytes | None:
         if buffer_type == BufferType.PLUGIN_CONFIGURATION:
-            return self.plugin.configuration
+            return self.host.configuration
         if buffer_type == BufferType.VM_CONFIGURATION:
-            return self.plugin.vm_configuration
+            return self.host.vm_configuration
         if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY:
             return self.callout.body if self.callout is not None else None
         stream = self._stream()
@@ -192,17 +182,17 @@ class HostCalls:
         data = self._buffer(buffer_type)
         if data is None:
             return _NOT_FOUND
-        return self._give(data[start : start + max_size], ptr_ptr, size_ptr)
+        return self.give(data[start : start + max_size], ptr_ptr, size_ptr)
 
     def proxy_get_configuration(self, ptr_ptr: int, size_ptr: int) -> int:
-        return self._give(self.plugin.configuration, ptr_ptr, size_ptr)
+        return self.give(self.host.configuration, ptr_ptr, size_ptr)
 
     def proxy_get_buffer_status(self, buffer_type: int, size_ptr: int, flags_ptr: int) -> int:
         data = self._buffer(buffer_type)
         if data is None:
             return _NOT_FOUND
-        self._put_u32(size_ptr, len(data))
-        self._put_u32(flags_ptr, 0)
+        self.put_u32(size_ptr, len(data))
+        self.put_u32(flags_ptr, 0)
         return _OK
 
     def proxy_set_buffer_bytes(
@@ -211,7 +201,7 @@ class HostCalls:
         stream = self._stream()
         if stream is None or buffer_type not in (0, 1):
             return _NOT_FOUND
-        value = self._read(ptr, value_size)
+        value = self.read(ptr, value_size)
         old = stream.request_body if buffer_type == 0 else stream.response_body
         if start == 0 and size == 0:
             new = value + old  # prepend
@@ -254,7 +244,7 @@ class HostCalls:
             pairs = self._callout_map(map_type)
             if pairs is None or edit:
                 return None, None, b""
-            return pairs, None, self._read(key_ptr, key_size).lower()
+            return pairs, None, self.read(key_ptr, key_size).lower()
         if self.effective_id or self.staging is not None:
             stream = self._stream()
         else:  # _stream(), for the usual case (the headers of the running callback)
@@ -263,14 +253,14 @@ class HostCalls:
             return None, None, b""
         pairs = stream.maps.get(map_type)
         if pairs is not None:
-            return pairs, stream, self._read(key_ptr, key_size).lower()
+            return pairs, stream, self.read(key_ptr, key_size).lower()
         if map_type == _REQ:
             pairs = stream.request_plain
         elif map_type == _RESP:
             pairs = stream.response_plain
         if pairs is None:
             return None, None, b""
-        key = self._read(key_ptr, key_size).lower()
+        key = self.read(key_ptr, key_size).lower()
         if key[:1] == b":":
             pairs = stream.whole(map_type)  # a pseudo-header: build the map
         return pairs, stream, key
@@ -280,7 +270,7 @@ class HostCalls:
         if pairs is None:
             return _NOT_FOUND
         size = len(stream.encode(map_type)) if stream is not None else len(encode_pairs(pairs))
-        self._put_u32(ret, size)
+        self.put_u32(ret, size)
         return _OK
 
     def proxy_get_header_map_pairs(self, map_type: int, ptr_ptr: int, size_ptr: int) -> int:
@@ -288,14 +278,14 @@ class HostCalls:
         if pairs is None:
             return _NOT_FOUND
         data = stream.encode(map_type) if stream is not None else encode_pairs(pairs)
-        return self._give(data, ptr_ptr, size_ptr)
+        return self.give(data, ptr_ptr, size_ptr)
 
     def proxy_set_header_map_pairs(self, map_type: int, ptr: int, size: int) -> int:
         pairs, stream = self._map(map_type)
         if pairs is None or stream is None:
             return _NOT_FOUND
         try:
-            new = decode_pairs(self._read(ptr, size))
+            new = decode_pairs(self.read(ptr, size))
         except PairsError:
             return int(WasmResult.PARSE_FAILURE)
         pairs[:] = [(k.lower(), v) for k, v in new]
@@ -310,9 +300,9 @@ class HostCalls:
             return _NOT_FOUND
         for name, value in pairs:
             if name == key:
-                return self._give(value, ptr_ptr, size_ptr)
+                return self.give(value, ptr_ptr, size_ptr)
         if self.abi == "0.1.0":
-            return self._give(b"", ptr_ptr, size_ptr)
+            return self.give(b"", ptr_ptr, size_ptr)
         return _NOT_FOUND
 
     def proxy_add_header_map_value(
@@ -321,7 +311,7 @@ class HostCalls:
         pairs, stream, key = self._map_for(map_type, key_ptr, key_size)
         if pairs is None or stream is None:
             return _NOT_FOUND
-        pairs.append((key, self._read(value_ptr, value_size)))
+        pairs.append((key, self.read(value_ptr, value_size)))
         stream.dirty |= 1 << (map_type + 2)  # stream.changed(), inlined for the usual edit
         if stream.encoded:
             stream.encoded.pop(map_type, None)
@@ -333,7 +323,7 @@ class HostCalls:
         pairs, stream, key = self._map_for(map_type, key_ptr, key_size)
         if pairs is None or stream is None:
             return _NOT_FOUND
-        value = self._read(value_ptr, value_size)
+        value = self.read(value_ptr, value_size)
         kept = [(n, v) for n, v in pairs if n != key]
         at = next((i for i, (n, _) in enumerate(pairs) if n == key), len(kept))
         kept.insert(at, (key, value))
@@ -387,15 +377,15 @@ class HostCalls:
         if stream is None:
             return _NOT_FOUND
         try:
-            headers = decode_pairs(self._read(headers_ptr, headers_size))
+            headers = decode_pairs(self.read(headers_ptr, headers_size))
         except PairsError:
             return int(WasmResult.PARSE_FAILURE)
         if grpc_status >= 1 << 31:
             grpc_status -= 1 << 32
         stream.local_reply = LocalReply(
             status,
-            self._read(details_ptr, details_size),
-            self._read(body_ptr, body_size),
+            self.read(details_ptr, details_size),
+            self.read(body_ptr, body_size),
             [(k.lower(), v) for k, v in headers],
             grpc_status,
         )
@@ -405,20 +395,20 @@ class HostCalls:
     # -- properties ---------------------------------------------------------------------
 
     def proxy_get_property(self, path_ptr: int, path_size: int, ptr_ptr: int, size_ptr: int) -> int:
-        path = self._read(path_ptr, path_size).replace(b"\0", b".").decode("utf-8", "replace")
-        value = lookup_property(path, self._stream(), self.plugin)
+        path = self.read(path_ptr, path_size).replace(b"\0", b".").decode("utf-8", "replace")
+        value = lookup_property(path, self._stream(), self.host)
         if value is None:
             return _NOT_FOUND
-        return self._give(value, ptr_ptr, size_ptr)
+        return self.give(value, ptr_ptr, size_ptr)
 
     def proxy_set_property(
         self, path_ptr: int, path_size: int, value_ptr: int, value_size: int
     ) -> int:
-        path = self._read(path_ptr, path_size).replace(b"\0", b".").decode("utf-8", "replace")
-        value = self._read(value_ptr, value_size)
+        path = self.read(path_ptr, path_size).replace(b"\0", b".").decode("utf-8", "replace")
+        value = self.read(value_ptr, value_size)
         stream = self._stream()
         if stream is None:
-            self.plugin.properties[path] = value
+            self.host.properties[path] = value
         else:
             if stream.properties is None:
                 stream.properties = {}
@@ -430,28 +420,28 @@ class HostCalls:
     def fd_write(self, fd: int, iovs: int, iovs_len: int, nwritten_ptr: int) -> int:
         if iovs_len > 1024:
             return WASI_FAULT
-        table = self._read(iovs, 8 * iovs_len)
+        table = self.read(iovs, 8 * iovs_len)
         parts = []
         for i in range(iovs_len):
             ptr, size = struct.unpack_from("<II", table, 8 * i)
-            parts.append(self._read(ptr, size))
+            parts.append(self.read(ptr, size))
         data = b"".join(parts)
         level = logging.ERROR if fd == 2 else logging.INFO
-        self.plugin.guest_log(level, data.decode("utf-8", "replace").rstrip("\n"))
-        self._put_u32(nwritten_ptr, len(data))
+        self.host.guest_log(level, data.decode("utf-8", "replace").rstrip("\n"))
+        self.put_u32(nwritten_ptr, len(data))
         return WASI_SUCCESS
 
     def clock_time_get(self, clock_id: int, precision: int, ret: int) -> int:
-        self._put_u64(ret, time.time_ns() if clock_id == 0 else time.monotonic_ns())
+        self.put_u64(ret, time.time_ns() if clock_id == 0 else time.monotonic_ns())
         return WASI_SUCCESS
 
     def random_get(self, ptr: int, size: int) -> int:
-        self._write(ptr, os.urandom(size))
+        self.write(ptr, os.urandom(size))
         return WASI_SUCCESS
 
     def environ_sizes_get(self, count_ptr: int, size_ptr: int) -> int:
-        self._put_u32(count_ptr, 0)
-        self._put_u32(size_ptr, 0)
+        self.put_u32(count_ptr, 0)
+        self.put_u32(size_ptr, 0)
         return WASI_SUCCESS
 
     def environ_get(self, environ: int, buf: int) -> int:

@@ -17,10 +17,11 @@ from typing import Any
 
 import wasmtime
 
-from .hostcalls import CalloutResponse, HostCalls
+from .context import CalloutResponse
+from .diagnose import REJECTED, misconfigured
 from .metrics import PluginMetrics
 from .native import WasmCallError
-from .runtime import WasmRuntime
+from .runtime import SharedData, WasmRuntime
 from .vm import WasmVM
 
 log = logging.getLogger("sidecar.wasm")
@@ -49,6 +50,8 @@ class PluginSettings:
 
 
 class Plugin:
+    """A configured filter module; the `Host` (host.py) its instances' host functions use."""
+
     name: str
     root_id: str
     vm_id: str
@@ -83,6 +86,7 @@ class Plugin:
         self.metrics = PluginMetrics(settings.name)
         self.log_sink = log_sink
         self.unimplemented: set[str] = set()
+        self._start_logs: list[str] | None = None  # guest logs while an instance starts
         self.vm: WasmVM | None = None
         self._failures = 0
         self._retry_at = 0.0
@@ -91,6 +95,10 @@ class Plugin:
         self._tokens = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         runtime.ensure_ticker()
+
+    @property
+    def shared(self) -> SharedData:
+        return self.runtime.shared
 
     # -- instances ------------------------------------------------------------------------
 
@@ -105,18 +113,25 @@ class Plugin:
         if now < self._retry_at:
             raise Unavailable(f"wasm filter {self.name!r} is restarting")
         vm = None
+        logs: list[str] = []
+        self._start_logs = logs
         try:
             vm = WasmVM(self, self.module)
             self.metrics.instances += 1
             if not vm.start():
-                raise WasmCallError("the root context rejected its configuration")
-        except Exception:
+                raise WasmCallError(REJECTED)
+        except Exception as exc:
             if vm is not None:
                 vm.release()
             self._failures += 1
             self._retry_at = now + min(MAX_BACKOFF_S, 0.05 * 2 ** (self._failures - 1))
             self.metrics.traps += 1
+            cause = misconfigured(exc, logs, self.root_id, self.configuration)
+            if cause is not None:
+                raise cause from exc
             raise
+        finally:
+            self._start_logs = None
         self._failures = 0
         self.vm = vm
         return vm
@@ -149,6 +164,8 @@ class Plugin:
     # -- logs and unimplemented imports -------------------------------------------------
 
     def guest_log(self, level: int, message: str) -> None:
+        if self._start_logs is not None:
+            self._start_logs.append(message)
         if self.log_sink is not None:
             self.log_sink(level, message)
         log.log(level, "wasm filter %s: %s", self.name, message)
@@ -232,41 +249,38 @@ class Plugin:
 
     def http_call(
         self,
-        vm: HostCalls,
+        caller: object,
         upstream: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         timeout_ms: int,
     ) -> int:
         """Start the callout; its response comes back to the root context (as in cpp-host),
-        where SDKs switch to the calling stream with proxy_set_effective_context."""
+        where SDKs switch to the calling stream with proxy_set_effective_context. `caller`:
+        the asking instance's HostCalls; a reply reaches it only while it still serves."""
         from .callout import fetch  # aiohttp is only imported by filters that call out
 
         base = self.resolve_upstream(upstream)
         token = next(self._tokens)
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._callout(vm, token, fetch(base, headers, body, timeout_ms)))
+        task = loop.create_task(
+            self._callout(caller, token, fetch(base, headers, body, timeout_ms))
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return token
 
     async def _callout(
         self,
-        vm: HostCalls,
+        caller: object,
         token: int,
         request: Coroutine[Any, Any, CalloutResponse | None],
     ) -> None:
         response = await request
-        if vm is not self.vm or not isinstance(vm, WasmVM) or vm.cb_http_call_response is None:
+        vm = self.vm
+        if vm is None or vm.calls is not caller:
             return  # the instance that asked is gone
-        if response is None:
-            counts = (0, 0, 0)
-        else:
-            counts = (len(response.headers), len(response.body), len(response.trailers))
-        vm.callout = response
         try:
-            vm.invoke(vm.cb_http_call_response, vm.root_id, token, *counts)
+            vm.http_call_response(token, response)
         except WasmCallError as exc:
             self.trapped(vm, exc)
-        finally:
-            vm.callout = None

@@ -15,7 +15,7 @@ from .abi import MapType, encode_pairs
 from .context import HttpStream
 
 if TYPE_CHECKING:
-    from .plugin import Plugin
+    from .host import Host
 
 _I64 = struct.Struct("<q")
 
@@ -92,7 +92,7 @@ def _address(address: str, field: str) -> bytes | None:
     return None
 
 
-_PLUGIN: dict[str, Callable[[Plugin], bytes]] = {
+_PLUGIN: dict[str, Callable[[Host], bytes]] = {
     "plugin_root_id": lambda p: p.root_id.encode(),
     "plugin_name": lambda p: p.name.encode(),
     "plugin_vm_id": lambda p: p.vm_id.encode(),
@@ -103,14 +103,14 @@ _PLUGIN: dict[str, Callable[[Plugin], bytes]] = {
 }
 
 
-def lookup_property(path: str, stream: HttpStream | None, plugin: Plugin) -> bytes | None:
+def lookup_property(path: str, stream: HttpStream | None, host: Host) -> bytes | None:
     if stream is not None and stream.properties is not None and path in stream.properties:
         return stream.properties[path]
-    if path in plugin.properties:
-        return plugin.properties[path]
+    if path in host.properties:
+        return host.properties[path]
     static = _PLUGIN.get(path)
     if static is not None:
-        return static(plugin)
+        return static(host)
     if stream is None:
         return None
     head, _, rest = path.partition(".")

@@ -1,6 +1,10 @@
 """One instance of a filter module: links every import, finds the callbacks, and drives
 them with the CPU deadline set and the active context recorded.
 
+The host functions it links belong to two objects it owns: `HostCalls` (the instance's
+memory and contexts) and `ServiceCalls` (metrics, shared data, callouts), both reaching
+the plugin only through the `Host` protocol.
+
 A WasmVM is used until a callback traps; then its owner (plugin.py) throws it away and a
 fresh one serves the next call, so no state from a broken instance is ever read again.
 """
@@ -9,19 +13,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import wasmtime
 
 from . import fused as fusing
 from . import native
 from .abi import ABI_MARKERS, PROXY_FUNCS, WASI_FUNCS, WASI_MODULES, WASI_NOTSUP, WasmResult
-from .context import HttpStream
+from .context import CalloutResponse, HttpStream
 from .fused import Fused
+from .host import Owner
+from .hostcalls import HostCalls
 from .servicecalls import ServiceCalls
-
-if TYPE_CHECKING:
-    from .plugin import Plugin
 
 log = logging.getLogger("sidecar.wasm")
 
@@ -86,20 +89,19 @@ def implemented(module_name: str, name: str, ty: wasmtime.FuncType) -> bool:
     return table.get(name) == _signature(ty)
 
 
-class WasmVM(ServiceCalls):
-    def __init__(self, plugin: Plugin, module: wasmtime.Module) -> None:
+class WasmVM:
+    def __init__(self, plugin: Owner, module: wasmtime.Module) -> None:
         self.plugin = plugin
         self.abi = abi_version(module) or ""
         if not self.abi:
             raise LoadError(
                 "no proxy_abi_version_0_2_1/_0_2_0/_0_1_0 export: not a proxy-wasm module"
             )
-        self.root_id = 1
-        self.active_id = 0
-        self.effective_id = 0
-        self.streams = {}
-        self.callout = None
         self.min_level = plugin.min_log_level
+        calls = self.calls = HostCalls(plugin, self.abi, self.min_level)
+        services = ServiceCalls(calls, plugin)
+        self.root_id = calls.root_id
+        self.streams = calls.streams  # the same dict: the instance's HTTP contexts
         self.broken = False
         self._next_id = 2
         self._raised: list[BaseException] = []
@@ -123,10 +125,10 @@ class WasmVM(ServiceCalls):
             name = imp.name or ""
             fn: Callable[..., int | None]
             if implemented(imp.module, name, ty):
-                fn = getattr(self, name)
+                fn = getattr(calls, name, None) or getattr(services, name)
             else:
                 fn = self._stub(imp.module, name, ty)
-            if use_native and imp.module == "env" and name == "proxy_log" and fn == self.proxy_log:
+            if use_native and imp.module == "env" and name == "proxy_log" and fn == calls.proxy_log:
                 self._link_log_gate(linker, store, ty)
                 continue
             define(linker, imp.module, name, ty, fn, self._raised, self._keep)
@@ -138,7 +140,7 @@ class WasmVM(ServiceCalls):
         memory = exports.get("memory") if "memory" in exports else None
         if not isinstance(memory, wasmtime.Memory):
             raise LoadError("the module exports no memory named 'memory'")
-        self.mem = (native.RawMemory if use_native else native.PublicMemory)(store, memory)
+        calls.mem = (native.RawMemory if use_native else native.PublicMemory)(store, memory)
 
         def export(name: str) -> Callback | None:
             func = exports.get(name)
@@ -155,7 +157,7 @@ class WasmVM(ServiceCalls):
             return native.PublicExportCaller(store, func, name, arity, self._raised)
 
         self.export = export
-        self.malloc = export("malloc") or export("proxy_on_memory_allocate")
+        calls.malloc = export("malloc") or export("proxy_on_memory_allocate")
         if "_initialize" in exports:
             self._run_start(export("_initialize"))
             main = export("main")
@@ -180,9 +182,7 @@ class WasmVM(ServiceCalls):
         self.cb_queue_ready = export("proxy_on_queue_ready")
         # 0.1.0 header callbacks take (context, num_headers); 0.2.x adds end_of_stream.
         self.headers_take_eos = self.abi != "0.1.0"
-        self.staging = None
-        self.effective_step = 0
-        self.fused = self._link_fused(store, exports) if use_native else None
+        self.fused = calls.fused = self._link_fused(store, exports) if use_native else None
 
     def _link_fused(self, store: wasmtime.Store, exports: Any) -> Fused | None:
         callbacks = {}
@@ -216,7 +216,7 @@ class WasmVM(ServiceCalls):
         """
         gate = self.plugin.runtime.log_gate(self.min_level)
         native.define_host_func(
-            linker, "opus_host", "proxy_log", ty, self.proxy_log, self._raised, self._keep
+            linker, "opus_host", "proxy_log", ty, self.calls.proxy_log, self._raised, self._keep
         )
         instance = linker.instantiate(store, gate)
         linker.define(store, "env", "proxy_log", instance.exports(store)["proxy_log"])
@@ -242,8 +242,9 @@ class WasmVM(ServiceCalls):
 
     def invoke(self, callback: Callback, context_id: int, *args: int) -> int:
         """Run one callback as `context_id`; WasmCallError (a trap) breaks the instance."""
-        self.active_id = context_id
-        self.effective_id = 0
+        calls = self.calls
+        calls.active_id = context_id
+        calls.effective_id = 0
         # The deadline is `ticks` past the epoch when it was set; while the epoch has not
         # moved since, the one set for an earlier callback still grants the whole budget.
         epoch = self._runtime.epoch
@@ -255,8 +256,8 @@ class WasmVM(ServiceCalls):
             self.broken = True
             raise
         finally:
-            self.active_id = 0
-            self.effective_id = 0
+            calls.active_id = 0
+            calls.effective_id = 0
 
     def start(self) -> bool:
         """Create the root context, then vm_start and configure (cpp-host's order)."""
@@ -290,6 +291,21 @@ class WasmVM(ServiceCalls):
         error.__cause__ = exc.__cause__
         return error
 
+    def http_call_response(self, token: int, response: CalloutResponse | None) -> None:
+        """Deliver a callout's reply to the root context (WasmCallError: a trap)."""
+        callback = self.cb_http_call_response
+        if callback is None:
+            return
+        if response is None:
+            counts = (0, 0, 0)
+        else:
+            counts = (len(response.headers), len(response.body), len(response.trailers))
+        self.calls.callout = response
+        try:
+            self.invoke(callback, self.root_id, token, *counts)
+        finally:
+            self.calls.callout = None
+
     def new_stream(self) -> HttpStream:
         stream = HttpStream(self._next_id)
         self._next_id += 1
@@ -312,9 +328,10 @@ class WasmVM(ServiceCalls):
                 return 0
             return self.headers_callback(self.cb_request_headers, stream, count, eos)
         assert driver is not None
-        context = self.active_id = stream.id
-        self.effective_id = 0
-        self.staging = stream  # shown once the driver reaches on_request_headers
+        calls = self.calls
+        context = calls.active_id = stream.id
+        calls.effective_id = 0
+        calls.staging = stream  # shown once the driver reaches on_request_headers
         if self._runtime.epoch != self._deadline_epoch:
             self.refresh_deadline()
         try:
@@ -324,8 +341,8 @@ class WasmVM(ServiceCalls):
         except native.WasmCallError as exc:
             raise self._fused_failed(exc, driver.plan.begin) from exc.__cause__
         finally:
-            self.active_id = self.effective_id = 0
-            self.staging = None
+            calls.active_id = calls.effective_id = 0
+            calls.staging = None
             stream.show_request()
 
     def finish(self, stream: HttpStream, count: int, eos: bool, may_end: bool) -> int:
@@ -339,8 +356,9 @@ class WasmVM(ServiceCalls):
             return self.headers_callback(self.cb_response_headers, stream, count, eos)
         assert driver is not None
         words = driver.words
-        context = self.active_id = stream.id
-        self.effective_id = 0
+        calls = self.calls
+        context = calls.active_id = stream.id
+        calls.effective_id = 0
         if self._runtime.epoch != self._deadline_epoch:
             self.refresh_deadline()
         try:
@@ -355,7 +373,7 @@ class WasmVM(ServiceCalls):
             stream.end_error = error
             return 0
         finally:
-            self.active_id = self.effective_id = 0
+            calls.active_id = calls.effective_id = 0
         if words[fusing.STEP // 4] > 1:
             stream.ended = True
         return action

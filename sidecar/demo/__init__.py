@@ -23,7 +23,7 @@ from types import FrameType
 
 from sidecar.demo.mesh import Mesh, start_mesh
 from sidecar.demo.procs import Children, DemoError, child_env
-from sidecar.demo.report import Call, print_summary, run_calls
+from sidecar.demo.report import Call, displaced_warning, print_summary, run_calls
 
 __all__ = ["main"]
 
@@ -34,6 +34,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--once", action="store_true", help="make the calls, then stop and exit")
     parser.add_argument("--calls", type=int, default=5, metavar="N", help="calls to make (5)")
+    parser.add_argument(
+        "--outbound-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="payment's outbound port to ask for (the seed's 8080); a free one when busy",
+    )
     return parser.parse_args(argv)
 
 
@@ -63,13 +70,18 @@ def _show_logs(mesh: Mesh, children: Children) -> None:
 
 def _run(args: argparse.Namespace, children: Children, workdir: Path) -> int:
     print(f"Starting the demo mesh in {workdir} ...", flush=True)
-    mesh = start_mesh(children, workdir)
+    mesh = start_mesh(children, workdir, args.outbound_port)
     print(
         f"Mesh ready: payment and inventory, each behind a sidecar. The demo plays a client\n"
         f"app calling payment through payment's sidecar ({mesh.payment.outbound_url}); the\n"
         f"payment app calls inventory through the same sidecar.\n",
         flush=True,
     )
+    warning = displaced_warning(mesh)
+    if warning:
+        # On stderr and boxed: the seed's snippet calls localhost:8080, and when that
+        # port is someone else's, nothing else would tell the user their calls go there.
+        print(f"{warning}\n", file=sys.stderr, flush=True)
     calls: list[Call] = run_calls(mesh, args.calls, sys.stdout)
     print_summary(mesh, calls, sys.stdout, show_logs=not args.once)
     ok = all(call.status == 200 for call in calls)
@@ -86,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if args.calls < 0:
         print("demo: --calls must be 0 or more", file=sys.stderr)
+        return 2
+    if not 0 <= args.outbound_port < 65536:
+        print("demo: --outbound-port must be a port number", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="opus-demo-"))
     children = Children(child_env())

@@ -50,7 +50,9 @@ class Mesh:
     payment: Stack
     inventory: Stack
     workdir: Path
-    # Payment's seed ports (8080, 15006, 9090) that were busy: name -> the port used instead.
+    # The ports payment's sidecar asked for (the seed's 8080, 15006, 9090, unless told
+    # otherwise), and those that were busy: name -> the port used instead.
+    wanted: dict[str, int]
     displaced: dict[str, int]
 
 
@@ -110,8 +112,9 @@ def _start_stack(
     )
 
 
-def start_mesh(children: Children, workdir: Path) -> Mesh:
-    """Start inventory's stack, then payment's; return once calls can flow."""
+def start_mesh(children: Children, workdir: Path, outbound_port: int = 0) -> Mesh:
+    """Start inventory's stack, then payment's; return once calls can flow.
+    `outbound_port`: payment's outbound port to ask for (0: the seed's 8080)."""
     (workdir / "registry").mkdir(exist_ok=True)
     # Inventory first: when payment's sidecar does its first registry sync, inventory
     # is already there.
@@ -119,9 +122,12 @@ def start_mesh(children: Children, workdir: Path) -> Mesh:
         children, workdir, "inventory", {"outbound": 0, "inbound": 0, "admin": 0}
     )
 
+    wanted = dict(SEED_PORTS)
+    if outbound_port:
+        wanted["outbound"] = outbound_port
     displaced: dict[str, int] = {}
     ports: dict[str, int] = {}
-    for name, seed in SEED_PORTS.items():
+    for name, seed in wanted.items():
         ports[name] = seed if port_is_free(seed) else 0
     if ports["outbound"] == 0:
         # Payment's app needs this port before its sidecar starts.
@@ -133,7 +139,7 @@ def start_mesh(children: Children, workdir: Path) -> Mesh:
         ports,
         OPUS_SIDECAR_URL=f"http://127.0.0.1:{ports['outbound']}",
     )
-    for name, seed in SEED_PORTS.items():
+    for name, seed in wanted.items():
         used = getattr(payment, name)
         if used != seed:
             displaced[name] = used
@@ -144,4 +150,4 @@ def start_mesh(children: Children, workdir: Path) -> Mesh:
     for service in ("inventory", "payment"):
         probe = f"{payment.outbound_url}/v1/invoke/{service}/health"
         wait_for_http(payment_sidecar, probe, DISCOVERY_TIMEOUT)
-    return Mesh(payment, inventory, workdir, displaced)
+    return Mesh(payment, inventory, workdir, wanted, displaced)

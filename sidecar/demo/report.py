@@ -69,6 +69,36 @@ def run_calls(mesh: Mesh, count: int, out: TextIO) -> list[Call]:
     return calls
 
 
+def base_url_snippet(mesh: Mesh) -> str:
+    return f'OpusClient("{mesh.payment.outbound_url}")'
+
+
+def displaced_warning(mesh: Mesh) -> str:
+    """A box saying which of the ports payment's sidecar asked for were busy and, when the
+    outbound one was, which base_url reaches this mesh; "" when it got them all."""
+    if not mesh.displaced:
+        return ""
+    lines = [
+        f"port {mesh.wanted[name]} was busy: payment's sidecar {name} is on :{used} instead"
+        for name, used in mesh.displaced.items()
+    ]
+    if "outbound" in mesh.displaced:
+        wanted, seed = mesh.wanted["outbound"], SEED_PORTS["outbound"]
+        lines += [
+            f"Code calling localhost:{wanted} reaches whatever holds it, not this mesh",
+            f"(the seed's snippet and OpusClient's default call localhost:{seed}).",
+            "Call this mesh with:",
+            f"    {base_url_snippet(mesh)}",
+            f"    or OPUS_SIDECAR_URL={mesh.payment.outbound_url}",
+        ]
+    width = max(len(line) for line in lines)
+    rule = "!" * (width + 4)
+    body = [f"! {line:<{width}} !" for line in lines]
+    title = " WARNING "
+    top = rule[:2] + title + rule[2 + len(title) :]
+    return "\n".join([top, *body, rule])
+
+
 def _pretty(body: str) -> str:
     try:
         return json.dumps(json.loads(body), indent=2)
@@ -90,8 +120,9 @@ def print_summary(mesh: Mesh, calls: list[Call], out: TextIO, *, show_logs: bool
             f":{stack.outbound}  inbound :{stack.inbound}  admin :{stack.admin}",
             file=out,
         )
-    for name, used in mesh.displaced.items():
-        print(f"  note: port {SEED_PORTS[name]} was busy, payment's {name} uses :{used}", file=out)
+    warning = displaced_warning(mesh)
+    if warning:
+        print(f"\n{warning}", file=out)
 
     print("\nAdmin:", file=out)
     for stack in (p, i):
@@ -114,6 +145,11 @@ def print_summary(mesh: Mesh, calls: list[Call], out: TextIO, *, show_logs: bool
         file=out,
     )
     print(f"  curl -s {p.admin_url}/clusters", file=out)
+    print(
+        f"  python -c 'from opus_client import OpusClient; print({base_url_snippet(mesh)}"
+        f'.call_service("payment", "create", {json.dumps(PAYMENT_BODY)}).json())\'',
+        file=out,
+    )
 
     if show_logs:
         print(f"\nLogs (removed when the demo stops) in {mesh.workdir}:", file=out)

@@ -14,7 +14,6 @@ task per call runs the handler's coroutine.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from sidecar.errors import error_body
 from sidecar.proto.h1head import (
     BAD,
     FRAMING_FIELDS,
@@ -593,10 +593,10 @@ def _check_transfer_coding(value: bytes) -> None:
 
 
 def _rejection(status: int, reason: str) -> bytes:
-    body = json.dumps({"error": reason, "status": status}).encode()
+    body, content_type = error_body(status, reason, spaced=True)
     return (
-        status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % len(body) + body
+        status_line(status) + b"content-type: %s\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (content_type, len(body)) + body
     )
 
 

@@ -225,3 +225,60 @@ def test_not_wasm_stops_the_sidecar_before_it_binds(tmp_path: Path) -> None:
     assert run.returncode != 0
     assert "not a WebAssembly module" in run.stderr + run.stdout
     assert not ports.exists()  # stopped before binding any port
+
+
+def _wasm_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "wasm", "run", *args],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sdk_default_configure(as_filters: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/wasm_fixtures/sdk_default_configure.ts, built with the examples' SDK."""
+    out = tmp_path_factory.mktemp("as") / "sdk_default_configure.wasm"
+    source = FIXTURES / "sdk_default_configure.ts"
+    build = subprocess.run(
+        ["npx", "--no-install", "asc", str(source), "--path", "node_modules", "-b", str(out),
+         "--use", "abort=abort_proc_exit", "--optimize"],
+        capture_output=True, text=True, timeout=300, cwd=EXAMPLES,
+    )  # fmt: skip
+    assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
+    return out
+
+
+@pytest.mark.timeout(600)  # as_filters: a cold build takes minutes
+def test_sdk_filter_without_root_id_or_configuration_says_which(
+    as_filters: Path, sdk_default_configure: Path, tmp_path: Path
+) -> None:
+    """What a new user hit: a trap backtrace (no --root-id) and a memory fault (no
+    --plugin-config, the SDK's own onConfigure); now one line naming the setting."""
+    no_root = _wasm_run(str(as_filters / "rewrite_header.wasm"))
+    assert no_root.returncode == 3, no_root.stdout + no_root.stderr
+    last = no_root.stderr.strip().splitlines()[-1]
+    assert last.startswith("opus-sidecar wasm: ") and "--root-id NAME" in last
+    assert "Envoy's root_id" in last and "backtrace" not in no_root.stdout
+
+    no_config = _wasm_run(str(sdk_default_configure), "--root-id", "plain")
+    assert no_config.returncode == 3, no_config.stdout + no_config.stderr
+    last = no_config.stderr.strip().splitlines()[-1]
+    assert "--plugin-config" in last and "Envoy's configuration" in last
+    assert "memory fault" not in no_config.stdout
+
+    served = _wasm_run(str(sdk_default_configure), "--root-id", "plain", "--plugin-config", "x")
+    assert served.returncode == 0, served.stdout + served.stderr
+    assert "+ header x-plain: 1" in served.stdout
+
+    # The sidecar's own load error names the key.
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({
+        "service": {"name": "payment"},
+        "filters": {"inbound": [_wasm(as_filters / "rewrite_header.wasm", cache_dir=str(tmp_path))]},
+    }))  # fmt: skip
+    check = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check-config", str(config)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert check.returncode != 0
+    assert "root_id: the filter failed to start" in check.stderr + check.stdout

@@ -94,3 +94,23 @@ def test_only_unprocessed_failures_are_retry_safe() -> None:
     assert isinstance(UpstreamConnectError("x"), RETRY_SAFE)
     assert not isinstance(UpstreamReset("x"), RETRY_SAFE)
     assert not isinstance(UpstreamTimeout("x"), RETRY_SAFE)
+
+
+def test_one_renderer_for_replies_and_the_h1_servers_rejections() -> None:
+    from sidecar.errors import error_body
+    from sidecar.proto.h1server import _rejection
+
+    assert error_body(503, "no route", "payment") == (
+        b'{"error":"no route","status":503,"service":"payment"}',
+        b"application/json",
+    )
+    assert (
+        body_of(error_response(UnknownService("no route", service="payment")))
+        == (error_body(503, "no route", "payment")[0])
+    )
+    # The rejection's bytes on the wire, as they were before it used error_body.
+    assert _rejection(400, "malformed HTTP/1.1 request: bad") == (
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+        b"content-length: 59\r\nconnection: close\r\n\r\n"
+        b'{"error": "malformed HTTP/1.1 request: bad", "status": 400}'
+    )

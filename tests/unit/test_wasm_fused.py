@@ -12,7 +12,7 @@ import pytest
 from filters.wasm.filter import WasmConfig, WasmFilter, load_plugin
 from filters.wasm.fused import plan
 from filters.wasm.runtime import WasmRuntime
-from filters.wasm.vm import WasmVM
+from filters.wasm.servicecalls import ServiceCalls
 from sidecar.chain import FilterContext
 from tests.unit.test_wasm_support import EXAMPLES, FIXTURES, call_through, calls_through
 
@@ -82,14 +82,14 @@ def test_each_fused_callback_gets_its_own_deadline(
 ) -> None:
     """A tick during one callback of a fused call gives the next a fresh deadline, as
     the host does before each callback it runs itself."""
-    increment = WasmVM.proxy_increment_metric
+    increment = ServiceCalls.proxy_increment_metric
 
-    def tick_then_increment(self: WasmVM, metric_id: int, delta: int) -> int:
-        if self.plugin.metrics.by_id[metric_id].name == "done":
+    def tick_then_increment(self: ServiceCalls, metric_id: int, delta: int) -> int:
+        if self.host.metrics.by_id[metric_id].name == "done":
             runtime.tick()  # the epoch moves while on_done runs
         return increment(self, metric_id, delta)
 
-    monkeypatch.setattr(WasmVM, "proxy_increment_metric", tick_then_increment)
+    monkeypatch.setattr(ServiceCalls, "proxy_increment_metric", tick_then_increment)
     flt = _probe(runtime, True)
     vm = flt.plugin.acquire()
     set_deadline = vm._set_deadline
