@@ -27,7 +27,7 @@ from pathlib import Path
 from filters.wasm.filter import WasmConfig, WasmFilter, load_plugin
 from sidecar.call import Call, Next
 from sidecar.chain import FilterContext, compose
-from sidecar.proto.messages import Request, Response, fixed_body
+from sidecar.messages import Request, Response, fixed_body
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = b"x" * 1024

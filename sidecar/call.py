@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sidecar.errors import MeshError, error_response
-from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
+from sidecar.messages import Body, Headers, Request, Response, fixed_body
 
 if TYPE_CHECKING:
     from sidecar.cluster import Cluster

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 from sidecar.call import Call
 from sidecar.errors import MeshError
 from sidecar.forwarding import CLIENT_GONE, Responder, not_routed, routed
-from sidecar.proto.messages import Request, Response
+from sidecar.messages import Request, Response
 from sidecar.upstream.h1client import H1ClientConnection, H1Pool, Ticket
 
 if TYPE_CHECKING:

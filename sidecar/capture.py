@@ -25,14 +25,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from sidecar.adapters.h1server import H1ServerProtocol
+from sidecar.adapters.h2server import H2ServerProtocol
 from sidecar.cluster import ClusterManager
 from sidecar.config import SidecarConfig, parse_ip_port
 from sidecar.discovery.base import Endpoint
 from sidecar.listener import H2_PREFACE
+from sidecar.messages import Request
 from sidecar.metrics import Metrics
-from sidecar.proto.h1server import H1ServerProtocol
-from sidecar.proto.h2server import H2ServerProtocol
-from sidecar.proto.messages import Request
 from sidecar.serving import Handler, ListenerContext, ResponseSink
 
 log = logging.getLogger("sidecar.capture")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sidecar.call import Call, Next
 from sidecar.errors import MeshError, error_response
-from sidecar.proto.messages import Response
+from sidecar.messages import Response
 from sidecar.typedconfig import ConfigError, build_dataclass
 
 if TYPE_CHECKING:

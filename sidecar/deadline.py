@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 
-from sidecar.proto.messages import FIELD_NAME, Request
+from sidecar.messages import FIELD_NAME, Request
 
 DEADLINE_HEADER = b"x-opus-deadline-ms"
 GRPC_TIMEOUT_HEADER = b"grpc-timeout"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from sidecar.proto.messages import Headers, Response, fixed_body
+from sidecar.messages import Headers, Response, fixed_body
 
 # HTTP status -> gRPC status code (grpc/doc/http-grpc-status-mapping.md).
 _GRPC_STATUS = {

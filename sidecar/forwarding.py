@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sidecar.adapters.h2common import StreamGone
 from sidecar.errors import MeshError, error_response
-from sidecar.proto.h2common import StreamGone
 
 if TYPE_CHECKING:
     from sidecar.call import Call, Next
     from sidecar.cluster import Cluster
     from sidecar.discovery.base import Endpoint
-    from sidecar.proto.messages import Request, Response
+    from sidecar.messages import Request, Response
     from sidecar.serving import ResponseSink
 
 # A caller gone: the sink raises these when it cannot write.

@@ -12,8 +12,8 @@ import contextlib
 import socket
 from typing import cast
 
-from sidecar.proto.h1server import H1ServerProtocol
-from sidecar.proto.h2server import H2ServerProtocol
+from sidecar.adapters.h1server import H1ServerProtocol
+from sidecar.adapters.h2server import H2ServerProtocol
 from sidecar.serving import ListenerContext
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

@@ -42,8 +42,7 @@ from sidecar.errors import (
     error_response,
 )
 from sidecar.forwarding import CLIENT_GONE, not_routed, routed
-from sidecar.metrics import Metrics
-from sidecar.proto.messages import (
+from sidecar.messages import (
     FIELD_NAME,
     BodyError,
     Headers,
@@ -51,6 +50,7 @@ from sidecar.proto.messages import (
     Response,
     unsafe_header,
 )
+from sidecar.metrics import Metrics
 from sidecar.routing import INVOKE_PREFIX, Router
 from sidecar.serving import ImmediateSink, ResponseSink, TaskWork
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from sidecar.config import RouteConfig
 from sidecar.errors import BadRequest, UnknownService
-from sidecar.proto.messages import Request
+from sidecar.messages import Request
 
 INVOKE_PREFIX = b"/v1/invoke/"
 _K8S_SUFFIXES = (".svc.cluster.local", ".svc")

@@ -47,7 +47,7 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 from sidecar.filtermetrics import FilterMetrics
-from sidecar.proto.messages import Body, BodyError, Headers, Request, Response, fixed_body
+from sidecar.messages import Body, BodyError, Headers, Request, Response, fixed_body
 
 __all__ = [
     "DEADLINE_HEADER",

@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from sidecar.accesslog import AccessLog
+from sidecar.adapters.h2server import GOAWAY_GRACE_SECONDS
 from sidecar.admin import AdminServer
 from sidecar.call import BufferBudget
 from sidecar.capture import CaptureListener
@@ -32,7 +33,6 @@ from sidecar.lb import RoundRobin
 from sidecar.listener import Listener
 from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
 from sidecar.process import ControlledProcess, write_ports
-from sidecar.proto.h2server import GOAWAY_GRACE_SECONDS
 from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
 from sidecar.routing import Router
 from sidecar.serving import Admission, ListenerContext

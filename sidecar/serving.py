@@ -1,6 +1,6 @@
 """The types a listener and its connections share, below both.
 
-The protocol adapters (`sidecar.proto.h1server`, `h2server`) serve calls against a
+The protocol adapters (`sidecar.adapters.h1server`, `h2server`) serve calls against a
 `ListenerContext`; the listener (`sidecar.listener`) builds one per port and the proxy
 implements the handler (and, for HTTP/1.1, its callback path `StartNow`). Everything
 here depends only on the message types, so the protocol layer never reaches up into
@@ -22,7 +22,7 @@ import resource
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
-from sidecar.proto.messages import Request, Response
+from sidecar.messages import Request, Response
 
 if TYPE_CHECKING:
     from sidecar.config import Http2ServerConfig, LimitsConfig

@@ -16,14 +16,14 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sidecar.proto.messages import FIELD_NAME
+from sidecar.messages import FIELD_NAME
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
     from sidecar.call import Call
-    from sidecar.proto.messages import Headers, Request, Response
+    from sidecar.messages import Headers, Request, Response
 
 log = logging.getLogger("sidecar.tracing")
 

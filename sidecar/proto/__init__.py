@@ -1,14 +1,14 @@
-"""The listeners' wire protocols and the message types both sides of the proxy share.
+"""The wire protocols, Sans-IO: bytes in, events and bytes out, no sockets and no event
+loop (a unit test asserts that importing this package loads no asyncio).
 
-- `messages`: the protocol-neutral call (Request, Response, a streamed Body), which the
-  proxy core sees instead of any framing.
-- HTTP/1.1: `h1server`, the listener's server protocol on httptools (llhttp); `h1head`,
-  the check every HTTP/1.1 head and trailer block passes before it is written, which the
-  client side (sidecar/upstream/h1client.py) uses too.
-- HTTP/2: `h2engine`, the project's own Sans-IO connection state (h2 supplies only its
+- `fields`: header fields as every layer holds them, and the helpers the writers share.
+- HTTP/1.1: `h1head`, the check every HTTP/1.1 head and trailer block passes before it is
+  written, in both directions (httptools, llhttp, parses).
+- HTTP/2: `h2engine`, the project's own connection state machine (h2 supplies only its
   error and setting codes, jh2 the HPACK codec); `h2fields`, the RFC 9113 field checks the
-  engine runs; `h2common`, the asyncio driver of an engine that `h2server` (the listener's
-  h2c side) and sidecar/upstream/h2client.py build on.
+  engine runs.
 
-The client connections and pools live in `sidecar.upstream`.
+The asyncio adapters around them live in `sidecar.adapters` (the listener's HTTP/1.1 and
+h2c server protocols, the HTTP/2 driver) and `sidecar.upstream` (client connections and
+pools); the protocol-neutral messages in `sidecar.messages`.
 """

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 
-from sidecar.proto.messages import HOP_BY_HOP, Headers
+from sidecar.proto.fields import HOP_BY_HOP, Headers
 
 # Character classes (regex source) the HTTP/2 engine's checks share (h2fields): RFC 9110
 # tchar, its lower-case part (HTTP/2 field names), and RFC 3986's authority characters.

@@ -34,6 +34,15 @@ from sidecar.errors import (
     UpstreamConnectError,
     UpstreamReset,
 )
+from sidecar.messages import (
+    HOP_BY_HOP,
+    Body,
+    BodyError,
+    Headers,
+    Request,
+    Response,
+    content_length,
+)
 from sidecar.metrics import Metrics
 from sidecar.proto.h1head import (
     BAD,
@@ -45,15 +54,6 @@ from sidecar.proto.h1head import (
     kind_of,
     last_chunk,
     request_head_ok,
-)
-from sidecar.proto.messages import (
-    HOP_BY_HOP,
-    Body,
-    BodyError,
-    Headers,
-    Request,
-    Response,
-    content_length,
 )
 from sidecar.upstream.pool import PoolLimits, PoolMetrics
 

@@ -13,11 +13,11 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
+from sidecar.adapters.h2common import CONNECTION_WINDOW, H2Base, StreamGone
 from sidecar.errors import StreamRefused, UpstreamReset
+from sidecar.messages import Body, BodyError, Headers, Request, Response
 from sidecar.proto import h2engine as h2
-from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
 from sidecar.proto.h2engine import ErrorCodes, SettingCodes
-from sidecar.proto.messages import Body, BodyError, Headers, Request, Response
 
 log = logging.getLogger("sidecar.upstream")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from sidecar.discovery.base import Endpoint
 from sidecar.errors import PoolExhausted, UpstreamConnectError
+from sidecar.messages import Request, Response
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import Request, Response
 from sidecar.upstream.h2client import H2ClientConnection, connect_h2
 from sidecar.upstream.pool import PoolLimits, PoolMetrics, wake_all
 

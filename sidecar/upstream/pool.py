@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.discovery.base import Endpoint
+from sidecar.messages import Request, Response
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import Request, Response
 
 
 @dataclass(frozen=True, slots=True)

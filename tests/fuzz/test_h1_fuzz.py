@@ -16,9 +16,9 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.adapters.h1server import H1ServerProtocol
 from sidecar.config import Http2ServerConfig, LimitsConfig
-from sidecar.proto.h1server import H1ServerProtocol
-from sidecar.proto.messages import Request, Response, fixed_body
+from sidecar.messages import Request, Response, fixed_body
 from sidecar.serving import ListenerContext, ResponseSink
 from tests.unit.memtransport import attach
 

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.errors import BadRequest
+from sidecar.messages import Request, fixed_body
 from sidecar.proto.h1head import last_chunk
-from sidecar.proto.messages import Request, fixed_body
 from sidecar.upstream.h1client import H1ClientConnection
 
 BOUNDED = settings(max_examples=200, deadline=2000)

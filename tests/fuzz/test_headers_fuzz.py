@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from filters.headers import HeadersConfig, HeadersFilter
+from sidecar.adapters.h1server import H1ServerProtocol
 from sidecar.config import Http2ServerConfig, LimitsConfig
-from sidecar.proto.h1server import H1ServerProtocol
-from sidecar.proto.messages import Request, Response, fixed_body
+from sidecar.messages import Request, Response, fixed_body
 from sidecar.serving import ListenerContext, ResponseSink
 from tests.unit.chain_helpers import make_call
 from tests.unit.memtransport import attach

@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, seed, settings
 from hypothesis import strategies as st
 
-from sidecar.proto.messages import HOP_BY_HOP as MESH_HOP_BY_HOP
+from sidecar.messages import HOP_BY_HOP as MESH_HOP_BY_HOP
 from tests.hostile.h1parse import Fields, with_h11, with_httptools
 from tests.integration.conftest import Mesh, Proc, Sidecar
 
@@ -66,7 +66,7 @@ ANSWER_TIMEOUT = 10.0
 T = TypeVar("T")
 SERVICE = "diff"
 
-# What the mesh may drop or rewrite (sidecar/proto/messages.py HOP_BY_HOP, framing, the
+# What the mesh may drop or rewrite (sidecar/messages.py HOP_BY_HOP, framing, the
 # headers the mesh sets itself): left out when fields are compared.
 HOP_BY_HOP = MESH_HOP_BY_HOP | {
     b"te",  # `te: trailers` may survive the downgrade or not (hop-by-hop in HTTP/1.1)

@@ -16,8 +16,8 @@ from sidecar.call import Call, Next
 from sidecar.chain import Filter, FilterContext, FilterFactory, compose
 from sidecar.discovery.base import Endpoint
 from sidecar.errors import MeshError
+from sidecar.messages import Body, Headers, Request, Response, fixed_body
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
 
 
 def make_request(

@@ -23,8 +23,8 @@ from sidecar.capture import (
 )
 from sidecar.config import ConfigError, load_config
 from sidecar.discovery.base import Endpoint
+from sidecar.messages import Request, Response, fixed_body
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import Request, Response, fixed_body
 from sidecar.serving import ResponseSink
 from tests.unit.memtransport import attach, until
 

@@ -18,8 +18,8 @@ from sidecar.call import BodyTooLarge, Call, read_response_body
 from sidecar.chain import FilterContext, build_filters, resolve_factory
 from sidecar.config import ConfigError, FilterSpec, load_config
 from sidecar.discovery.base import Endpoint
+from sidecar.messages import Body, Headers, Request, Response, fixed_body
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
 from sidecar.proxy import OutboundHandler
 from sidecar.routing import Router
 from sidecar.tracing import Tracing

@@ -19,7 +19,7 @@ from sidecar.errors import (
     UpstreamTimeout,
     error_response,
 )
-from sidecar.proto.messages import Response
+from sidecar.messages import Response
 
 CASES = [
     (MeshError, 503, "LR", 14),
@@ -97,8 +97,8 @@ def test_only_unprocessed_failures_are_retry_safe() -> None:
 
 
 def test_one_renderer_for_replies_and_the_h1_servers_rejections() -> None:
+    from sidecar.adapters.h1server import _rejection
     from sidecar.errors import error_body
-    from sidecar.proto.h1server import _rejection
 
     assert error_body(503, "no route", "payment") == (
         b'{"error":"no route","status":503,"service":"payment"}',

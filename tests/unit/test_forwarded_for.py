@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.proto.messages import Headers, Request
+from sidecar.messages import Headers, Request
 from sidecar.proxy import _append_forwarded_for
 from tests.unit.test_h1_callbacks import Rig, request
 

@@ -19,14 +19,14 @@ import httptools
 import pytest
 
 from sidecar.accesslog import AccessLog
+from sidecar.adapters.h1server import H1ServerProtocol
 from sidecar.callbacks import CallbackCall
 from sidecar.cluster import Cluster
 from sidecar.config import load_config
 from sidecar.discovery.base import Endpoint
 from sidecar.lb import RoundRobin
+from sidecar.messages import Request
 from sidecar.metrics import Metrics
-from sidecar.proto.h1server import H1ServerProtocol
-from sidecar.proto.messages import Request
 from sidecar.proxy import InboundHandler, OutboundHandler
 from sidecar.routing import Router
 from sidecar.serving import ListenerContext
@@ -456,7 +456,7 @@ def test_cancelling_a_whole_body_after_the_release_leaves_the_connection_open(
 
 
 def make_request(path: bytes) -> Any:
-    from sidecar.proto.messages import Request, fixed_body
+    from sidecar.messages import Request, fixed_body
 
     return Request(b"GET", path, b"app", [], fixed_body())
 
@@ -500,7 +500,7 @@ def test_a_header_holding_cr_lf_or_nul_never_reaches_the_wire(
 ) -> None:
     """Whatever put it there (parsers refuse them; a filter might not), the sink answers
     500 instead of writing a head such a header would split."""
-    from sidecar.proto.messages import Response, fixed_body
+    from sidecar.messages import Response, fixed_body
 
     async def handler(request: Any, sink: Any) -> None:
         await sink.send(Response(200, [(name, value)], fixed_body(b"body")))
@@ -635,7 +635,7 @@ def test_a_request_http11_cannot_carry_is_refused_and_the_connection_serves_the_
     """Fields an HTTP/2 caller (or a filter) could send: the writer fails the call with a
     400 naming the part, writes nothing, and the pooled connection serves the next call."""
     from sidecar.errors import BadRequest
-    from sidecar.proto.messages import Body, Request, Response, fixed_body
+    from sidecar.messages import Body, Request, Response, fixed_body
 
     async def go() -> tuple[BaseException | Response | None, bytes, int, tuple[int, bytes]]:
         rig = Rig("inbound", tmp_path, callbacks=False)

@@ -9,9 +9,9 @@ from typing import Any
 
 import httptools
 
+from sidecar.adapters.h1server import H1ServerProtocol
 from sidecar.config import Http2ServerConfig, LimitsConfig
-from sidecar.proto.h1server import H1ServerProtocol
-from sidecar.proto.messages import Body, Request, Response, fixed_body
+from sidecar.messages import Body, Request, Response, fixed_body
 from sidecar.serving import ListenerContext, ResponseSink
 from tests.unit.memtransport import MemoryTransport, attach, until
 

@@ -14,13 +14,13 @@ import h2.events
 import pytest
 from hyperframe.frame import GoAwayFrame
 
+from sidecar.adapters.h2server import H2ServerProtocol
 from sidecar.config import Http2ServerConfig, LimitsConfig
 from sidecar.discovery.base import Endpoint
 from sidecar.errors import StreamRefused, UpstreamReset
 from sidecar.listener import Listener, _Detect
+from sidecar.messages import Body, BodyError, Request, Response, fixed_body
 from sidecar.metrics import Metrics
-from sidecar.proto.h2server import H2ServerProtocol
-from sidecar.proto.messages import Body, BodyError, Request, Response, fixed_body
 from sidecar.serving import ListenerContext, ResponseSink
 from sidecar.upstream import h2pool
 from sidecar.upstream.h2client import H2ClientConnection

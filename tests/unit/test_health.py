@@ -12,8 +12,8 @@ from sidecar.discovery.base import Endpoint
 from sidecar.errors import PoolExhausted, UpstreamConnectError
 from sidecar.health import ActiveChecker, HealthChecks, OutlierDetector
 from sidecar.lb import RoundRobin
+from sidecar.messages import Request, Response, fixed_body
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import Request, Response, fixed_body
 
 A = Endpoint("10.0.0.1", 1, zone="z1")
 B = Endpoint("10.0.0.2", 1, zone="z2")

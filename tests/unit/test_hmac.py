@@ -28,8 +28,8 @@ from sidecar import signing
 from sidecar.call import BufferBudget, Call
 from sidecar.chain import Filter, FilterContext, compose
 from sidecar.config import ConfigError, load_config
+from sidecar.messages import Body, Headers, Request, Response, fixed_body
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import Body, Headers, Request, Response, fixed_body
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "hmac_vectors.json"
 NOW = 1_700_000_000.0

@@ -11,6 +11,8 @@ runs `a/b/__init__.py` first, so that is an edge too. Imports by name at run tim
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +160,23 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_no_import_cycles() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or ())
+
+
+def test_the_protocol_package_is_sans_io() -> None:
+    """sidecar.proto is bytes in, events and bytes out: importing every module of it loads
+    no event loop (the asyncio adapters live in sidecar.adapters and sidecar.upstream)."""
+    names = sorted(
+        f"sidecar.proto.{path.stem}"
+        for path in (REPO / "sidecar" / "proto").glob("*.py")
+        if path.stem != "__init__"
+    )
+    assert "sidecar.proto.h2engine" in names and "sidecar.proto.h1head" in names
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m == 'asyncio' or m.startswith('asyncio.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.config import Http2ServerConfig, LimitsConfig
 from sidecar.listener import H2_PREFACE, _Detect
-from sidecar.proto.messages import Body, BodyError, Request, Response, fixed_body
+from sidecar.messages import Body, BodyError, Request, Response, fixed_body
 from sidecar.serving import Admission, ListenerContext, ResponseSink
 from tests.unit.memtransport import MemoryTransport, attach
 

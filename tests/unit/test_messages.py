@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sidecar.proto.messages import (
+from sidecar.messages import (
     HOP_BY_HOP,
     REPLAY_LIMIT,
     Body,

@@ -29,8 +29,8 @@ from sidecar.errors import (
     UpstreamReset,
     error_response,
 )
+from sidecar.messages import REPLAY_LIMIT, Body, Headers, Request, Response, fixed_body
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import REPLAY_LIMIT, Body, Headers, Request, Response, fixed_body
 
 GRPC = [(b"content-type", b"application/grpc")]
 

@@ -7,7 +7,7 @@ import pytest
 
 from sidecar.config import RouteConfig
 from sidecar.errors import BadRequest, UnknownService
-from sidecar.proto.messages import Request, fixed_body
+from sidecar.messages import Request, fixed_body
 from sidecar.routing import Router, host_to_name
 
 KNOWN = frozenset({"payment", "orders", "inventory"})

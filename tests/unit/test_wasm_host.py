@@ -15,8 +15,8 @@ from filters.wasm.filter import WasmConfig
 from filters.wasm.runtime import WasmRuntime
 from sidecar.chain import FilterContext
 from sidecar.config import ConfigError
+from sidecar.messages import Response
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import Response
 from tests.unit.test_wasm_support import EXAMPLES, FIXTURES, build, call_through, calls_through
 
 

@@ -10,8 +10,8 @@ from typing import Any
 from filters.wasm.filter import WasmConfig, WasmFilter, _build
 from filters.wasm.runtime import WasmRuntime
 from sidecar.chain import FilterContext, compose
+from sidecar.messages import Headers, Response
 from sidecar.metrics import Metrics
-from sidecar.proto.messages import Headers, Response
 from tests.unit.chain_helpers import Terminal, make_call
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,10 +14,10 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, cast
 
+from sidecar.adapters.h2common import CONNECTION_WINDOW, H2Base, StreamGone
+from sidecar.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
 from sidecar.proto import h2engine as h2
-from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
 from sidecar.proto.h2engine import ErrorCodes, SettingCodes
-from sidecar.proto.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
 
 if TYPE_CHECKING:
     from sidecar.serving import ListenerContext

@@ -22,6 +22,16 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from sidecar.errors import error_body
+from sidecar.messages import (
+    HOP_BY_HOP,
+    LENGTHS,
+    Body,
+    BodyError,
+    Headers,
+    Request,
+    Response,
+    content_length,
+)
 from sidecar.proto.h1head import (
     BAD,
     FRAMING_FIELDS,
@@ -31,16 +41,6 @@ from sidecar.proto.h1head import (
     kind_of,
     last_chunk,
     lines_ok,
-)
-from sidecar.proto.messages import (
-    HOP_BY_HOP,
-    LENGTHS,
-    Body,
-    BodyError,
-    Headers,
-    Request,
-    Response,
-    content_length,
 )
 from sidecar.serving import TaskWork
 

@@ -2,7 +2,8 @@
 
 Listeners turn wire bytes into these objects and upstream connections turn them
 back into bytes, so the proxy core never sees HTTP/1.1 or HTTP/2 framing.
-Header names are lowercase bytes; hop-by-hop headers are already removed.
+Header names are lowercase bytes; hop-by-hop headers are already removed. The field
+types and helpers live in sidecar.proto.fields (pure) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -10,9 +11,25 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from operator import itemgetter
 
-Headers = list[tuple[bytes, bytes]]
+from sidecar.proto.fields import (
+    FIELD_NAME as FIELD_NAME,
+)
+from sidecar.proto.fields import (
+    HOP_BY_HOP as HOP_BY_HOP,
+)
+from sidecar.proto.fields import (
+    LENGTHS as LENGTHS,
+)
+from sidecar.proto.fields import (
+    Headers as Headers,
+)
+from sidecar.proto.fields import (
+    content_length as content_length,
+)
+from sidecar.proto.fields import (
+    unsafe_header as unsafe_header,
+)
 
 # Bodies up to this size stay replayable once read, so a call the peer refused
 # (REFUSED_STREAM, GOAWAY, connect failure) can be sent again (Linkerd's bound).
@@ -267,50 +284,3 @@ class Response:
         self.status = status
         self.headers = headers
         self.body = body
-
-
-# Content-Length values formatted already (content_length); a hot path may look one up
-# before it calls the function.
-LENGTHS: dict[int, bytes] = {}
-
-
-def content_length(size: int) -> bytes:
-    """`size` as a Content-Length value; sizes up to 64 KiB are formatted once, then kept."""
-    value = LENGTHS.get(size)
-    if value is None:
-        value = str(size).encode()
-        if size <= 65536:
-            LENGTHS[size] = value
-    return value
-
-
-def unsafe_header(headers: Headers) -> bytes | None:
-    """The name of the first header whose name or value holds CR, LF or NUL (which
-    would split or end the header block on the wire), or None."""
-    # Integer membership (13: CR, 10: LF, 0: NUL) means the same as b"\r" in value, and
-    # skips CPython's failed attempt to read a bytes operand as an integer first.
-    for name, value in headers:
-        if 13 in value or 10 in value or 0 in value or 13 in name or 10 in name:
-            return name
-    return None
-
-
-# Connection-specific headers (RFC 9110 7.6.1, RFC 9113 8.2.2): never forwarded.
-# `te` is handled apart: only `te: trailers` survives (gRPC needs it over HTTP/2).
-# A field's name, for scanning a field list at C speed: `name in map(FIELD_NAME, fields)`
-# costs no bytecode per field, where a `for` loop costs several.
-FIELD_NAME = itemgetter(0)
-
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"http2-settings",
-    }
-)
