@@ -15,7 +15,13 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from sidecar.proto import h2engine as h2
-from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
+from sidecar.proto.h2common import (
+    CONNECTION_WINDOW,
+    EventHandler,
+    H2Base,
+    StreamGone,
+    event_table,
+)
 from sidecar.proto.h2engine import ErrorCodes, SettingCodes
 from sidecar.proto.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
 
@@ -136,45 +142,10 @@ class H2ServerProtocol(H2Base):
             if self.transport is not None:
                 self.transport.close()
             return
+        on_event = _ON_EVENT  # after the class
         for event in events:
-            kind = type(event)
-            if kind is h2.RequestReceived:
-                self._request(event)  # type: ignore[arg-type]
-            elif kind is h2.DataReceived:
-                self._data(event)  # type: ignore[arg-type]
-            elif kind is h2.StreamEnded:
-                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
-                if stream is not None:
-                    stream.progress = 0.0
-                    stream.request.body.finish()
-            elif kind is h2.TrailersReceived:
-                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
-                if stream is not None:
-                    stream.progress = 0.0
-                    stream.request.body.finish(list(event.headers))  # type: ignore[attr-defined]
-            elif kind is h2.WindowUpdated:
-                self.window_opened(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is h2.StreamReset:
-                if not event.remote:  # type: ignore[attr-defined]
-                    self.ctx.log.debug("HTTP/2 stream reset for %s: %s", self.peer, event.reason)  # type: ignore[attr-defined]
-                self._reset(event.stream_id)  # type: ignore[attr-defined]
-                if not self._resets.spend(time.monotonic()):
-                    # CVE-2023-44487 (rapid reset): streams opened and cancelled at once.
-                    self._calm("too many stream resets")
-                    return
-            elif kind is h2.RemoteSettingsChanged or kind is h2.PingReceived:
-                if kind is h2.RemoteSettingsChanged:
-                    self._settings_in = True
-                    self.window_opened(0)
-                if not self._control.spend(time.monotonic()):
-                    # Each SETTINGS or PING makes us queue an ACK: a flood is work for free.
-                    self._calm("too many SETTINGS or PING frames")
-                    return
-            elif kind is h2.ConnectionTerminated:
-                # The client is leaving: no new streams, but the open ones may finish.
-                self._client_left = True
-                self.goaway_sent = True
-                self.close_if_idle()
+            if on_event[type(event)](self, event):
+                return  # calmed: the connection is closing
         self.flush()
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
@@ -246,6 +217,52 @@ class H2ServerProtocol(H2Base):
         stream = _Stream(request, 0.0 if event.stream_ended else self.loop.time())
         self.streams[stream_id] = stream
         stream.task = self.loop.create_task(self._run(stream_id, stream))
+
+    def _ended(self, event: h2.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.progress = 0.0
+            stream.request.body.finish()
+
+    def _trailers(self, event: h2.TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.progress = 0.0
+            stream.request.body.finish(list(event.headers))
+
+    def _window_updated(self, event: h2.WindowUpdated) -> None:
+        self.window_opened(event.stream_id)
+
+    def _stream_reset(self, event: h2.StreamReset) -> bool:
+        if not event.remote:
+            self.ctx.log.debug("HTTP/2 stream reset for %s: %s", self.peer, event.reason)
+        self._reset(event.stream_id)
+        if not self._resets.spend(time.monotonic()):
+            # CVE-2023-44487 (rapid reset): streams opened and cancelled at once.
+            self._calm("too many stream resets")
+            return True
+        return False
+
+    def _settings_changed(self, event: h2.RemoteSettingsChanged) -> bool:
+        self._settings_in = True
+        self.window_opened(0)
+        return self._control_spent()
+
+    def _ping(self, event: h2.PingReceived) -> bool:
+        return self._control_spent()
+
+    def _control_spent(self) -> bool:
+        if not self._control.spend(time.monotonic()):
+            # Each SETTINGS or PING makes us queue an ACK: a flood is work for free.
+            self._calm("too many SETTINGS or PING frames")
+            return True
+        return False
+
+    def _client_goaway(self, event: h2.ConnectionTerminated) -> None:
+        # The client is leaving: no new streams, but the open ones may finish.
+        self._client_left = True
+        self.goaway_sent = True
+        self.close_if_idle()
 
     def _data(self, event: h2.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -377,6 +394,23 @@ class H2ServerProtocol(H2Base):
         if self.transport is not None:
             self.flush_now()
             self.transport.close()
+
+
+# What H2ServerProtocol.data_received() does with each engine event (the class's
+# own functions, looked up once: an override in a subclass is not seen).
+_ON_EVENT: dict[type, EventHandler[H2ServerProtocol]] = event_table(
+    {
+        h2.RequestReceived: H2ServerProtocol._request,
+        h2.DataReceived: H2ServerProtocol._data,
+        h2.StreamEnded: H2ServerProtocol._ended,
+        h2.TrailersReceived: H2ServerProtocol._trailers,
+        h2.WindowUpdated: H2ServerProtocol._window_updated,
+        h2.StreamReset: H2ServerProtocol._stream_reset,
+        h2.RemoteSettingsChanged: H2ServerProtocol._settings_changed,
+        h2.PingReceived: H2ServerProtocol._ping,
+        h2.ConnectionTerminated: H2ServerProtocol._client_goaway,
+    }
+)
 
 
 class _H2Sink:

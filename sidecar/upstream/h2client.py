@@ -15,7 +15,13 @@ from typing import cast
 
 from sidecar.errors import StreamRefused, UpstreamReset
 from sidecar.proto import h2engine as h2
-from sidecar.proto.h2common import CONNECTION_WINDOW, H2Base, StreamGone
+from sidecar.proto.h2common import (
+    CONNECTION_WINDOW,
+    EventHandler,
+    H2Base,
+    StreamGone,
+    event_table,
+)
 from sidecar.proto.h2engine import ErrorCodes, SettingCodes
 from sidecar.proto.messages import Body, BodyError, Headers, Request, Response
 
@@ -114,28 +120,9 @@ class H2ClientConnection(H2Base):
             self.flush()
             self.close()
             return
+        on_event = _ON_EVENT  # after the class
         for event in events:
-            kind = type(event)
-            if kind is h2.ResponseReceived:
-                self._response(event)  # type: ignore[arg-type]
-            elif kind is h2.DataReceived:
-                self._data(event)  # type: ignore[arg-type]
-            elif kind is h2.StreamEnded:
-                self._ended(event.stream_id, None)  # type: ignore[attr-defined]
-            elif kind is h2.TrailersReceived:
-                self._ended(event.stream_id, list(event.headers))  # type: ignore[attr-defined]
-            elif kind is h2.WindowUpdated:
-                self.window_opened(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is h2.StreamReset:
-                self._reset(event)  # type: ignore[arg-type]
-            elif kind is h2.RemoteSettingsChanged:
-                self.window_opened(0)
-                if self.on_change is not None:
-                    self.on_change(self)
-            elif kind is h2.ConnectionTerminated:
-                self._goaway(event)  # type: ignore[arg-type]
-            elif kind is h2.PingAckReceived:
-                self._ping_pending = None
+            on_event[type(event)](self, event)
         self.flush()
 
     # -- keepalive --
@@ -199,6 +186,23 @@ class H2ClientConnection(H2Base):
         accepted = body is not None and body.feed(event.data or b"", size)
         if not accepted and size:
             self.ack(event.stream_id, size)
+
+    def _stream_ended(self, event: h2.StreamEnded) -> None:
+        self._ended(event.stream_id, None)
+
+    def _trailers(self, event: h2.TrailersReceived) -> None:
+        self._ended(event.stream_id, list(event.headers))
+
+    def _window_updated(self, event: h2.WindowUpdated) -> None:
+        self.window_opened(event.stream_id)
+
+    def _settings_changed(self, event: h2.RemoteSettingsChanged) -> None:
+        self.window_opened(0)
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _ping_answered(self, event: h2.PingAckReceived) -> None:
+        self._ping_pending = None
 
     def _ended(self, stream_id: int, trailers: Headers | None) -> None:
         stream = self.streams.get(stream_id)
@@ -337,6 +341,23 @@ class H2ClientConnection(H2Base):
                 pass
             self.transport.close()
         self.closed = True
+
+
+# What H2ClientConnection.data_received() does with each engine event (the class's
+# own functions, looked up once: an override in a subclass is not seen).
+_ON_EVENT: dict[type, EventHandler[H2ClientConnection]] = event_table(
+    {
+        h2.ResponseReceived: H2ClientConnection._response,
+        h2.DataReceived: H2ClientConnection._data,
+        h2.StreamEnded: H2ClientConnection._stream_ended,
+        h2.TrailersReceived: H2ClientConnection._trailers,
+        h2.WindowUpdated: H2ClientConnection._window_updated,
+        h2.StreamReset: H2ClientConnection._reset,
+        h2.RemoteSettingsChanged: H2ClientConnection._settings_changed,
+        h2.ConnectionTerminated: H2ClientConnection._goaway,
+        h2.PingAckReceived: H2ClientConnection._ping_answered,
+    }
+)
 
 
 async def connect_h2(
