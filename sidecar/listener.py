@@ -19,6 +19,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
+from sidecar.clock import Timers
 from sidecar.config import Http2ServerConfig, LimitsConfig
 from sidecar.proto.h1server import H1ServerProtocol, RunningCall
 from sidecar.proto.h2server import H2ServerProtocol
@@ -106,8 +107,10 @@ class ListenerContext:
         http2: Http2ServerConfig,
         limits: LimitsConfig,
         admission: Admission | None = None,
+        timers: Timers | None = None,
     ) -> None:
         self.name = name
+        self.timers = timers  # the connections' clock and timers; None: their loop's
         self.handler = handler
         self.start_now: StartNow | None = getattr(handler, "start_now", None)
         self.http2 = http2

@@ -14,6 +14,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, cast
 
+from sidecar.clock import Timer, Timers
 from sidecar.proto import h2engine as h2
 from sidecar.proto.h2common import (
     CONNECTION_WINDOW,
@@ -45,11 +46,11 @@ class _Budget:
 
     __slots__ = ("burst", "rate", "stamp", "tokens")
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
         self.burst = burst
         self.tokens = burst
-        self.stamp = time.monotonic()
+        self.stamp = now
 
     def spend(self, now: float) -> bool:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
@@ -89,14 +90,18 @@ class H2ServerProtocol(H2Base):
         self.goaway_sent = False
         self._calmed = False
         self._client_left = False  # the client sent GOAWAY: nothing more will come
-        self._closing: asyncio.TimerHandle | None = None
-        self._resets = _Budget(RESETS_PER_SECOND, RESET_BURST)
-        self._control = _Budget(CONTROL_PER_SECOND, CONTROL_BURST)
+        self._closing: Timer | None = None
+        # Every deadline and rate below keeps time with these: the loop's unless the
+        # listener was given a clock (tests move one by hand).
+        self.timers: Timers = ctx.timers if ctx.timers is not None else self.loop
+        now = self.timers.time()
+        self._resets = _Budget(RESETS_PER_SECOND, RESET_BURST, now)
+        self._control = _Budget(CONTROL_PER_SECOND, CONTROL_BURST, now)
         # Set by the listener: the loop time by which the client's SETTINGS must be in.
         self.preface_deadline = 0.0
         self._settings_in = False
         self._idle_since = 0.0  # loop time the last stream closed (or the connection began)
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -107,10 +112,10 @@ class H2ServerProtocol(H2Base):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
-        now = self._idle_since = self.loop.time()
+        now = self._idle_since = self.timers.time()
         if not self.preface_deadline:
             self.preface_deadline = now + self.ctx.limits.preface_timeout
-        self._timer = self.loop.call_at(
+        self._timer = self.timers.call_at(
             min(self.preface_deadline, now + self.ctx.timer_tick), self._on_timer
         )
         if self.ctx.draining:
@@ -170,7 +175,7 @@ class H2ServerProtocol(H2Base):
         transport = self.transport
         if transport.can_write_eof():
             transport.write_eof()
-        self.loop.call_later(LINGER_SECONDS, transport.close)
+        self.timers.call_later(LINGER_SECONDS, transport.close)
 
     # -- events --
     def _request(self, event: h2.RequestReceived) -> None:
@@ -214,7 +219,7 @@ class H2ServerProtocol(H2Base):
             # Arrived after our GOAWAY: refuse, the client may send it elsewhere.
             self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        stream = _Stream(request, 0.0 if event.stream_ended else self.loop.time())
+        stream = _Stream(request, 0.0 if event.stream_ended else self.timers.time())
         self.streams[stream_id] = stream
         stream.task = self.loop.create_task(self._run(stream_id, stream))
 
@@ -237,7 +242,7 @@ class H2ServerProtocol(H2Base):
         if not event.remote:
             self.ctx.log.debug("HTTP/2 stream reset for %s: %s", self.peer, event.reason)
         self._reset(event.stream_id)
-        if not self._resets.spend(time.monotonic()):
+        if not self._resets.spend(self.timers.time()):
             # CVE-2023-44487 (rapid reset): streams opened and cancelled at once.
             self._calm("too many stream resets")
             return True
@@ -252,7 +257,7 @@ class H2ServerProtocol(H2Base):
         return self._control_spent()
 
     def _control_spent(self) -> bool:
-        if not self._control.spend(time.monotonic()):
+        if not self._control.spend(self.timers.time()):
             # Each SETTINGS or PING makes us queue an ACK: a flood is work for free.
             self._calm("too many SETTINGS or PING frames")
             return True
@@ -268,7 +273,7 @@ class H2ServerProtocol(H2Base):
         stream = self.streams.get(event.stream_id)
         size = event.flow_controlled_length
         if stream is not None and stream.progress:
-            stream.progress = self.loop.time()
+            stream.progress = self.timers.time()
         accepted = stream is not None and stream.request.body.feed(event.data or b"", size)
         if not accepted and size:
             # Nobody will read it: give the window back at once.
@@ -280,7 +285,7 @@ class H2ServerProtocol(H2Base):
         if stream is None:
             return
         if not self.streams:
-            self._idle_since = self.loop.time()
+            self._idle_since = self.timers.time()
         body = stream.request.body
         unread = body.buffered
         body.on_consumed = None
@@ -309,7 +314,7 @@ class H2ServerProtocol(H2Base):
                 ctx.idle.set()
             if self.streams.pop(stream_id, None) is not None:
                 if not self.streams:
-                    self._idle_since = self.loop.time()
+                    self._idle_since = self.timers.time()
                 body = stream.request.body
                 if not body.at_eof:
                     # The reply is done but the client is still sending: stop it.
@@ -326,7 +331,7 @@ class H2ServerProtocol(H2Base):
             return
         ctx = self.ctx
         limits = ctx.limits
-        now = self.loop.time()
+        now = self.timers.time()
         next_at = now + ctx.timer_tick
         if not self._settings_in:
             if now >= self.preface_deadline:
@@ -356,7 +361,7 @@ class H2ServerProtocol(H2Base):
             else:
                 next_at = min(next_at, idle_until)
         if not self.closed:
-            self._timer = self.loop.call_at(next_at, self._on_timer)
+            self._timer = self.timers.call_at(next_at, self._on_timer)
 
     def _abandon(self, stream_id: int, stream: _Stream) -> None:
         """The request body stopped arriving: reset the stream, end its call."""
@@ -388,7 +393,7 @@ class H2ServerProtocol(H2Base):
         # once would make the kernel answer them with RST, which can destroy the
         # GOAWAY before the client reads it, so the client could not tell they were
         # never processed.
-        self._closing = self.loop.call_later(GOAWAY_GRACE_SECONDS, self._close_now)
+        self._closing = self.timers.call_later(GOAWAY_GRACE_SECONDS, self._close_now)
 
     def _close_now(self) -> None:
         if self.transport is not None:

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
+from sidecar.clock import Timer, Timers
 from sidecar.errors import StreamRefused, UpstreamReset
 from sidecar.proto import h2engine as h2
 from sidecar.proto.h2common import (
@@ -47,8 +48,11 @@ class H2ClientConnection(H2Base):
         self,
         on_change: Callable[[H2ClientConnection], None] | None = None,
         keepalive: tuple[float, float] = (0.0, 0.0),
+        timers: Timers | None = None,
     ) -> None:
         super().__init__(h2.H2Connection(client_side=True, settings=_CLIENT_SETTINGS))
+        # The keepalive's clock and timer (and the pool's idle clock): the loop's unless given.
+        self.timers: Timers = timers if timers is not None else self.loop
         self.streams: dict[int, _ClientStream] = {}
         self.reserved = 0  # streams promised to callers, not yet opened
         self.uses = 0  # streams opened over the connection's life
@@ -59,7 +63,7 @@ class H2ClientConnection(H2Base):
         self.keepalive_interval, self.keepalive_timeout = keepalive
         self.last_received = 0.0
         self.ping_timeouts = 0
-        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: Timer | None = None
         self._ping_pending: bytes | None = None
 
     # -- capacity --
@@ -94,9 +98,9 @@ class H2ClientConnection(H2Base):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
-        self.last_active = self.last_received = self.loop.time()
+        self.last_active = self.last_received = self.timers.time()
         if self.keepalive_interval > 0:
-            self._ping_timer = self.loop.call_later(self.keepalive_interval, self._keepalive)
+            self._ping_timer = self.timers.call_later(self.keepalive_interval, self._keepalive)
         if not self._connected.done():
             self._connected.set_result(None)
 
@@ -113,7 +117,7 @@ class H2ClientConnection(H2Base):
             self.on_change(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_received = self.loop.time()
+        self.last_received = self.timers.time()
         try:
             events = self.h2.receive_data(data)
         except h2.ProtocolError:
@@ -132,7 +136,7 @@ class H2ClientConnection(H2Base):
         self._ping_timer = None
         if self.closed:
             return
-        now = self.loop.time()
+        now = self.timers.time()
         if self._ping_pending is not None:
             self.ping_timeouts += 1
             log.warning("HTTP/2 peer did not answer PING within %ss: dropping the connection",
@@ -140,16 +144,18 @@ class H2ClientConnection(H2Base):
             self.abort()
             return
         quiet = now - self.last_received
-        if quiet >= self.keepalive_interval:
+        # A timer may fire a hair early (the loop's clock resolution, float rounding):
+        # within 1 ms counts as due, or it would re-arm itself for no time at all.
+        if quiet + 0.001 >= self.keepalive_interval:
             self._ping_pending = now.hex().encode()[-8:].rjust(8, b"0")
             try:
                 self.h2.ping(self._ping_pending)
             except h2.ProtocolError:
                 return
             self.flush()
-            self._ping_timer = self.loop.call_later(self.keepalive_timeout, self._keepalive)
+            self._ping_timer = self.timers.call_later(self.keepalive_timeout, self._keepalive)
         else:
-            self._ping_timer = self.loop.call_later(
+            self._ping_timer = self.timers.call_later(
                 self.keepalive_interval - quiet, self._keepalive
             )
 
@@ -252,7 +258,7 @@ class H2ClientConnection(H2Base):
     def _release(self, stream_id: int) -> None:
         if self.streams.pop(stream_id, None) is None:
             return
-        self.last_active = self.loop.time()
+        self.last_active = self.timers.time()
         if self.goaway and not self.streams:
             self.close()
         if self.on_change is not None:
@@ -296,7 +302,7 @@ class H2ClientConnection(H2Base):
         stream = _ClientStream(waiter)
         self.uses += 1
         self.streams[stream_id] = stream
-        self.last_active = self.loop.time()
+        self.last_active = self.timers.time()
         try:
             if body.complete and not body.trailers:
                 data = body.read_nowait()
@@ -366,10 +372,13 @@ async def connect_h2(
     timeout: float,
     on_change: Callable[[H2ClientConnection], None] | None = None,
     keepalive: tuple[float, float] = (0.0, 0.0),
+    timers: Timers | None = None,
 ) -> H2ClientConnection:
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: H2ClientConnection(on_change, keepalive), host, port),
+        loop.create_connection(
+            lambda: H2ClientConnection(on_change, keepalive, timers), host, port
+        ),
         timeout,
     )
     return proto
