@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 # Real seconds a VirtualTimeLoop waits for I/O before it jumps its clock.
-IO_GRACE = 0.002
+IO_GRACE = 0.0005
 
 
 class FakeTimer:
