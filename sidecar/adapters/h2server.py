@@ -14,7 +14,14 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, cast
 
-from sidecar.adapters.h2common import CONNECTION_WINDOW, H2Base, StreamGone
+from sidecar.adapters.h2common import (
+    CONNECTION_WINDOW,
+    EventHandler,
+    H2Base,
+    StreamGone,
+    event_table,
+)
+from sidecar.clock import Timer, Timers
 from sidecar.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
 from sidecar.proto import h2engine as h2
 from sidecar.proto.h2engine import ErrorCodes, SettingCodes
@@ -39,11 +46,11 @@ class _Budget:
 
     __slots__ = ("burst", "rate", "stamp", "tokens")
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
         self.burst = burst
         self.tokens = burst
-        self.stamp = time.monotonic()
+        self.stamp = now
 
     def spend(self, now: float) -> bool:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
@@ -83,14 +90,18 @@ class H2ServerProtocol(H2Base):
         self.goaway_sent = False
         self._calmed = False
         self._client_left = False  # the client sent GOAWAY: nothing more will come
-        self._closing: asyncio.TimerHandle | None = None
-        self._resets = _Budget(RESETS_PER_SECOND, RESET_BURST)
-        self._control = _Budget(CONTROL_PER_SECOND, CONTROL_BURST)
+        self._closing: Timer | None = None
+        # Every deadline and rate below keeps time with these: the loop's unless the
+        # listener was given a clock (tests move one by hand).
+        self.timers: Timers = ctx.timers if ctx.timers is not None else self.loop
+        now = self.timers.time()
+        self._resets = _Budget(RESETS_PER_SECOND, RESET_BURST, now)
+        self._control = _Budget(CONTROL_PER_SECOND, CONTROL_BURST, now)
         # Set by the listener: the loop time by which the client's SETTINGS must be in.
         self.preface_deadline = 0.0
         self._settings_in = False
         self._idle_since = 0.0  # loop time the last stream closed (or the connection began)
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -101,10 +112,10 @@ class H2ServerProtocol(H2Base):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
-        now = self._idle_since = self.loop.time()
+        now = self._idle_since = self.timers.time()
         if not self.preface_deadline:
             self.preface_deadline = now + self.ctx.limits.preface_timeout
-        self._timer = self.loop.call_at(
+        self._timer = self.timers.call_at(
             min(self.preface_deadline, now + self.ctx.timer_tick), self._on_timer
         )
         if self.ctx.draining:
@@ -136,45 +147,10 @@ class H2ServerProtocol(H2Base):
             if self.transport is not None:
                 self.transport.close()
             return
+        on_event = _ON_EVENT  # after the class
         for event in events:
-            kind = type(event)
-            if kind is h2.RequestReceived:
-                self._request(event)  # type: ignore[arg-type]
-            elif kind is h2.DataReceived:
-                self._data(event)  # type: ignore[arg-type]
-            elif kind is h2.StreamEnded:
-                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
-                if stream is not None:
-                    stream.progress = 0.0
-                    stream.request.body.finish()
-            elif kind is h2.TrailersReceived:
-                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
-                if stream is not None:
-                    stream.progress = 0.0
-                    stream.request.body.finish(list(event.headers))  # type: ignore[attr-defined]
-            elif kind is h2.WindowUpdated:
-                self.window_opened(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is h2.StreamReset:
-                if not event.remote:  # type: ignore[attr-defined]
-                    self.ctx.log.debug("HTTP/2 stream reset for %s: %s", self.peer, event.reason)  # type: ignore[attr-defined]
-                self._reset(event.stream_id)  # type: ignore[attr-defined]
-                if not self._resets.spend(time.monotonic()):
-                    # CVE-2023-44487 (rapid reset): streams opened and cancelled at once.
-                    self._calm("too many stream resets")
-                    return
-            elif kind is h2.RemoteSettingsChanged or kind is h2.PingReceived:
-                if kind is h2.RemoteSettingsChanged:
-                    self._settings_in = True
-                    self.window_opened(0)
-                if not self._control.spend(time.monotonic()):
-                    # Each SETTINGS or PING makes us queue an ACK: a flood is work for free.
-                    self._calm("too many SETTINGS or PING frames")
-                    return
-            elif kind is h2.ConnectionTerminated:
-                # The client is leaving: no new streams, but the open ones may finish.
-                self._client_left = True
-                self.goaway_sent = True
-                self.close_if_idle()
+            if on_event[type(event)](self, event):
+                return  # calmed: the connection is closing
         self.flush()
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
@@ -199,7 +175,7 @@ class H2ServerProtocol(H2Base):
         transport = self.transport
         if transport.can_write_eof():
             transport.write_eof()
-        self.loop.call_later(LINGER_SECONDS, transport.close)
+        self.timers.call_later(LINGER_SECONDS, transport.close)
 
     # -- events --
     def _request(self, event: h2.RequestReceived) -> None:
@@ -243,15 +219,61 @@ class H2ServerProtocol(H2Base):
             # Arrived after our GOAWAY: refuse, the client may send it elsewhere.
             self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        stream = _Stream(request, 0.0 if event.stream_ended else self.loop.time())
+        stream = _Stream(request, 0.0 if event.stream_ended else self.timers.time())
         self.streams[stream_id] = stream
         stream.task = self.loop.create_task(self._run(stream_id, stream))
+
+    def _ended(self, event: h2.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.progress = 0.0
+            stream.request.body.finish()
+
+    def _trailers(self, event: h2.TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.progress = 0.0
+            stream.request.body.finish(list(event.headers))
+
+    def _window_updated(self, event: h2.WindowUpdated) -> None:
+        self.window_opened(event.stream_id)
+
+    def _stream_reset(self, event: h2.StreamReset) -> bool:
+        if not event.remote:
+            self.ctx.log.debug("HTTP/2 stream reset for %s: %s", self.peer, event.reason)
+        self._reset(event.stream_id)
+        if not self._resets.spend(self.timers.time()):
+            # CVE-2023-44487 (rapid reset): streams opened and cancelled at once.
+            self._calm("too many stream resets")
+            return True
+        return False
+
+    def _settings_changed(self, event: h2.RemoteSettingsChanged) -> bool:
+        self._settings_in = True
+        self.window_opened(0)
+        return self._control_spent()
+
+    def _ping(self, event: h2.PingReceived) -> bool:
+        return self._control_spent()
+
+    def _control_spent(self) -> bool:
+        if not self._control.spend(self.timers.time()):
+            # Each SETTINGS or PING makes us queue an ACK: a flood is work for free.
+            self._calm("too many SETTINGS or PING frames")
+            return True
+        return False
+
+    def _client_goaway(self, event: h2.ConnectionTerminated) -> None:
+        # The client is leaving: no new streams, but the open ones may finish.
+        self._client_left = True
+        self.goaway_sent = True
+        self.close_if_idle()
 
     def _data(self, event: h2.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         size = event.flow_controlled_length
         if stream is not None and stream.progress:
-            stream.progress = self.loop.time()
+            stream.progress = self.timers.time()
         accepted = stream is not None and stream.request.body.feed(event.data or b"", size)
         if not accepted and size:
             # Nobody will read it: give the window back at once.
@@ -263,7 +285,7 @@ class H2ServerProtocol(H2Base):
         if stream is None:
             return
         if not self.streams:
-            self._idle_since = self.loop.time()
+            self._idle_since = self.timers.time()
         body = stream.request.body
         unread = body.buffered
         body.on_consumed = None
@@ -292,7 +314,7 @@ class H2ServerProtocol(H2Base):
                 ctx.idle.set()
             if self.streams.pop(stream_id, None) is not None:
                 if not self.streams:
-                    self._idle_since = self.loop.time()
+                    self._idle_since = self.timers.time()
                 body = stream.request.body
                 if not body.at_eof:
                     # The reply is done but the client is still sending: stop it.
@@ -309,7 +331,7 @@ class H2ServerProtocol(H2Base):
             return
         ctx = self.ctx
         limits = ctx.limits
-        now = self.loop.time()
+        now = self.timers.time()
         next_at = now + ctx.timer_tick
         if not self._settings_in:
             if now >= self.preface_deadline:
@@ -339,7 +361,7 @@ class H2ServerProtocol(H2Base):
             else:
                 next_at = min(next_at, idle_until)
         if not self.closed:
-            self._timer = self.loop.call_at(next_at, self._on_timer)
+            self._timer = self.timers.call_at(next_at, self._on_timer)
 
     def _abandon(self, stream_id: int, stream: _Stream) -> None:
         """The request body stopped arriving: reset the stream, end its call."""
@@ -371,12 +393,29 @@ class H2ServerProtocol(H2Base):
         # once would make the kernel answer them with RST, which can destroy the
         # GOAWAY before the client reads it, so the client could not tell they were
         # never processed.
-        self._closing = self.loop.call_later(GOAWAY_GRACE_SECONDS, self._close_now)
+        self._closing = self.timers.call_later(GOAWAY_GRACE_SECONDS, self._close_now)
 
     def _close_now(self) -> None:
         if self.transport is not None:
             self.flush_now()
             self.transport.close()
+
+
+# What H2ServerProtocol.data_received() does with each engine event (the class's
+# own functions, looked up once: an override in a subclass is not seen).
+_ON_EVENT: dict[type, EventHandler[H2ServerProtocol]] = event_table(
+    {
+        h2.RequestReceived: H2ServerProtocol._request,
+        h2.DataReceived: H2ServerProtocol._data,
+        h2.StreamEnded: H2ServerProtocol._ended,
+        h2.TrailersReceived: H2ServerProtocol._trailers,
+        h2.WindowUpdated: H2ServerProtocol._window_updated,
+        h2.StreamReset: H2ServerProtocol._stream_reset,
+        h2.RemoteSettingsChanged: H2ServerProtocol._settings_changed,
+        h2.PingReceived: H2ServerProtocol._ping,
+        h2.ConnectionTerminated: H2ServerProtocol._client_goaway,
+    }
+)
 
 
 class _H2Sink:

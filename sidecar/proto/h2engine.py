@@ -22,6 +22,7 @@ import importlib
 import struct
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from h2.errors import ErrorCodes
@@ -37,6 +38,7 @@ from sidecar.proto.h2fields import (
 )
 
 __all__ = [
+    "EVENT_TYPES",
     "ConnectionTerminated",
     "DataReceived",
     "ErrorCodes",
@@ -123,92 +125,103 @@ class _StreamError(Exception):
 
 
 # -- events -------------------------------------------------------------------------
+# Plain slotted dataclasses: the generated __init__ is the hand-written one (no
+# __post_init__, no frozen __setattr__), so an event costs what it did to make, and
+# gains a repr and field equality for tests and logs. Not frozen: a frozen dataclass
+# sets each field through object.__setattr__, twice the construction cost here.
 
 
 class Event:
+    """What `H2Connection.receive_data()` returns, one per thing that happened."""
+
     __slots__ = ()
 
 
+@dataclass(slots=True)
 class RequestReceived(Event):
-    __slots__ = ("headers", "stream_ended", "stream_id")
-
-    def __init__(self, stream_id: int, headers: Headers, stream_ended: bool) -> None:
-        self.stream_id = stream_id
-        self.headers = headers
-        self.stream_ended = stream_ended
+    stream_id: int
+    headers: Headers
+    stream_ended: bool
 
 
-class ResponseReceived(RequestReceived):
-    __slots__ = ()
+@dataclass(slots=True)
+class ResponseReceived(Event):
+    """The final response head (informational ones are dropped)."""
+
+    stream_id: int
+    headers: Headers
+    stream_ended: bool
 
 
+@dataclass(slots=True)
 class TrailersReceived(Event):
-    __slots__ = ("headers", "stream_id")
-
-    def __init__(self, stream_id: int, headers: Headers) -> None:
-        self.stream_id = stream_id
-        self.headers = headers
+    stream_id: int
+    headers: Headers
 
 
+@dataclass(slots=True)
 class DataReceived(Event):
-    __slots__ = ("data", "flow_controlled_length", "stream_id")
-
-    def __init__(self, stream_id: int, data: bytes, flow_controlled_length: int) -> None:
-        self.stream_id = stream_id
-        self.data = data
-        self.flow_controlled_length = flow_controlled_length
+    stream_id: int
+    data: bytes
+    flow_controlled_length: int
 
 
+@dataclass(slots=True)
 class StreamEnded(Event):
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
+    stream_id: int
 
 
+@dataclass(slots=True)
 class StreamReset(Event):
     """The peer reset the stream, or we did (`remote` False) because what it sent was
     malformed or broke the protocol: `reason` says how."""
 
-    __slots__ = ("error_code", "reason", "remote", "stream_id")
-
-    def __init__(
-        self, stream_id: int, error_code: int, remote: bool = True, reason: str = ""
-    ) -> None:
-        self.stream_id = stream_id
-        self.error_code = error_code
-        self.remote = remote
-        self.reason = reason
+    stream_id: int
+    error_code: int
+    remote: bool = True
+    reason: str = ""
 
 
+@dataclass(slots=True)
 class WindowUpdated(Event):
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
+    stream_id: int  # 0: the connection's window
 
 
+@dataclass(slots=True, init=False)  # no fields: object's __init__, no call
 class RemoteSettingsChanged(Event):
-    __slots__ = ()
+    pass
 
 
+@dataclass(slots=True, init=False)  # no fields: object's __init__, no call
 class PingReceived(Event):
-    __slots__ = ()
+    pass
 
 
+@dataclass(slots=True)
 class PingAckReceived(Event):
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    data: bytes
 
 
+@dataclass(slots=True)
 class ConnectionTerminated(Event):
-    __slots__ = ("error_code", "last_stream_id")
+    error_code: int
+    last_stream_id: int
 
-    def __init__(self, error_code: int, last_stream_id: int) -> None:
-        self.error_code = error_code
-        self.last_stream_id = last_stream_id
+
+# Every event type receive_data() makes: an adapter's dispatch table covers them all.
+EVENT_TYPES: tuple[type[Event], ...] = (
+    RequestReceived,
+    ResponseReceived,
+    TrailersReceived,
+    DataReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+    RemoteSettingsChanged,
+    PingReceived,
+    PingAckReceived,
+    ConnectionTerminated,
+)
 
 
 # -- streams ------------------------------------------------------------------------
@@ -704,7 +717,7 @@ class H2Connection:
         end_stream: bool,
         events: list[Event],
     ) -> None:
-        event: RequestReceived
+        event: RequestReceived | ResponseReceived
         try:
             if self.client_side:
                 length = response_length(headers)

@@ -13,7 +13,14 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from sidecar.adapters.h2common import CONNECTION_WINDOW, H2Base, StreamGone
+from sidecar.adapters.h2common import (
+    CONNECTION_WINDOW,
+    EventHandler,
+    H2Base,
+    StreamGone,
+    event_table,
+)
+from sidecar.clock import Timer, Timers
 from sidecar.errors import StreamRefused, UpstreamReset
 from sidecar.messages import Body, BodyError, Headers, Request, Response
 from sidecar.proto import h2engine as h2
@@ -41,8 +48,11 @@ class H2ClientConnection(H2Base):
         self,
         on_change: Callable[[H2ClientConnection], None] | None = None,
         keepalive: tuple[float, float] = (0.0, 0.0),
+        timers: Timers | None = None,
     ) -> None:
         super().__init__(h2.H2Connection(client_side=True, settings=_CLIENT_SETTINGS))
+        # The keepalive's clock and timer (and the pool's idle clock): the loop's unless given.
+        self.timers: Timers = timers if timers is not None else self.loop
         self.streams: dict[int, _ClientStream] = {}
         self.reserved = 0  # streams promised to callers, not yet opened
         self.uses = 0  # streams opened over the connection's life
@@ -53,7 +63,7 @@ class H2ClientConnection(H2Base):
         self.keepalive_interval, self.keepalive_timeout = keepalive
         self.last_received = 0.0
         self.ping_timeouts = 0
-        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: Timer | None = None
         self._ping_pending: bytes | None = None
 
     # -- capacity --
@@ -88,9 +98,9 @@ class H2ClientConnection(H2Base):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
-        self.last_active = self.last_received = self.loop.time()
+        self.last_active = self.last_received = self.timers.time()
         if self.keepalive_interval > 0:
-            self._ping_timer = self.loop.call_later(self.keepalive_interval, self._keepalive)
+            self._ping_timer = self.timers.call_later(self.keepalive_interval, self._keepalive)
         if not self._connected.done():
             self._connected.set_result(None)
 
@@ -107,35 +117,16 @@ class H2ClientConnection(H2Base):
             self.on_change(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_received = self.loop.time()
+        self.last_received = self.timers.time()
         try:
             events = self.h2.receive_data(data)
         except h2.ProtocolError:
             self.flush()
             self.close()
             return
+        on_event = _ON_EVENT  # after the class
         for event in events:
-            kind = type(event)
-            if kind is h2.ResponseReceived:
-                self._response(event)  # type: ignore[arg-type]
-            elif kind is h2.DataReceived:
-                self._data(event)  # type: ignore[arg-type]
-            elif kind is h2.StreamEnded:
-                self._ended(event.stream_id, None)  # type: ignore[attr-defined]
-            elif kind is h2.TrailersReceived:
-                self._ended(event.stream_id, list(event.headers))  # type: ignore[attr-defined]
-            elif kind is h2.WindowUpdated:
-                self.window_opened(event.stream_id)  # type: ignore[attr-defined]
-            elif kind is h2.StreamReset:
-                self._reset(event)  # type: ignore[arg-type]
-            elif kind is h2.RemoteSettingsChanged:
-                self.window_opened(0)
-                if self.on_change is not None:
-                    self.on_change(self)
-            elif kind is h2.ConnectionTerminated:
-                self._goaway(event)  # type: ignore[arg-type]
-            elif kind is h2.PingAckReceived:
-                self._ping_pending = None
+            on_event[type(event)](self, event)
         self.flush()
 
     # -- keepalive --
@@ -145,7 +136,7 @@ class H2ClientConnection(H2Base):
         self._ping_timer = None
         if self.closed:
             return
-        now = self.loop.time()
+        now = self.timers.time()
         if self._ping_pending is not None:
             self.ping_timeouts += 1
             log.warning("HTTP/2 peer did not answer PING within %ss: dropping the connection",
@@ -153,16 +144,18 @@ class H2ClientConnection(H2Base):
             self.abort()
             return
         quiet = now - self.last_received
-        if quiet >= self.keepalive_interval:
+        # A timer may fire a hair early (the loop's clock resolution, float rounding):
+        # within 1 ms counts as due, or it would re-arm itself for no time at all.
+        if quiet + 0.001 >= self.keepalive_interval:
             self._ping_pending = now.hex().encode()[-8:].rjust(8, b"0")
             try:
                 self.h2.ping(self._ping_pending)
             except h2.ProtocolError:
                 return
             self.flush()
-            self._ping_timer = self.loop.call_later(self.keepalive_timeout, self._keepalive)
+            self._ping_timer = self.timers.call_later(self.keepalive_timeout, self._keepalive)
         else:
-            self._ping_timer = self.loop.call_later(
+            self._ping_timer = self.timers.call_later(
                 self.keepalive_interval - quiet, self._keepalive
             )
 
@@ -199,6 +192,23 @@ class H2ClientConnection(H2Base):
         accepted = body is not None and body.feed(event.data or b"", size)
         if not accepted and size:
             self.ack(event.stream_id, size)
+
+    def _stream_ended(self, event: h2.StreamEnded) -> None:
+        self._ended(event.stream_id, None)
+
+    def _trailers(self, event: h2.TrailersReceived) -> None:
+        self._ended(event.stream_id, list(event.headers))
+
+    def _window_updated(self, event: h2.WindowUpdated) -> None:
+        self.window_opened(event.stream_id)
+
+    def _settings_changed(self, event: h2.RemoteSettingsChanged) -> None:
+        self.window_opened(0)
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _ping_answered(self, event: h2.PingAckReceived) -> None:
+        self._ping_pending = None
 
     def _ended(self, stream_id: int, trailers: Headers | None) -> None:
         stream = self.streams.get(stream_id)
@@ -248,7 +258,7 @@ class H2ClientConnection(H2Base):
     def _release(self, stream_id: int) -> None:
         if self.streams.pop(stream_id, None) is None:
             return
-        self.last_active = self.loop.time()
+        self.last_active = self.timers.time()
         if self.goaway and not self.streams:
             self.close()
         if self.on_change is not None:
@@ -292,7 +302,7 @@ class H2ClientConnection(H2Base):
         stream = _ClientStream(waiter)
         self.uses += 1
         self.streams[stream_id] = stream
-        self.last_active = self.loop.time()
+        self.last_active = self.timers.time()
         try:
             if body.complete and not body.trailers:
                 data = body.read_nowait()
@@ -339,16 +349,36 @@ class H2ClientConnection(H2Base):
         self.closed = True
 
 
+# What H2ClientConnection.data_received() does with each engine event (the class's
+# own functions, looked up once: an override in a subclass is not seen).
+_ON_EVENT: dict[type, EventHandler[H2ClientConnection]] = event_table(
+    {
+        h2.ResponseReceived: H2ClientConnection._response,
+        h2.DataReceived: H2ClientConnection._data,
+        h2.StreamEnded: H2ClientConnection._stream_ended,
+        h2.TrailersReceived: H2ClientConnection._trailers,
+        h2.WindowUpdated: H2ClientConnection._window_updated,
+        h2.StreamReset: H2ClientConnection._reset,
+        h2.RemoteSettingsChanged: H2ClientConnection._settings_changed,
+        h2.ConnectionTerminated: H2ClientConnection._goaway,
+        h2.PingAckReceived: H2ClientConnection._ping_answered,
+    }
+)
+
+
 async def connect_h2(
     host: str,
     port: int,
     timeout: float,
     on_change: Callable[[H2ClientConnection], None] | None = None,
     keepalive: tuple[float, float] = (0.0, 0.0),
+    timers: Timers | None = None,
 ) -> H2ClientConnection:
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: H2ClientConnection(on_change, keepalive), host, port),
+        loop.create_connection(
+            lambda: H2ClientConnection(on_change, keepalive, timers), host, port
+        ),
         timeout,
     )
     return proto

@@ -14,6 +14,7 @@ import logging
 from collections import deque
 from typing import Any
 
+from sidecar.clock import Timer, Timers
 from sidecar.discovery.base import Endpoint
 from sidecar.errors import PoolExhausted, UpstreamConnectError
 from sidecar.messages import Request, Response
@@ -29,15 +30,19 @@ _Key = tuple[str, int]
 class H2Pool:
     protocol = "h2c"
 
-    def __init__(self, service: str, limits: PoolLimits, metrics: Metrics) -> None:
+    def __init__(
+        self, service: str, limits: PoolLimits, metrics: Metrics, timers: Timers | None = None
+    ) -> None:
         self.service = service
         self.limits = limits
         self.loop = asyncio.get_running_loop()
+        # Idle closes and the connections' keepalives keep time with these.
+        self.timers: Timers = timers if timers is not None else self.loop
         self._conns: dict[_Key, list[H2ClientConnection]] = {}
         self._connecting: dict[_Key, int] = {}
         self._total = 0  # open + connecting, for max_connections
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._idle_timers: dict[H2ClientConnection, asyncio.TimerHandle] = {}
+        self._idle_timers: dict[H2ClientConnection, Timer] = {}
         self._closed = False
         self._metrics = PoolMetrics(metrics, service, self.protocol)
 
@@ -102,6 +107,7 @@ class H2Pool:
                 self.limits.connect_timeout,
                 self._changed,
                 (self.limits.keepalive_interval, self.limits.keepalive_timeout),
+                self.timers,
             )
         except BaseException as exc:
             self._connecting[key] -= 1
@@ -129,7 +135,7 @@ class H2Pool:
         if conn.closed:
             self._forget(conn)
         elif conn.active == 0 and conn not in self._idle_timers:
-            self._idle_timers[conn] = self.loop.call_later(
+            self._idle_timers[conn] = self.timers.call_later(
                 self.limits.idle_timeout, self._idle_check, conn
             )
         self._wake()
@@ -151,13 +157,13 @@ class H2Pool:
         self._idle_timers.pop(conn, None)
         if conn.closed or conn.active:
             return
-        idle_for = self.loop.time() - conn.last_active
+        idle_for = self.timers.time() - conn.last_active
         if idle_for + 0.001 >= self.limits.idle_timeout:
             log.debug("closing idle HTTP/2 connection to %s", self.service)
             conn.close()
             self._forget(conn)
         else:
-            self._idle_timers[conn] = self.loop.call_later(
+            self._idle_timers[conn] = self.timers.call_later(
                 self.limits.idle_timeout - idle_for, self._idle_check, conn
             )
 

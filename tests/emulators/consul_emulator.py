@@ -33,6 +33,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +104,8 @@ class Datacenter:
 
 
 class State:
-    def __init__(self, datacenters: list[str]) -> None:
+    def __init__(self, datacenters: list[str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # TTLs and blocking waits age by it (unit tests: the loop's time)
         self.dcs = {name: Datacenter(name) for name in datacenters}
         self.index = 1
         self.changed = asyncio.Condition()
@@ -170,7 +172,7 @@ class State:
         return {name: sorted(tags) for name, tags in sorted(names.items())}
 
     async def set_status(self, dc: Datacenter, check: Check, status: str, output: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if check.ttl is not None:
             check.expires_at = now + check.ttl
         if status == "critical":
@@ -193,7 +195,7 @@ class State:
 
     async def reap(self) -> None:
         """TTL checks past their TTL go critical; long-critical services are removed."""
-        now = time.monotonic()
+        now = self.clock()
         for dc in self.dcs.values():
             for check in list(dc.checks.values()):
                 if check.ttl is not None and check.status != "critical" and now > check.expires_at:
@@ -262,11 +264,11 @@ class Agent:
             return
         index = int(request.query["index"])
         wait = min(parse_duration(request.query.get("wait", "5m")), MAX_WAIT)
-        deadline = time.monotonic() + wait
+        deadline = self.state.clock() + wait
         state = self.state
         async with state.changed:
             while current() <= index and not state.down:
-                left = deadline - time.monotonic()
+                left = deadline - self.state.clock()
                 if left <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
@@ -303,7 +305,7 @@ class Agent:
             for check_id in [c.check_id for c in dc.checks.values() if c.service_id == service_id]:
                 del dc.checks[check_id]
         checks = _checks_of(body)
-        now = time.monotonic()
+        now = self.state.clock()
         for i, spec in enumerate(checks):
             check_id = spec.get("checkid") or spec.get("id") or f"service:{service_id}"
             if not (spec.get("checkid") or spec.get("id")) and len(checks) > 1:
@@ -427,10 +429,13 @@ class Agent:
 
 
 async def serve(
-    host: str, port: int, datacenters: list[str]
+    host: str,
+    port: int,
+    datacenters: list[str],
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[State, list[web.AppRunner], dict[str, int]]:
     """Start one agent per datacenter (the first on `port`); returns the ports by dc."""
-    state = State(datacenters)
+    state = State(datacenters, clock)
     runners: list[web.AppRunner] = []
     ports: dict[str, int] = {}
     for i, dc in enumerate(datacenters):

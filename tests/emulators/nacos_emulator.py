@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,13 +65,19 @@ Key = tuple[str, str, str]  # namespace, group, service
 
 
 class Registry:
-    def __init__(self, unhealthy_after: float, delete_after: float) -> None:
+    def __init__(
+        self,
+        unhealthy_after: float,
+        delete_after: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.unhealthy_after = unhealthy_after
         self.delete_after = delete_after
+        self.clock = clock  # beats age by it (unit tests: the virtual loop's time)
         self.services: dict[Key, dict[tuple[str, int, str], NacosInstance]] = {}
 
     def reap(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for instances in self.services.values():
             for key, inst in list(instances.items()):
                 if not inst.ephemeral:
@@ -156,7 +163,7 @@ class NacosEmulator:
             enabled=_bool(params.get("enabled"), True),
             ephemeral=_bool(params.get("ephemeral"), True),
             metadata=meta,
-            last_beat=time.monotonic(),
+            last_beat=self.registry.clock(),
         )
         return "ok"
 
@@ -182,7 +189,7 @@ class NacosEmulator:
         )
         if inst is None:
             return {"code": BEAT_NOT_FOUND}
-        inst.last_beat = time.monotonic()
+        inst.last_beat = self.registry.clock()
         inst.healthy = True
         return {"clientBeatInterval": 5000, "code": BEAT_OK, "lightBeatEnabled": True}
 
@@ -233,9 +240,14 @@ class NacosEmulator:
 
 
 async def serve(
-    host: str, port: int, unhealthy_after: float, delete_after: float, v1_only: bool
+    host: str,
+    port: int,
+    unhealthy_after: float,
+    delete_after: float,
+    v1_only: bool,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[web.AppRunner, int]:
-    emulator = NacosEmulator(Registry(unhealthy_after, delete_after), v1_only)
+    emulator = NacosEmulator(Registry(unhealthy_after, delete_after, clock), v1_only)
     runner = web.AppRunner(emulator.app(), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

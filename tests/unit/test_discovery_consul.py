@@ -1,11 +1,13 @@
 """The Consul backend against the Consul emulator (tests/emulators/consul_emulator.py,
 which follows Consul's documented HTTP API), in process on 127.0.0.1 port 0; plus the
-blocking-query rules and the parsing, without sockets."""
+blocking-query rules and the parsing, without sockets.
+
+The emulator tests run on a VirtualTimeLoop (tests/unit/faketime.py) and the emulator
+keeps TTLs and blocking waits by that loop's clock: nothing waits in real time."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.consul import ConsulDiscovery, TokenBucket, next_index, parse_health
 from sidecar.metrics import Metrics
 from tests.emulators import consul_emulator
+from tests.unit.faketime import run_virtual
 
 
 def test_index_resets_when_it_goes_backwards_and_never_drops_below_one() -> None:
@@ -58,8 +61,9 @@ def test_parse_health_uses_service_address_then_node_address() -> None:
 
 
 async def _until(what: str, check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
         value = check()
         if value:
             return value
@@ -70,7 +74,8 @@ async def _until(what: str, check: Callable[[], Any], timeout: float = 5.0) -> A
 async def _with_emulator(
     body: Callable[[dict[str, int], consul_emulator.State], Awaitable[None]],
 ) -> None:
-    state, runners, ports = await consul_emulator.serve("127.0.0.1", 0, ["dc1", "dc2"])
+    clock = asyncio.get_running_loop().time
+    state, runners, ports = await consul_emulator.serve("127.0.0.1", 0, ["dc1", "dc2"], clock)
     reaper = asyncio.create_task(consul_emulator._reaper(state))
     try:
         await body(ports, state)
@@ -135,7 +140,7 @@ def test_register_watch_fail_and_deregister() -> None:
             await caller.close()
             await app_runner.cleanup()
 
-    asyncio.run(_with_emulator(body))
+    run_virtual(_with_emulator(body))
 
 
 def test_failover_to_another_datacenter_and_back() -> None:
@@ -175,7 +180,7 @@ def test_failover_to_another_datacenter_and_back() -> None:
             finally:
                 await caller.close()
 
-    asyncio.run(_with_emulator(body))
+    run_virtual(_with_emulator(body))
 
 
 def test_outage_keeps_last_known_endpoints_sets_stale_and_recovers() -> None:
@@ -219,7 +224,7 @@ def test_outage_keeps_last_known_endpoints_sets_stale_and_recovers() -> None:
                 await caller.close()
                 await app_runner.cleanup()
 
-    asyncio.run(_with_emulator(body))
+    run_virtual(_with_emulator(body))
 
 
 def test_ttl_check_goes_critical_without_refresh_in_the_emulator() -> None:
@@ -242,10 +247,11 @@ def test_ttl_check_goes_critical_without_refresh_in_the_emulator() -> None:
             async with http.get(f"{base}/v1/health/service/x?passing") as r:
                 assert len(await r.json()) == 1
                 index = r.headers["X-Consul-Index"]
-            started = time.monotonic()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             async with http.get(f"{base}/v1/health/service/x?passing&index={index}&wait=5s") as r:
                 assert await r.json() == []  # the blocking query returned on the TTL expiring
-            assert time.monotonic() - started < 2.0
+            assert loop.time() - started < 2.0
             await _until("reaped", lambda: "x1" not in state.dcs["dc1"].services)
 
-    asyncio.run(_with_emulator(body))
+    run_virtual(_with_emulator(body))

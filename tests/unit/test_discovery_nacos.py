@@ -1,10 +1,13 @@
 """The Nacos backend against the Nacos emulator (tests/emulators/nacos_emulator.py, which
-follows Nacos's v1 and v2 Open API pages), in process on 127.0.0.1 port 0."""
+follows Nacos's v1 and v2 Open API pages), in process on 127.0.0.1 port 0.
+
+Each test runs on a VirtualTimeLoop (tests/unit/faketime.py) and the emulator ages
+beats by that loop's clock: the beats, polls and expiries of several seconds take
+none, and nothing here waits in real time."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +18,7 @@ from sidecar.config import AppConfig, NacosDiscoveryConfig
 from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.nacos import NacosDiscovery, parse_hosts
 from tests.emulators import nacos_emulator
+from tests.unit.faketime import run_virtual
 
 
 def test_parse_hosts_keeps_healthy_enabled_instances() -> None:
@@ -34,8 +38,9 @@ def test_parse_hosts_keeps_healthy_enabled_instances() -> None:
 
 
 async def _until(what: str, check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
         if check():
             return
         await asyncio.sleep(0.02)
@@ -58,7 +63,8 @@ async def _health_app() -> tuple[web.AppRunner, int, dict[str, int]]:
 
 def _scenario(v1_only: bool) -> None:
     async def main() -> None:
-        runner, port = await nacos_emulator.serve("127.0.0.1", 0, 0.6, 5.0, v1_only)
+        clock = asyncio.get_running_loop().time
+        runner, port = await nacos_emulator.serve("127.0.0.1", 0, 0.6, 5.0, v1_only, clock)
         app_runner, app_port, app_status = await _health_app()
         cfg = NacosDiscoveryConfig(
             address=f"127.0.0.1:{port}",
@@ -102,7 +108,7 @@ def _scenario(v1_only: bool) -> None:
             await app_runner.cleanup()
             await runner.cleanup()
 
-    asyncio.run(main())
+    run_virtual(main())
 
 
 def test_v2_open_api() -> None:
@@ -115,7 +121,8 @@ def test_falls_back_to_v1_on_a_1x_server() -> None:
 
 def test_emulator_marks_instances_unhealthy_without_beats() -> None:
     async def main() -> None:
-        runner, port = await nacos_emulator.serve("127.0.0.1", 0, 0.3, 5.0, False)
+        clock = asyncio.get_running_loop().time
+        runner, port = await nacos_emulator.serve("127.0.0.1", 0, 0.3, 5.0, False, clock)
         base = f"http://127.0.0.1:{port}/nacos/v2/ns"
         try:
             async with aiohttp.ClientSession() as http:
@@ -134,4 +141,4 @@ def test_emulator_marks_instances_unhealthy_without_beats() -> None:
         finally:
             await runner.cleanup()
 
-    asyncio.run(main())
+    run_virtual(main())

@@ -1,5 +1,7 @@
 """HTTP/2 PING keepalive on upstream connections: a quiet connection is pinged, an
-answered PING keeps it, an unanswered one drops it (a dead peer is replaced)."""
+answered PING keeps it, an unanswered one drops it (a dead peer is replaced).
+
+The keepalive's clock is a FakeTimers moved by hand: no test waits in real time."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import h2.connection
 import h2.events
 
 from sidecar.upstream.h2client import H2ClientConnection
-from tests.unit.memtransport import attach, until
+from tests.unit.faketime import FakeTimers
+from tests.unit.memtransport import MemoryTransport, attach, until
 
 
 def _peer() -> h2.connection.H2Connection:
@@ -21,22 +24,40 @@ def _peer() -> h2.connection.H2Connection:
     return peer
 
 
+async def step(timers: FakeTimers, seconds: float) -> None:
+    """Move the clock on, then let the loop write what the timers queued (flush)."""
+    timers.advance(seconds)
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def pings(peer: h2.connection.H2Connection, transport: MemoryTransport) -> int:
+    data = b"".join(transport.chunks)
+    transport.chunks.clear()
+    return sum(isinstance(e, h2.events.PingReceived) for e in peer.receive_data(data))
+
+
 def test_unanswered_ping_drops_the_connection() -> None:
     async def go() -> None:
         changes: list[bool] = []
-        client = H2ClientConnection(lambda c: changes.append(c.closed), keepalive=(0.05, 0.05))
+        timers = FakeTimers()
+        client = H2ClientConnection(
+            lambda c: changes.append(c.closed), keepalive=(0.05, 0.05), timers=timers
+        )
         transport = attach(client)
         peer = _peer()
-        peer.receive_data(b"".join(transport.chunks))
-        transport.chunks.clear()
+        await step(timers, 0.0)
+        assert pings(peer, transport) == 0
         # The peer goes silent: the client pings after 50 ms, gives up 50 ms later.
-        await until(lambda: client.closed, turns=10**7)
-        pings = [
-            e
-            for e in peer.receive_data(b"".join(transport.chunks))
-            if isinstance(e, h2.events.PingReceived)
-        ]
-        assert len(pings) == 1
+        await step(timers, 0.049)
+        assert pings(peer, transport) == 0
+        await step(timers, 0.001)
+        assert pings(peer, transport) == 1
+        await step(timers, 0.049)
+        assert not client.closed
+        await step(timers, 0.001)
+        await until(lambda: client.closed)
+        assert pings(peer, transport) == 0  # one PING in all
         assert client.ping_timeouts == 1
         assert changes and changes[-1] is True  # the pool hears it died
 
@@ -45,22 +66,18 @@ def test_unanswered_ping_drops_the_connection() -> None:
 
 def test_answered_ping_keeps_the_connection() -> None:
     async def go() -> None:
-        client = H2ClientConnection(None, keepalive=(0.05, 0.2))
+        timers = FakeTimers()
+        client = H2ClientConnection(None, keepalive=(0.05, 0.2), timers=timers)
         transport = attach(client)
         peer = _peer()
         answered = 0
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 0.5
-        while loop.time() < end:
-            data = b"".join(transport.chunks)
-            transport.chunks.clear()
-            for event in peer.receive_data(data):
-                if isinstance(event, h2.events.PingReceived):
-                    answered += 1
+        end = timers.time() + 0.5
+        while timers.time() < end:
+            answered += pings(peer, transport)
             out = peer.data_to_send()
             if out:
                 client.data_received(out)
-            await asyncio.sleep(0.01)
+            await step(timers, 0.01)
         assert answered >= 2  # pinged repeatedly while quiet...
         assert not client.closed and client.ping_timeouts == 0  # ...and kept, since answered
         client.close()
@@ -70,20 +87,19 @@ def test_answered_ping_keeps_the_connection() -> None:
 
 def test_traffic_defers_the_ping() -> None:
     async def go() -> None:
-        client = H2ClientConnection(None, keepalive=(0.2, 0.2))
+        timers = FakeTimers()
+        client = H2ClientConnection(None, keepalive=(0.2, 0.2), timers=timers)
         transport = attach(client)
         peer = _peer()
-        peer.receive_data(b"".join(transport.chunks))
-        transport.chunks.clear()
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 0.5
-        while loop.time() < end:
+        await step(timers, 0.0)
+        pings(peer, transport)
+        end = timers.time() + 0.5
+        while timers.time() < end:
             # Frames keep arriving (a settings ACK stands in for traffic): no PING needed.
             peer.update_settings({})
             client.data_received(peer.data_to_send())
-            await asyncio.sleep(0.02)
-        sent = peer.receive_data(b"".join(transport.chunks))
-        assert not [e for e in sent if isinstance(e, h2.events.PingReceived)]
+            await step(timers, 0.02)
+        assert pings(peer, transport) == 0
         client.close()
 
     asyncio.run(asyncio.wait_for(go(), 5))

@@ -443,7 +443,12 @@ def test_pool_opens_no_second_connection_while_the_first_has_capacity(
         connects: list[tuple[str, int]] = []
 
         async def fake_connect_h2(
-            host: str, port: int, timeout: float, on_change: Any = None, keepalive: Any = None
+            host: str,
+            port: int,
+            timeout: float,
+            on_change: Any = None,
+            keepalive: Any = None,
+            timers: Any = None,
         ) -> H2ClientConnection:
             connects.append((host, port))
             await asyncio.sleep(0)  # connecting takes a loop turn: the second call overlaps it
@@ -488,7 +493,12 @@ def test_pool_opens_another_connection_when_the_peer_allows_one_stream(
         connects: list[H2ClientConnection] = []
 
         async def fake_connect_h2(
-            host: str, port: int, timeout: float, on_change: Any = None, keepalive: Any = None
+            host: str,
+            port: int,
+            timeout: float,
+            on_change: Any = None,
+            keepalive: Any = None,
+            timers: Any = None,
         ) -> H2ClientConnection:
             client = H2ClientConnection(on_change)
             connects.append(client)

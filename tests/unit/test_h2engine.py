@@ -98,6 +98,31 @@ def test_request_and_response_with_body_and_trailers_both_ways() -> None:
     assert 1 not in ours.streams  # both sides ended: forgotten
 
 
+def test_events_compare_by_value_and_show_their_fields() -> None:
+    ours, peer = server_with_client()
+    peer.send_headers(1, REQUEST, end_stream=True)
+    mine, _ = pump(ours, peer)
+    assert mine == [engine.RequestReceived(1, REQUEST, True), engine.StreamEnded(1)]
+    assert repr(engine.StreamReset(3, 8)) == (
+        "StreamReset(stream_id=3, error_code=8, remote=True, reason='')"
+    )
+    assert engine.PingReceived() == engine.PingReceived()
+    # A response head is not a request head, whatever its fields.
+    response: object = engine.ResponseReceived(1, [], True)
+    assert response != engine.RequestReceived(1, [], True)
+
+
+def test_every_event_type_is_listed_for_dispatch_tables() -> None:
+    made = {
+        value
+        for value in vars(engine).values()
+        if isinstance(value, type) and issubclass(value, engine.Event) and value is not engine.Event
+    }
+    assert made == set(engine.EVENT_TYPES)
+    for kind in engine.EVENT_TYPES:
+        assert kind.__dictoffset__ == 0  # slotted: no per-event __dict__
+
+
 def test_our_client_against_an_h2_server() -> None:
     ours = engine.H2Connection(client_side=True, settings={SettingCodes.ENABLE_PUSH: 0})
     ours.initiate_connection()
