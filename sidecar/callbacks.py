@@ -19,7 +19,8 @@ from sidecar.call import Call
 from sidecar.errors import MeshError
 from sidecar.forwarding import CLIENT_GONE, Responder, not_routed, routed
 from sidecar.messages import Request, Response
-from sidecar.upstream.h1client import H1ClientConnection, H1Pool, Ticket
+from sidecar.upstream.h1conn import H1ClientConnection
+from sidecar.upstream.h1pool import H1Pool, Ticket
 
 if TYPE_CHECKING:
     from sidecar.cluster import Cluster
@@ -127,7 +128,7 @@ class CallbackCall(Call):
         self._ticket = None
         if self._over:
             if isinstance(got, H1ClientConnection):
-                self._pool.put_back(got)
+                self._pool.release(got, True)
             return
         try:
             if isinstance(got, H1ClientConnection):

@@ -23,7 +23,7 @@ from sidecar.health import ActiveChecker, HealthChecks, Outcome, OutlierDetector
 from sidecar.lb import Balancer, make_balancer
 from sidecar.messages import Request, Response
 from sidecar.metrics import Metrics
-from sidecar.upstream.h1client import H1Pool
+from sidecar.upstream.h1pool import H1Pool
 from sidecar.upstream.h2pool import H2Pool
 from sidecar.upstream.pool import Pool, PoolLimits
 

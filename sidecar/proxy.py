@@ -54,7 +54,7 @@ from sidecar.metrics import Metrics
 from sidecar.routing import INVOKE_PREFIX, Router
 from sidecar.serving import ImmediateSink, ResponseSink, TaskWork
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
-from sidecar.upstream.h1client import H1Pool
+from sidecar.upstream.h1pool import H1Pool
 
 log = logging.getLogger("sidecar.proxy")
 

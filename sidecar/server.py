@@ -37,7 +37,7 @@ from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
 from sidecar.routing import Router
 from sidecar.serving import Admission, ListenerContext
 from sidecar.tracing import Tracing, from_env
-from sidecar.upstream.h1client import H1Pool
+from sidecar.upstream.h1pool import H1Pool
 from sidecar.upstream.h2pool import H2Pool
 from sidecar.upstream.pool import Pool
 from sidecar.workers import supervise

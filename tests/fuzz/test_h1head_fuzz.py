@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from sidecar.errors import BadRequest
 from sidecar.messages import Request, fixed_body
 from sidecar.proto.h1head import last_chunk
-from sidecar.upstream.h1client import H1ClientConnection
+from sidecar.upstream.h1conn import H1ClientConnection
 
 BOUNDED = settings(max_examples=200, deadline=2000)
 ANY = st.binary(max_size=12)
@@ -35,8 +35,8 @@ class _Sent:
 
 def _write(method: bytes, target: bytes, authority: bytes, fields: list[Any]) -> Any:
     async def go() -> Any:
-        pool = SimpleNamespace(max_header_bytes=65536, service="t", _release=lambda c, k: None)
-        conn = H1ClientConnection(pool, ("127.0.0.1", 1))  # type: ignore[arg-type]
+        pool = SimpleNamespace(max_header_bytes=65536, service="t", release=lambda c, k: None)
+        conn = H1ClientConnection(pool, ("127.0.0.1", 1))
         sent = _Sent()
         conn.transport = sent  # type: ignore[assignment]
         request = Request(method, target, authority, fields, fixed_body())

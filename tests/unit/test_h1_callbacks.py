@@ -31,7 +31,8 @@ from sidecar.proxy import InboundHandler, OutboundHandler
 from sidecar.routing import Router
 from sidecar.serving import ListenerContext
 from sidecar.tracing import Tracing
-from sidecar.upstream.h1client import H1ClientConnection, H1Pool
+from sidecar.upstream.h1conn import H1ClientConnection
+from sidecar.upstream.h1pool import H1Pool
 from sidecar.upstream.pool import PoolLimits
 from tests.unit.memtransport import MemoryTransport, attach, connect, until
 

@@ -1,15 +1,12 @@
-"""HTTP/1.1 client connections to the local app, on httptools, and their keep-alive pool.
+"""One HTTP/1.1 client connection to the local app, on httptools: the request writer and
+the response parser.
 
-Both work with callbacks first, so the proxy's callback path (callbacks.py) can run a
-call without a task, with futures on top for the coroutine path:
-
-- a connection hands the response head to whoever waits for it, a future (`request()`)
-  or a callback (`send()`), once the bytes that carried it are parsed (the body is then
-  often whole already); a waiting task hears of it before the pool takes the connection
-  back, a callback after the pool took it back but before another call may have it;
-- the pool hands a connection released to the oldest call waiting for one to the same
-  endpoint, and a freed slot to the oldest call waiting at all, rather than waking every
-  waiter to look again; one timer covers every waiter's `pending_timeout`.
+A connection carries one call at a time and hands the response head to whoever waits for
+it, a callback (`send()`, the proxy's callback path) or a future (`send()` without one,
+the coroutine path), once the bytes that carried it are parsed (the body is then often
+whole already): a waiting task hears of it before the owner takes the connection back, a
+callback after the owner took it back but before another call may have it. What it tells
+its owner (the pool, h1pool.py) is the `ConnectionOwner` protocol, and only that.
 """
 
 from __future__ import annotations
@@ -18,22 +15,12 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import deque
-from collections.abc import Callable, Coroutine
-from functools import partial
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Protocol, cast
 
 import httptools
 
-from sidecar.discovery.base import Endpoint
-from sidecar.errors import (
-    BadRequest,
-    MeshError,
-    PoolExhausted,
-    StreamRefused,
-    UpstreamConnectError,
-    UpstreamReset,
-)
+from sidecar.errors import BadRequest, MeshError, StreamRefused, UpstreamReset
 from sidecar.messages import (
     HOP_BY_HOP,
     Body,
@@ -43,7 +30,6 @@ from sidecar.messages import (
     Response,
     content_length,
 )
-from sidecar.metrics import Metrics
 from sidecar.proto.h1head import (
     BAD,
     FRAMING_FIELDS,
@@ -55,7 +41,6 @@ from sidecar.proto.h1head import (
     last_chunk,
     request_head_ok,
 )
-from sidecar.upstream.pool import PoolLimits, PoolMetrics
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -66,8 +51,28 @@ _READ_LOW_WATER = 64 * 1024
 
 # What a call waiting for a response head is told: the head, or why there is none.
 HeadCallback = Callable[[Response | MeshError], None]
-# What a call waiting for a connection is told: one to use, or why there is none.
-ConnCallback = Callable[["H1ClientConnection | Exception"], None]
+
+
+class ConnectionOwner(Protocol):
+    """What a connection tells the pool that holds it (H1Pool), in the order it does."""
+
+    service: str  # for the connection's logs and errors
+    max_header_bytes: int  # a response head, and its trailers apart, may hold this much
+
+    def release(self, conn: H1ClientConnection, keep: bool) -> None:
+        """The call is through with `conn`: park it, then hand it on."""
+
+    def park(self, conn: H1ClientConnection, keep: bool) -> None:
+        """Take `conn` back (idle, or closed unless `keep`); no call gets it yet."""
+
+    def hand_on(self, conn: H1ClientConnection) -> None:
+        """`conn`, parked, may go to a call waiting for one."""
+
+    def lost(self, conn: H1ClientConnection) -> bool:
+        """`conn` closed: forget it; False if it was forgotten already."""
+
+    def slot_freed(self) -> None:
+        """A lost connection's call has heard of it: its slot may be used again."""
 
 
 class _ResponseAbort(Exception):
@@ -75,9 +80,9 @@ class _ResponseAbort(Exception):
 
 
 class H1ClientConnection(asyncio.Protocol):
-    def __init__(self, pool: H1Pool, key: tuple[str, int]) -> None:
-        self.pool = pool
-        self._max_header_bytes = pool.max_header_bytes
+    def __init__(self, owner: ConnectionOwner, key: tuple[str, int]) -> None:
+        self.owner = owner
+        self._max_header_bytes = owner.max_header_bytes
         self.key = key
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -160,9 +165,9 @@ class H1ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        pool = self.pool
+        owner = self.owner
         # Out of the pool's count before the call hears of it, so a resend finds the slot.
-        known = pool._remove(self)
+        known = owner.lost(self)
         if self._waiter is not None or self._on_head is not None or self._body is not None:
             reused = self.uses > 1
             if not self._got_bytes and reused and self._idempotent:
@@ -172,7 +177,7 @@ class H1ClientConnection(asyncio.Protocol):
                 self._lost(UpstreamReset("the app closed the connection mid-call"))
         self._wake_drain()
         if known:
-            pool._slot_freed()
+            owner.slot_freed()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -287,17 +292,17 @@ class H1ClientConnection(asyncio.Protocol):
         # The pool takes the connection back first (the call's next step may be the next
         # pipelined request, which may use it), but hands it to a call waiting for one
         # only once this call is through with its response (which may close it).
-        pool = self.pool
-        pool._park(self, keep)
+        owner = self.owner
+        owner.park(self, keep)
         if response is not None:
             self._ready = response
             self._hand_over()
         self._disown()
-        pool._hand_on(self)
+        owner.hand_on(self)
 
     def _release(self, keep: bool) -> None:
         self._disown()
-        self.pool._release(self, keep)
+        self.owner.release(self, keep)
 
     def _disown(self) -> None:
         owned = self._owned
@@ -324,29 +329,26 @@ class H1ClientConnection(asyncio.Protocol):
             on_head(response)
 
     # -- calls --
-    def send(self, request: Request, authority: bytes, path: bytes, on_head: HeadCallback) -> None:
-        """Send the call; `on_head` gets the response head, or the error that ended the call."""
+    def send(
+        self, request: Request, authority: bytes, path: bytes, on_head: HeadCallback | None
+    ) -> asyncio.Future[Response] | None:
+        """Send the call. `on_head` gets the response head, or the error that ended the
+        call; without `on_head`, the future returned gets them (a refused write raises)."""
         refused = self._write_request(request, authority, path)
         if refused is not None:
-            self.pool._release(self, True)  # nothing was written: the next call's
+            self.owner.release(self, True)  # nothing was written: the next call's
+            if on_head is None:
+                raise refused
             on_head(refused)
-            return
+            return None
+        if on_head is None:
+            waiter: asyncio.Future[Response] = self.loop.create_future()
+            self._waiter = waiter
+            self._by_future = True
+            return waiter
         self._on_head = on_head
         self._by_future = False
-
-    async def request(self, request: Request, authority: bytes, path: bytes) -> Response:
-        refused = self._write_request(request, authority, path)
-        if refused is not None:
-            self.pool._release(self, True)  # nothing was written: the next call's
-            raise refused
-        waiter: asyncio.Future[Response] = self.loop.create_future()
-        self._waiter = waiter
-        self._by_future = True
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            self._cancel()
-            raise
+        return None
 
     def _write_request(self, request: Request, authority: bytes, path: bytes) -> BadRequest | None:
         """Write the request head (and a whole body); the error, having written nothing,
@@ -421,13 +423,13 @@ class H1ClientConnection(asyncio.Protocol):
         log.error(
             "refused to write a request to %s as HTTP/1.1: its %s holds bytes HTTP/1.1 "
             "does not allow there (CR, LF, NUL, a control byte or a space)",
-            self.pool.service,
+            self.owner.service,
             what,
         )
         return BadRequest(
             f"the request's {what} cannot be sent as HTTP/1.1 (CR, LF, NUL, a control byte "
             "or a space where HTTP/1.1 does not allow one)",
-            service=self.pool.service,
+            service=self.owner.service,
         )
 
     async def _send_body(self, body: Body, length: int) -> None:
@@ -447,7 +449,7 @@ class H1ClientConnection(asyncio.Protocol):
                     if length < 0:
                         # More than the declared length: the rest would read as another
                         # request. The app's call is void.
-                        log.error("request body to %s over its content-length", self.pool.service)
+                        log.error("request body to %s over its content-length", self.owner.service)
                         self.close()
                         return
                     transport.write(chunk)
@@ -459,7 +461,7 @@ class H1ClientConnection(asyncio.Protocol):
             if chunked:
                 transport.write(_last_chunk(body.trailers) if body.trailers else b"0\r\n\r\n")
             elif length:
-                log.error("request body to %s short of its content-length", self.pool.service)
+                log.error("request body to %s short of its content-length", self.owner.service)
                 self.close()
                 return
             self._request_sent = True
@@ -515,308 +517,3 @@ def _last_chunk(trailers: Headers) -> bytes:
         log.error("dropped request trailers: %r cannot be written as HTTP/1.1", bad_field(trailers))
         return b"0\r\n\r\n"
     return block
-
-
-class Ticket:
-    """A call waiting for a connection to `endpoint` until `deadline` (loop time)."""
-
-    __slots__ = ("deadline", "endpoint", "give", "key", "opening")
-
-    def __init__(self, endpoint: Endpoint, deadline: float, give: ConnCallback) -> None:
-        self.endpoint = endpoint
-        self.key = (endpoint.host, endpoint.port)
-        self.deadline = deadline
-        self.give: ConnCallback | None = give  # None once the caller gave up
-        self.opening: asyncio.Task[tuple[Any, H1ClientConnection]] | None = None
-
-
-# How a pool opens a connection: loop.create_connection's shape (injected in tests).
-Connect = Callable[
-    [Callable[[], H1ClientConnection], str, int],
-    Coroutine[Any, Any, tuple[asyncio.BaseTransport, H1ClientConnection]],
-]
-
-
-class H1Pool:
-    """Keep-alive HTTP/1.1 connections, one call at a time each (to the local app)."""
-
-    protocol = "http1"
-
-    def __init__(
-        self,
-        service: str,
-        limits: PoolLimits,
-        metrics: Metrics,
-        connect: Connect | None = None,
-        max_header_bytes: int = 65536,
-    ) -> None:
-        self.service = service
-        self.limits = limits
-        # A response head, and its trailers apart, may hold this much (limits.max_header_bytes).
-        self.max_header_bytes = max_header_bytes
-        self.loop = asyncio.get_running_loop()
-        self._connect: Connect = connect or self.loop.create_connection
-        self._idle: dict[tuple[str, int], list[H1ClientConnection]] = {}
-        self._all: set[H1ClientConnection] = set()
-        self._connecting = 0
-        self._waiters: deque[Ticket] = deque()
-        self._expiry: asyncio.TimerHandle | None = None
-        self._expiry_at = 0.0
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._metrics = PoolMetrics(metrics, service, self.protocol)
-
-    # -- the coroutine path --
-    async def request(
-        self, endpoint: Endpoint, request: Request, authority: bytes, path: bytes
-    ) -> Response:
-        conn = self.idle_connection(endpoint)
-        if conn is None:
-            conn = await self._acquire(endpoint)
-        self._metrics.stream()
-        return await conn.request(request, authority, path)
-
-    async def _acquire(self, endpoint: Endpoint) -> H1ClientConnection:
-        waiter: asyncio.Future[H1ClientConnection] = self.loop.create_future()
-        ticket = self.acquire(endpoint, partial(self._settle, waiter))
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            self.abandon(ticket)
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self.put_back(waiter.result())  # handed over as the caller went away
-            raise
-
-    def _settle(
-        self, waiter: asyncio.Future[H1ClientConnection], got: H1ClientConnection | Exception
-    ) -> None:
-        if waiter.done():
-            if isinstance(got, H1ClientConnection):
-                self.put_back(got)  # its caller was cancelled meanwhile
-        elif isinstance(got, H1ClientConnection):
-            waiter.set_result(got)
-        else:
-            waiter.set_exception(got)
-
-    # -- the callback path --
-    def idle_connection(self, endpoint: Endpoint) -> H1ClientConnection | None:
-        """An idle connection to `endpoint`, unless calls are waiting for one."""
-        key = (endpoint.host, endpoint.port)
-        idle = self._idle.get(key)
-        if idle and not (self._waiters and self._queued(key)):
-            while idle:
-                conn = idle.pop()  # most recently used: least likely closed by the app
-                if not conn.closed:
-                    return conn
-        return None
-
-    def _queued(self, key: tuple[str, int]) -> bool:
-        return any(ticket.key == key for ticket in self._waiters)
-
-    def acquire(self, endpoint: Endpoint, give: ConnCallback) -> Ticket:
-        """For a call that found no idle connection: open one if the pool has room, else
-        wait for one (at most `pending_timeout`); `give` gets it, or the error."""
-        ticket = Ticket(endpoint, self.loop.time() + self.limits.pending_timeout, give)
-        if self._waiters and self._queued(ticket.key):
-            self._wait(ticket)  # behind the calls already waiting
-        else:
-            self._serve(ticket)
-        return ticket
-
-    def send(
-        self,
-        conn: H1ClientConnection,
-        request: Request,
-        authority: bytes,
-        path: bytes,
-        on_head: HeadCallback,
-    ) -> None:
-        self._metrics.stream()
-        conn.send(request, authority, path, on_head)
-
-    def put_back(self, conn: H1ClientConnection) -> None:
-        """A connection handed to a call that had gone: the next call's."""
-        self._release(conn, True)
-
-    def abandon(self, ticket: Ticket) -> None:
-        """The caller stopped waiting: leave the queue, stop the connect made for it."""
-        ticket.give = None
-        if ticket.opening is not None:
-            ticket.opening.cancel()
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(ticket)
-
-    # -- handing out connections --
-    def _serve(self, ticket: Ticket) -> None:
-        """Look (again) for a connection for a waiting call."""
-        give = ticket.give
-        if give is None:
-            return
-        idle = self._idle.get(ticket.key)
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                ticket.give = None
-                give(conn)
-                return
-        limits = self.limits
-        if len(self._all) + self._connecting < limits.max_connections:
-            self._open(ticket)
-            return
-        if self.loop.time() >= ticket.deadline:
-            ticket.give = None
-            give(
-                PoolExhausted(
-                    f"all {limits.max_connections} connections to {ticket.endpoint.address} "
-                    f"busy for {limits.pending_timeout}s",
-                    service=self.service,
-                )
-            )
-            return
-        self._wait(ticket)
-
-    def _wait(self, ticket: Ticket) -> None:
-        self._waiters.append(ticket)
-        self._arm(ticket.deadline)
-
-    def _arm(self, deadline: float) -> None:
-        """The expiry timer fires by `deadline` (one timer for every waiting call)."""
-        if self._expiry is not None:
-            if self._expiry_at <= deadline:
-                return
-            self._expiry.cancel()
-        self._expiry_at = deadline
-        self._expiry = self.loop.call_at(deadline, self._expire)
-
-    def _expire(self) -> None:
-        """Calls whose wait ran out look once more, then fail (PoolExhausted)."""
-        self._expiry = None
-        now = self.loop.time()
-        waiters = self._waiters
-        expired = [t for t in waiters if t.deadline <= now]
-        for ticket in expired:
-            waiters.remove(ticket)
-        for ticket in expired:
-            self._serve(ticket)
-        if waiters:
-            self._arm(min(t.deadline for t in waiters))
-
-    def _open(self, ticket: Ticket) -> None:
-        self._connecting += 1
-        endpoint = ticket.endpoint
-        key = ticket.key
-        connect = self._connect(lambda: H1ClientConnection(self, key), endpoint.host, endpoint.port)
-        task = self.loop.create_task(asyncio.wait_for(connect, self.limits.connect_timeout))
-        ticket.opening = task
-        task.add_done_callback(partial(self._opened, ticket))
-
-    def _opened(self, ticket: Ticket, task: asyncio.Task[tuple[Any, H1ClientConnection]]) -> None:
-        self._connecting -= 1
-        ticket.opening = None
-        give = ticket.give
-        ticket.give = None
-        if task.cancelled():
-            self._slot_freed()
-            return
-        exc = task.exception()
-        if exc is not None:
-            if give is not None:
-                if isinstance(exc, (OSError, TimeoutError)):
-                    exc = UpstreamConnectError(
-                        f"cannot connect to {ticket.endpoint.address}: {exc or 'timed out'}",
-                        service=self.service,
-                    )
-                # Its caller first (a resend may take the slot), as when it connected itself.
-                give(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
-            self._slot_freed()
-            return
-        conn = task.result()[1]
-        self._all.add(conn)
-        self._metrics.opened()
-        if give is not None:
-            give(conn)
-        else:
-            self.put_back(conn)  # opened for a call that went away
-
-    def _release(self, conn: H1ClientConnection, keep: bool) -> None:
-        self._park(conn, keep)
-        self._hand_on(conn)
-
-    def _park(self, conn: H1ClientConnection, keep: bool) -> None:
-        """Take a connection back: idle, or closed if it cannot serve another call."""
-        if conn not in self._all:
-            return
-        if not keep or conn.closed:
-            conn.close()  # the slot frees when the connection is lost
-            return
-        conn.last_active = self.loop.time()
-        idle = self._idle.get(conn.key)
-        if idle is None:
-            idle = self._idle[conn.key] = []
-        idle.append(conn)
-        if self._sweeper is None:
-            self._sweeper = self.loop.call_later(self.limits.idle_timeout, self._sweep)
-
-    def _hand_on(self, conn: H1ClientConnection) -> None:
-        """A connection just parked goes to the oldest call waiting for its endpoint."""
-        waiters = self._waiters
-        if not waiters:
-            return
-        key = conn.key
-        idle = self._idle.get(key)
-        if not idle or idle[-1] is not conn or conn.closed:
-            return  # taken or closed meanwhile
-        for i, ticket in enumerate(waiters):
-            # Every ticket queued has a caller (abandon() and _serve() take theirs out).
-            if ticket.key == key and ticket.give is not None:
-                del waiters[i]
-                idle.pop()
-                give = ticket.give
-                ticket.give = None
-                give(conn)
-                return
-
-    def _remove(self, conn: H1ClientConnection) -> bool:
-        """Forget a lost connection; False if the pool no longer knew it."""
-        if conn not in self._all:
-            return False
-        self._all.discard(conn)
-        idle = self._idle.get(conn.key)
-        if idle is not None and conn in idle:
-            idle.remove(conn)
-        self._metrics.closed(conn.uses)
-        return True
-
-    def _slot_freed(self) -> None:
-        """Room for one more connection: the oldest waiting call opens it."""
-        waiters = self._waiters
-        if waiters and len(self._all) + self._connecting < self.limits.max_connections:
-            self._serve(waiters.popleft())
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        cutoff = self.loop.time() - self.limits.idle_timeout
-        pending = False
-        for conns in self._idle.values():
-            for conn in list(conns):
-                if conn.last_active <= cutoff:
-                    conn.close()
-                else:
-                    pending = True
-        if pending:
-            self._sweeper = self.loop.call_later(self.limits.idle_timeout / 2, self._sweep)
-
-    def connection_count(self) -> int:
-        return len(self._all)
-
-    def snapshot(self, endpoint: Endpoint) -> dict[str, Any]:
-        key = (endpoint.host, endpoint.port)
-        idle = len(self._idle.get(key, ()))
-        total = sum(1 for c in self._all if c.key == key)
-        return {"protocol": self.protocol, "connections": total, "idle": idle}
-
-    def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        for conn in list(self._all):
-            conn.close()
