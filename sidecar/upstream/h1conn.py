@@ -90,7 +90,7 @@ class H1ClientConnection(asyncio.Protocol):
         self.closed = False
         self.uses = 0
         self.last_active = 0.0
-        # Who waits for the response head: a future (request()) or a callback (send()).
+        # Who waits for the response head: a callback (send() with on_head) or a future.
         self._waiter: asyncio.Future[Response] | None = None
         self._on_head: HeadCallback | None = None
         self._ready: Response | None = None  # a head parsed, not yet handed over
