@@ -33,6 +33,7 @@ from sidecar.messages import (
     Response,
     content_length,
 )
+from sidecar.proto.fields import field_bytes
 from sidecar.proto.h1head import (
     BAD,
     FRAMING_FIELDS,
@@ -276,8 +277,7 @@ class H1ServerProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._header_deadline = 0.0
         if self._head_read > self._max_header_bytes and (
-            self._hop_bytes + sum(len(n) + len(v) + 4 for n, v in self._headers)
-            > self._max_header_bytes
+            self._hop_bytes + field_bytes(self._headers) > self._max_header_bytes
         ):
             raise _ParseAbort(431, f"request headers over {self._max_header_bytes} bytes")
         self._head_read = 0

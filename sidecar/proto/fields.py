@@ -44,6 +44,11 @@ def content_length(size: int) -> bytes:
     return value
 
 
+def field_bytes(fields: Headers) -> int:
+    """What `fields` took on the wire, near enough for a limit (name, value, `: `, CRLF)."""
+    return sum(len(name) + len(value) + 4 for name, value in fields)
+
+
 def unsafe_header(headers: Headers) -> bytes | None:
     """The name of the first header whose name or value holds CR, LF or NUL (which
     would split or end the header block on the wire), or None."""

@@ -30,6 +30,7 @@ from sidecar.messages import (
     Response,
     content_length,
 )
+from sidecar.proto.fields import field_bytes
 from sidecar.proto.h1head import (
     BAD,
     FRAMING_FIELDS,
@@ -150,7 +151,7 @@ class H1ClientConnection(asyncio.Protocol):
     def _count_trailers(self) -> None:
         fields = self._headers
         counted = self._trailers_counted
-        self._trailer_bytes += _field_bytes(fields[counted:])
+        self._trailer_bytes += field_bytes(fields[counted:])
         self._trailers_counted = len(fields)
         if self._trailer_bytes > self._max_header_bytes:
             self._refused(self._over("trailers"))
@@ -225,7 +226,7 @@ class H1ClientConnection(asyncio.Protocol):
             return  # 1xx: informational, the real response follows
         self._in_head = False
         if self._head_bytes > self._max_header_bytes and (
-            _field_bytes(headers) > self._max_header_bytes
+            field_bytes(headers) > self._max_header_bytes
         ):
             raise _ResponseAbort(self._over("headers"))
         if drop:
@@ -261,7 +262,7 @@ class H1ClientConnection(asyncio.Protocol):
         if trailers:
             self._headers = []
             counted = self._trailers_counted
-            size = self._trailer_bytes + _field_bytes(trailers[counted:])
+            size = self._trailer_bytes + field_bytes(trailers[counted:])
             self._trailer_bytes = self._trailers_counted = 0
             if size > self._max_header_bytes:
                 raise _ResponseAbort(self._over("trailers"))
@@ -504,11 +505,6 @@ class H1ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
-
-
-def _field_bytes(fields: Headers) -> int:
-    """What `fields` took on the wire, near enough for a limit (name, value, `: `, CRLF)."""
-    return sum(len(name) + len(value) + 4 for name, value in fields)
 
 
 def _last_chunk(trailers: Headers) -> bytes:
