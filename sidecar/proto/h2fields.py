@@ -35,10 +35,11 @@ class HpackViolation(Exception):
     """The header block breaks RFC 7541 where the compiled decoder does not check."""
 
 
-# A byte of a field value that is a control character other than HTAB (RFC 9110 5.5):
-# deleted by translate(), so a value holding one comes back as a different object.
-_IDENTITY = bytes(range(256))
+# A byte of a field value that is a control character other than HTAB (RFC 9110 5.5)
+# is mapped to another byte by translate(), so a value holding one comes back as a
+# different object (a table with no deletions: no per-call setup in CPython).
 _CONTROL = bytes(c for c in range(32) if c != 9) + b"\x7f"
+_FLAG_CONTROL = bytes((0 if c == 0x7F else 0x7F) if c in _CONTROL else c for c in range(256))
 _TOKEN_NAME = re.compile(rb"[" + TCHAR_LOWER + rb"]+").fullmatch
 _TOKEN = re.compile(rb"[" + TCHAR + rb"]+").fullmatch
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*").fullmatch
@@ -85,20 +86,29 @@ _NAMES.update(
         _CONNECTION,
     )
 )
-_METHOD, _SCHEME_BIT, _PATH, _AUTHORITY_BIT = 1, 2, 4, 8
-_REQUEST_PSEUDO = {b":method": _METHOD, b":scheme": _SCHEME_BIT, b":path": _PATH}
-_REQUEST_PSEUDO[b":authority"] = _AUTHORITY_BIT
+# Pseudo-headers of a request: a bit each (16 and up, apart from the kinds above), in
+# the same table, so a field costs one lookup whatever it is.
+_METHOD, _SCHEME_BIT, _PATH, _AUTHORITY_BIT = 16, 32, 64, 128
+_PSEUDO = _METHOD
+_ALL_PSEUDO = _METHOD | _SCHEME_BIT | _PATH | _AUTHORITY_BIT
+_REQUEST_NAMES = dict(_NAMES)
+_REQUEST_NAMES.update(
+    {b":method": _METHOD, b":scheme": _SCHEME_BIT, b":path": _PATH, b":authority": _AUTHORITY_BIT}
+)
 _COMMON_METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH"})
+# Names learned to be plain tokens (beyond the common set), bounded in count and size:
+# past it, a new name is matched every time.
+_LEARNED_MAX, _LEARNED_NAME_MAX = 4096, 64
 
 
 def _kind(name: bytes) -> int:
-    """What the field name needs handled; Malformed if it is not a lowercase token."""
-    kind = _NAMES.get(name)
-    if kind is None:
-        if _TOKEN_NAME(name) is None:
-            raise Malformed(f"invalid field name {name!r}")
-        return _PLAIN
-    return kind
+    """What a field name not in the tables needs: Malformed if it is not a lowercase
+    token (a pseudo-header not known for the message included); a token is learned."""
+    if _TOKEN_NAME(name) is None:
+        raise Malformed(f"invalid field name {name!r}")
+    if len(_NAMES) < _LEARNED_MAX and len(name) <= _LEARNED_NAME_MAX:
+        _NAMES[name] = _REQUEST_NAMES[name] = _PLAIN
+    return _PLAIN
 
 
 def _bad_value(name: bytes) -> Malformed:
@@ -138,14 +148,14 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     authority: bytes | None = None
     host: bytes | None = None
     for name, value in headers:
-        if value.translate(_IDENTITY, _CONTROL).strip() is not value:
+        if value.translate(_FLAG_CONTROL).strip() is not value:
             raise _bad_value(name)
-        bit = _REQUEST_PSEUDO.get(name)
-        if bit is None:
+        try:
+            kind = _REQUEST_NAMES[name]
+        except KeyError:
+            kind = _kind(name)
+        if kind < _PSEUDO:
             regular = True
-            kind = _NAMES.get(name)
-            if kind is None:
-                kind = _kind(name)
             if kind:
                 if kind == _HOST:
                     if host is not None:
@@ -154,18 +164,18 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
                 else:
                     length = _special(kind, name, value, length)
             continue
-        if regular or seen & bit:
+        if regular or seen & kind:
             raise Malformed(f"pseudo-header {name!r} repeated or after a regular field")
-        seen |= bit
-        if bit == _METHOD:
+        seen |= kind
+        if kind == _METHOD:
             method = value
-        elif bit == _PATH:
+        elif kind == _PATH:
             path = value
-        elif bit == _SCHEME_BIT:
+        elif kind == _SCHEME_BIT:
             scheme = value
         else:
             authority = value
-    if seen | _AUTHORITY_BIT != 15:
+    if seen | _AUTHORITY_BIT != _ALL_PSEUDO:
         raise Malformed("one of :method, :scheme, :path is missing")
     if method not in _COMMON_METHODS and _TOKEN(method) is None:
         raise Malformed(f":method {method!r} is not a token")
@@ -205,10 +215,11 @@ def response_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
         if first:
             first = False
             continue
-        if value.translate(_IDENTITY, _CONTROL).strip() is not value:
+        if value.translate(_FLAG_CONTROL).strip() is not value:
             raise _bad_value(name)
-        kind = _NAMES.get(name)
-        if kind is None:
+        try:
+            kind = _NAMES[name]
+        except KeyError:
             kind = _kind(name)
         if kind:
             length = _special(kind, name, value, length)
@@ -219,9 +230,12 @@ def check_trailers(headers: Sequence[tuple[bytes, bytes]]) -> None:
     """Malformed when a trailer field is invalid, a pseudo-header, connection-specific,
     a `te` other than "trailers", or a content-length (framing is settled by then)."""
     for name, value in headers:
-        if value.translate(_IDENTITY, _CONTROL).strip() is not value:
+        if value.translate(_FLAG_CONTROL).strip() is not value:
             raise _bad_value(name)
-        kind = _kind(name)
+        try:
+            kind = _NAMES[name]
+        except KeyError:
+            kind = _kind(name)
         if kind == _LENGTH:
             raise Malformed("content-length in trailers")
         if kind:
@@ -232,6 +246,11 @@ def check_trailers(headers: Sequence[tuple[bytes, bytes]]) -> None:
 
 # Each byte's Huffman code length in bits (RFC 7541 Appendix B), for translate().
 _HUFFMAN_BITS = bytes(REQUEST_CODES_LENGTH[:256])
+
+
+# For a Huffman string of `bits` bits, the mask of its padding bits in the last byte
+# (indexed by bits % 8): the padding must be all ones, the EOS code's high bits.
+_PAD_MASK = tuple((1 << (-bits % 8)) - 1 for bits in range(8))
 
 
 def _integer(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
@@ -254,16 +273,28 @@ def _string(block: bytes, pos: int, decoded: bytes) -> int:
     """Skip a string literal (RFC 7541 5.2) whose decoding is `decoded`; a Huffman one
     must end in at most 7 bits of padding, all ones (the EOS code's most significant
     bits). Returns the position after it."""
-    huffman = block[pos] & 0x80
-    length, pos = _integer(block, pos, 0x7F)
+    octet = block[pos]
+    length = octet & 0x7F
+    if length == 0x7F:
+        length, pos = _integer(block, pos, 0x7F)
+    else:
+        pos += 1
     end = pos + length
-    if huffman:
+    if octet & 0x80:
         bits = sum(decoded.translate(_HUFFMAN_BITS))
-        pad = -bits % 8
-        mask = (1 << pad) - 1
-        if (bits + 7) // 8 != length or (length and block[end - 1] & mask != mask):
+        mask = _PAD_MASK[bits & 7]
+        if (bits + 7) >> 3 != length or (length and block[end - 1] & mask != mask):
             raise HpackViolation("Huffman string padding is not 0-7 one bits")
     return end
+
+
+# Blocks that passed the walk: its verdict depends on the block's bytes alone (the
+# strings it checks are literals in the block), so a block seen again (an encoder that
+# does not index, nginx's for one, repeats its response heads byte for byte) is not
+# walked again. Bounded: small blocks only, cleared when full (an attacker who fills it
+# gets the walk, the cost without it).
+_PASSED: dict[bytes, None] = {}
+_PASSED_MAX, _PASSED_MAX_BLOCK = 1024, 512
 
 
 def check_hpack_block(block: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
@@ -271,15 +302,17 @@ def check_hpack_block(block: bytes, headers: Sequence[tuple[bytes, bytes]]) -> N
     HpackViolation if a dynamic table size update follows a field (RFC 7541 4.2) or a
     Huffman string is padded with anything but 0-7 one bits (5.2). A block of one
     byte per field is all indexed fields, nothing to check (the common case of a
-    repeated head)."""
-    if len(block) == len(headers):
+    repeated head), and so is a block that passed before. The common one-byte integers
+    are read inline."""
+    end = len(block)
+    if end == len(headers) or block in _PASSED:
         return
-    pos, field, end = 0, 0, len(block)
+    pos = field = 0
     try:
         while pos < end:
             octet = block[pos]
             if octet & 0x80:  # indexed field (6.1)
-                pos = _integer(block, pos, 0x7F)[1]
+                pos = pos + 1 if octet != 0xFF else _integer(block, pos, 0x7F)[1]
                 field += 1
             elif octet & 0xE0 == 0x20:  # dynamic table size update (6.3)
                 if field:
@@ -287,7 +320,11 @@ def check_hpack_block(block: bytes, headers: Sequence[tuple[bytes, bytes]]) -> N
                 pos = _integer(block, pos, 0x1F)[1]
             else:  # literal field, with or without indexing (6.2)
                 prefix = 0x3F if octet & 0x40 else 0x0F
-                index, pos = _integer(block, pos, prefix)
+                index = octet & prefix
+                if index == prefix:
+                    pos = _integer(block, pos, prefix)[1]
+                else:
+                    pos += 1
                 name, value = headers[field]
                 if not index:
                     pos = _string(block, pos, name)
@@ -295,3 +332,7 @@ def check_hpack_block(block: bytes, headers: Sequence[tuple[bytes, bytes]]) -> N
                 field += 1
     except IndexError:  # the decoder and this walk disagree: refuse, never guess
         raise HpackViolation("header block structure not understood") from None
+    if end <= _PASSED_MAX_BLOCK:
+        if len(_PASSED) >= _PASSED_MAX:
+            _PASSED.clear()
+        _PASSED[block] = None

@@ -26,6 +26,7 @@ from hyperframe.frame import (
 )
 
 from sidecar.proto import h2engine as engine
+from sidecar.proto import h2fields
 from sidecar.proto.h2engine import ErrorCodes, SettingCodes
 
 REQUEST = [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "svc")]
@@ -624,6 +625,43 @@ def test_8_2_malformed_trailer_field_is_protocol_error(fields: list) -> None:
     assert isinstance(reset, RstStreamFrame) and reset.error_code == E.PROTOCOL_ERROR
 
 
+def test_8_2_every_byte_in_a_value_is_refused_exactly_when_it_is_a_control() -> None:
+    """(Each of the 256 byte values inside a request field's value, in a request and in a
+    response: refused exactly for the control characters other than HTAB, RFC 9110 5.5,
+    which is stricter than RFC 9113's NUL, CR and LF.)"""
+    raw = [(n.encode(), v.encode()) for n, v in REQUEST]
+    for byte in range(256):
+        value = b"a" + bytes([byte]) + b"b"
+        control = (byte < 32 and byte != 9) or byte == 127
+        peer = Peer()
+        events = peer.send(raw_headers(1, peer.block([*raw, (b"x-a", value)])))
+        accepted = [e for e in events if isinstance(e, engine.RequestReceived)]
+        assert bool(accepted) is not control, byte
+        response = [(b":status", b"200"), (b"x-a", value)]
+        try:
+            h2fields.response_length(response)
+        except h2fields.Malformed:
+            assert control, byte
+        else:
+            assert not control, byte
+
+
+def test_8_2_names_learned_as_tokens_stay_bounded_and_checked() -> None:
+    """(A token name outside the common set is matched once and remembered; a long one
+    or one past the bound is matched every time; an invalid one is never remembered.)"""
+    raw = [(n.encode(), v.encode()) for n, v in REQUEST]
+    long_name = b"x" * (h2fields._LEARNED_NAME_MAX + 1)
+    for name in (b"x-learned-once", long_name):
+        for _ in range(2):
+            assert h2fields.request_length([*raw, (name, b"1")]) == -1
+    assert b"x-learned-once" in h2fields._NAMES and long_name not in h2fields._NAMES
+    with pytest.raises(h2fields.Malformed):
+        h2fields.request_length([*raw, (b"x y", b"1")])
+    assert b"x y" not in h2fields._NAMES
+    with pytest.raises(h2fields.Malformed):
+        h2fields.response_length([(b":status", b"200"), (b":path", b"/")])
+
+
 def test_8_2_pseudo_header_in_trailers_is_protocol_error() -> None:
     """Pseudo-header fields MUST NOT appear in a trailer section."""
     peer = Peer()
@@ -805,6 +843,24 @@ def test_7541_4_huffman_names_and_indexed_repeats_are_checked_once() -> None:
     second: list[Any] = peer.send(raw_headers(3, peer.block(fields)))
     assert first[0].headers == second[0].headers
     assert (b"x-custom-name", b"some value with spaces") in second[0].headers
+
+
+def test_7541_5_2_a_passed_block_is_remembered_and_a_bad_one_never() -> None:
+    """(The walk's verdict depends on the block's bytes alone: a small block that passed
+    is not walked again, on any connection; a refused one is refused every time; the
+    memo stays within its bound.)"""
+    good, bad = _HEAD + b"\x81\x63", _HEAD + b"\x81\x60"
+    h2fields._PASSED.clear()
+    Peer().send(raw_headers(1, good))
+    assert good in h2fields._PASSED
+    for _ in range(2):
+        assert Peer().connection_error(raw_headers(1, bad)) == E.COMPRESSION_ERROR
+        assert bad not in h2fields._PASSED
+    for i in range(h2fields._PASSED_MAX):
+        h2fields._PASSED[i.to_bytes(4, "big")] = None  # filled by an attacker
+    other = _HEAD + b"\x83\x60\x71\xff"  # "/ab", padded with seven ones
+    Peer().send(raw_headers(1, other))
+    assert list(h2fields._PASSED) == [other]
 
 
 # -- what a connection may make the engine hold (issue 15, finding 9) ----------------
