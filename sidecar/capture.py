@@ -8,8 +8,8 @@ Each connection's original destination is read back with SO_ORIGINAL_DST, then:
      discovery knows) goes to the outbound handler like any other mesh call; anything
      else (other protocols, silence, HTTP to an unknown address) is relayed to the
      original destination as plain TCP.
-`classify`, `Detector` and `CaptureRouter` are Sans-IO; `_Capture` and `_Relay` are
-the thin asyncio adapters.
+`sidecar.proto.sniff` (classify, Detector) and `CaptureRouter` are Sans-IO;
+`_Capture` and `sidecar.adapters.relay.TcpRelay` are the thin asyncio adapters.
 """
 
 from __future__ import annotations
@@ -17,22 +17,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from sidecar.adapters.h1server import H1ServerProtocol
 from sidecar.adapters.h2server import H2ServerProtocol
+from sidecar.adapters.relay import TcpRelay
 from sidecar.cluster import ClusterManager
 from sidecar.config import SidecarConfig, parse_ip_port
 from sidecar.discovery.base import Endpoint
-from sidecar.listener import H2_PREFACE
 from sidecar.messages import Request
 from sidecar.metrics import Metrics
+from sidecar.proto.sniff import Address, Decision, Detector, parse_sockaddr
 from sidecar.serving import Handler, ListenerContext, ResponseSink
 
 log = logging.getLogger("sidecar.capture")
@@ -40,42 +38,8 @@ log = logging.getLogger("sidecar.capture")
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, at SOL_IP
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h, at SOL_IPV6 (= IPPROTO_IPV6)
 
-Address = tuple[str, int]
-Detected = Literal["http1", "h2c", "other", "more"]
-DecisionKind = Literal["meshed", "passthrough", "opaque"]
-
-# HTTP methods are tokens; every real one is upper-case letters.
-_REQUEST_LINE = re.compile(rb"[A-Z]{1,20} [\x21-\x7e]+ HTTP/1\.[01]\r?\n")
-_PARTIAL_LINE = re.compile(rb"[A-Z]{1,20}(?: [\x21-\x7e]*(?: [\x21-\x7e]*\r?)?)?")
-
 
 # --- Sans-IO core --------------------------------------------------------------------
-
-
-def parse_sockaddr(raw: bytes) -> Address:
-    """A `struct sockaddr_in` or `sockaddr_in6`, as SO_ORIGINAL_DST returns it."""
-    family = int.from_bytes(raw[:2], sys.byteorder)  # sa_family is in host order
-    port = int.from_bytes(raw[2:4], "big")
-    if family == socket.AF_INET and len(raw) >= 8:
-        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
-    if family == socket.AF_INET6 and len(raw) >= 24:
-        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
-    raise ValueError(f"not a sockaddr_in or sockaddr_in6: family {family}, {len(raw)} bytes")
-
-
-def classify(buffer: bytes, max_line: int = 8192) -> Detected:
-    """What the first bytes of a connection are: HTTP/1.x, h2c prior knowledge, other,
-    or "more" when they could still be either HTTP."""
-    if buffer.startswith(H2_PREFACE):
-        return "h2c"
-    if not buffer or (len(buffer) < len(H2_PREFACE) and H2_PREFACE.startswith(buffer)):
-        return "more"
-    end = buffer.find(b"\n", 0, max_line)
-    if end >= 0:
-        return "http1" if _REQUEST_LINE.fullmatch(buffer, 0, end + 1) else "other"
-    if len(buffer) < max_line and _PARTIAL_LINE.fullmatch(buffer):
-        return "more"
-    return "other"
 
 
 class CaptureRouter:
@@ -116,48 +80,6 @@ class CaptureRouter:
         return self._index.get(dst)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    kind: DecisionKind
-    service: str = ""
-    protocol: Literal["http1", "h2c", ""] = ""
-
-
-class Detector:
-    """One connection's choice. Feed it what happens; the first Decision is final."""
-
-    def __init__(
-        self, dst: Address, router: CaptureRouter, opaque_ports: frozenset[int], max_line: int
-    ) -> None:
-        self.dst = dst
-        self.router = router
-        self.opaque = dst[1] in opaque_ports
-        self.max_line = max_line
-        self.buffer = b""
-
-    def start(self) -> Decision | None:
-        return Decision("opaque") if self.opaque else None
-
-    def feed(self, data: bytes) -> Decision | None:
-        self.buffer += data
-        detected = classify(self.buffer, self.max_line)
-        if detected == "more":
-            return None
-        if detected == "other":
-            return Decision("passthrough")
-        service = self.router.service_for(self.dst)
-        if service is None:
-            return Decision("passthrough")  # HTTP to somewhere outside the mesh
-        return Decision("meshed", service, detected)
-
-    def timeout(self) -> Decision:
-        return Decision("passthrough")
-
-    def eof(self) -> Decision:
-        # The app half-closed before a whole request line: relay what it sent, then the FIN.
-        return Decision("passthrough")
-
-
 # --- asyncio adapters ----------------------------------------------------------------
 
 
@@ -171,93 +93,6 @@ def socket_original_dst(sock: Any) -> Address | None:
         return parse_sockaddr(raw)
     except (OSError, ValueError):
         return None
-
-
-class _Relay(asyncio.Protocol):
-    """One end of a TCP relay: what its socket reads is written to the other end's."""
-
-    def __init__(
-        self, count: Callable[[int], None], live: set[_Relay], gone: asyncio.Event
-    ) -> None:
-        self.count = count
-        self.live = live  # the listener's open relay ends, closed at shutdown
-        self.gone = gone  # set when the last of them is lost (what drain waits for)
-        self.transport: asyncio.Transport | None = None
-        self.other: _Relay | None = None
-        self.read_eof = False
-        self.lost = False
-        self.on_lost: Callable[[], None] | None = None
-        self.early: list[bytes] | None = []  # read before the other end is connected
-
-    @staticmethod
-    def pair(a: _Relay, b: _Relay) -> None:
-        a.other, b.other = b, a
-
-    def _other_transport(self) -> asyncio.Transport | None:
-        other = self.other
-        if other is None or other.transport is None or other.transport.is_closing():
-            return None
-        return other.transport
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast("asyncio.Transport", transport)
-        self.live.add(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.count(len(data))
-        if self.early is not None:  # still dialling: hold it, and read no more for now
-            self.early.append(data)
-            if self.transport is not None:
-                self.transport.pause_reading()
-            return
-        other = self._other_transport()
-        if other is not None:
-            other.write(data)
-
-    def connected(self) -> None:
-        """The other end is there: send what was held, and read again."""
-        early, self.early = self.early or [], None
-        other = self._other_transport()
-        if other is not None:
-            other.writelines(early)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def eof_received(self) -> bool:
-        self.read_eof = True
-        other = self._other_transport()
-        if other is not None:
-            other.write_eof()  # pass the half-close on; the other direction keeps flowing
-            if self.other is not None and self.other.read_eof:
-                other.close()  # both directions done; close() flushes what is queued
-                if self.transport is not None:
-                    self.transport.close()
-        return True  # keep our write side open
-
-    # Our socket's send buffer is full: stop reading the socket that fills it.
-    def pause_writing(self) -> None:
-        other = self._other_transport()
-        if other is not None:
-            other.pause_reading()
-
-    def resume_writing(self) -> None:
-        other = self._other_transport()
-        if other is not None:
-            other.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.live.discard(self)
-        if not self.live:
-            self.gone.set()
-        if self.on_lost is not None:
-            self.on_lost()
-        other = self._other_transport()
-        if other is not None:
-            if exc is None:
-                other.close()
-            else:
-                other.abort()  # a reset stays a reset
 
 
 class _Capture(asyncio.Protocol):
@@ -380,7 +215,7 @@ class CaptureListener:
         )
         self.server: asyncio.Server | None = None
         self.pending: set[_Capture] = set()
-        self.relays: set[_Relay] = set()
+        self.relays: set[TcpRelay] = set()
         self.relays_gone = asyncio.Event()
         self.pending_gone = asyncio.Event()  # set when the last undecided one is decided
         self.draining = False
@@ -425,9 +260,9 @@ class CaptureListener:
     def relay(self, client: asyncio.Transport, dst: Address, head: bytes, eof: bool) -> None:
         client.pause_reading()  # until the upstream socket is there to take the bytes
         gone = self.relays_gone
-        down = _Relay(self._count_up, self.relays, gone)
-        up = _Relay(self._count_down, self.relays, gone)
-        _Relay.pair(down, up)
+        down = TcpRelay(self._count_up, self.relays, gone)
+        up = TcpRelay(self._count_down, self.relays, gone)
+        TcpRelay.pair(down, up)
         client.set_protocol(down)
         down.connection_made(client)
         task = asyncio.get_running_loop().create_task(self._connect(down, up, dst, head, eof))
@@ -435,7 +270,7 @@ class CaptureListener:
         task.add_done_callback(self._tasks.discard)
 
     async def _connect(
-        self, down: _Relay, up: _Relay, dst: Address, head: bytes, eof: bool
+        self, down: TcpRelay, up: TcpRelay, dst: Address, head: bytes, eof: bool
     ) -> None:
         loop = asyncio.get_running_loop()
         client = down.transport

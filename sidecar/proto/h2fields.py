@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from itertools import islice
 
 from hpack.huffman_constants import REQUEST_CODES_LENGTH
 
@@ -210,11 +211,7 @@ def response_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     if len(status) != 3 or not status.isdigit():
         raise Malformed(f":status {status!r} is not three digits")
     length = -1
-    first = True
-    for name, value in headers:
-        if first:
-            first = False
-            continue
+    for name, value in islice(headers, 1, None):
         if value.translate(_FLAG_CONTROL).strip() is not value:
             raise _bad_value(name)
         try:

@@ -11,20 +11,13 @@ from typing import Any
 
 import pytest
 
-from sidecar.capture import (
-    CaptureListener,
-    CaptureRouter,
-    Decision,
-    Detector,
-    _Capture,
-    _Relay,
-    classify,
-    parse_sockaddr,
-)
+from sidecar.adapters.relay import TcpRelay as _Relay
+from sidecar.capture import CaptureListener, CaptureRouter, _Capture
 from sidecar.config import ConfigError, load_config
 from sidecar.discovery.base import Endpoint
 from sidecar.messages import Request, Response, fixed_body
 from sidecar.metrics import Metrics
+from sidecar.proto.sniff import Decision, Detector, classify, parse_sockaddr
 from sidecar.serving import ResponseSink
 from tests.unit.memtransport import attach, until
 
