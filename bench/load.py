@@ -19,7 +19,7 @@ LOAD_CORE = 1
 RT = ["chrt", "-f", "1"]
 SATURATION_CONNECTIONS = 64
 H2_CLIENTS, H2_STREAMS = 8, 8  # 64 streams in flight over 8 connections
-RATE_CLIENTS = 10
+BURST_CALLS = 10  # calls arriving together in the burst case (every 10 ms at 1000/s)
 
 
 class LoadError(RuntimeError):
@@ -146,30 +146,15 @@ def h2load_count(url: str, calls: int, concurrency: int, body: Path, *, h1: bool
     return LoadResult(ok, seconds, failed)
 
 
-def h2load_rate(url: str, rate: int, duration: float, body: Path, workdir: Path) -> LoadResult:
-    """h2c at a fixed rate: RATE_CLIENTS connections, each at rate / RATE_CLIENTS calls/s."""
-    log = workdir / "h2load-rate.log"
-    log.unlink(missing_ok=True)  # h2load appends
-    per_client = max(1, rate // RATE_CLIENTS)
-    out = _run(
-        [*_rt(), "h2load", "-t1", f"-c{RATE_CLIENTS}", "-m1", f"--rps={per_client}",
-         "-D", _ms(duration), "-d", str(body), f"--log-file={log}", url],
-        timeout=duration + 30,
-    )  # fmt: skip
-    ok, failed, seconds = _h2load_summary(out)
-    latencies = [
-        float(cols[2])
-        for cols in (line.split("\t") for line in log.read_text().splitlines())
-        if len(cols) >= 3 and cols[1].startswith("2")
-    ]
-    return LoadResult(ok, seconds, failed, latencies)
-
-
-def paced(url: str, rate: int, duration: float, body_size: int) -> LoadResult:
-    """HTTP/1.1 at a fixed rate through bench/paced.py."""
+def paced(
+    url: str, rate: int, duration: float, body_size: int, *, proto: str = "h1", burst: int = 1
+) -> LoadResult:
+    """A fixed rate through bench/paced.py: evenly paced (one call in flight per
+    connection) or, with `burst`, that many calls sent together at each tick."""
     out = _run(
         [*_rt(), sys.executable, "-m", "bench.paced", url, "--rate", str(rate),
-         "--duration", f"{duration:g}", "--body-size", str(body_size)],
+         "--duration", f"{duration:g}", "--body-size", str(body_size), "--proto", proto,
+         "--burst", str(burst)],
         timeout=duration + 30,
     )  # fmt: skip
     data = json.loads(out)

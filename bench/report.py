@@ -8,11 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bench import load
 from bench.fleet import Fleet
 from bench.suite import LATENCY_TARGETS, SATURATION_TARGETS, Plan, Results, Sample
 
 MB = 1024 * 1024
-PROTO_NAME = {"h1": "HTTP/1.1", "h2c": "h2c"}
+PROTO_NAME = {"h1": "HTTP/1.1", "h2c": "h2c", "burst": "h2c burst"}
 
 
 @dataclass
@@ -116,7 +117,7 @@ def latency_table(fleet: Fleet, results: Results, plan: Plan) -> list[str]:
             "errors",
         ),
     ]
-    for proto in ("h1", "h2c"):
+    for proto in ("h1", "h2c", "burst"):
         direct = results.latency.get(("direct", proto))
         nginx = results.latency.get(("nginx", proto))
         d50, d99 = stat(direct, lambda s: s.p50_us), stat(direct, lambda s: s.p99_us)
@@ -125,7 +126,7 @@ def latency_table(fleet: Fleet, results: Results, plan: Plan) -> list[str]:
             target = fleet.targets.get(name)
             if target is None:
                 continue
-            if target.unavailable or not getattr(target, proto):
+            if target.unavailable or not getattr(target, "h2c" if proto == "burst" else proto):
                 why = target.unavailable or f"no {PROTO_NAME[proto]}"
                 rows.append(f"| {name} | {PROTO_NAME[proto]} | not available ({why}) | | | | | |")
                 continue
@@ -237,6 +238,13 @@ def targets(fleet: Fleet, results: Results) -> list[tuple[str, str, str]]:
                 f"+{a50 / 1000:.3f} / +{a99 / 1000:.3f} ms",
                 _verdict(a50 <= l50 and a99 <= l99),
             ))  # fmt: skip
+    n50 = med(lat, ("nginx", "burst"), lambda s: s.p50_us)
+    for name in ("sidecar-in", "sidecar-out"):
+        p50 = med(lat, (name, "burst"), lambda s: s.p50_us)
+        ok = None if p50 is None or n50 is None else p50 <= 2 * n50
+        measured = f"{p50 / n50:.2f}x nginx's p50" if p50 is not None and n50 else "-"
+        label = f"burst {name} h2c ({load.BURST_CALLS} calls together) p50 ≤ 2x nginx's"
+        out.append((label, measured, _verdict(ok)))
     for proto in ("h1", "h2c"):
         for name in ("mesh", "mesh+hmac"):
             p99 = med(lat, (name, proto), lambda s: s.p99_us)

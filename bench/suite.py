@@ -190,25 +190,25 @@ def run_latency(fleet: Fleet, plan: Plan, results: Results) -> None:
         for rep in range(plan.reps):
             for proto, target in _rotated(pairs, rep):
                 url = _url(target, proto)
-                try:
-                    if proto == "h1":
-                        res = load.paced(url, plan.rate, plan.rate_s, 1024)
-                    else:
-                        res = load.h2load_rate(
-                            url, plan.rate, plan.rate_s, fleet.workdir / "body.bin", fleet.workdir
+                # Evenly paced, then (h2c) the burst case: BURST_CALLS calls together.
+                shapes = [(proto, 1)] + ([("burst", load.BURST_CALLS)] if proto == "h2c" else [])
+                for case, burst in shapes:
+                    try:
+                        res = load.paced(
+                            url, plan.rate, plan.rate_s, 1024, proto=proto, burst=burst
                         )
-                except load.LoadError as e:
-                    results.failures.append(f"latency {target.name} {proto}: {e}")
-                    continue
-                # The first 5% includes connection set-up; it is not the steady state.
-                steady = sorted(res.latencies_us[len(res.latencies_us) // 20 :])
-                sample = Sample(
-                    rps=res.rps,
-                    errors=res.errors,
-                    p50_us=_percentile(steady, 0.50),
-                    p99_us=_percentile(steady, 0.99),
-                )
-                results.latency.setdefault((target.name, proto), []).append(sample)
+                    except load.LoadError as e:
+                        results.failures.append(f"latency {target.name} {case}: {e}")
+                        continue
+                    # The first 5% includes connection set-up; it is not the steady state.
+                    steady = sorted(res.latencies_us[len(res.latencies_us) // 20 :])
+                    sample = Sample(
+                        rps=res.rps,
+                        errors=res.errors,
+                        p50_us=_percentile(steady, 0.50),
+                        p99_us=_percentile(steady, 0.99),
+                    )
+                    results.latency.setdefault((target.name, case), []).append(sample)
 
 
 def _metric(admin_port: int, name: str) -> float:

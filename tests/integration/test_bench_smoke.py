@@ -50,8 +50,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert samples[0]["rps"] > 0, f"{name} {proto}"
     assert saturation["aiohttp h1"][0]["rps"] > 0
     for name in ("direct", "sidecar-in", "mesh", "mesh+hmac"):
-        samples = results["latency"].get(f"{name} h1")
-        assert samples and samples[0]["p50_us"] > 0, f"latency {name}: {results['failures']}"
-        assert samples[0]["errors"] == 0, f"latency {name} had errors"
+        # Evenly paced HTTP/1.1 and h2c, and the h2c burst case (bench/paced.py).
+        for case in ("h1",) if name == "mesh+hmac" else ("h1", "h2c", "burst"):
+            samples = results["latency"].get(f"{name} {case}")
+            assert samples and samples[0]["p50_us"] > 0, f"{name} {case}: {results['failures']}"
+            assert samples[0]["errors"] == 0, f"latency {name} {case} had errors"
+    assert "h2c burst" in done.stdout
     assert results["connections"]["h2c"]["calls"] > 0
     assert results["codec"]["protobuf"]["calls"] > 0
