@@ -81,15 +81,26 @@ class Router:
         )
 
     def _invoke(self, path: bytes) -> tuple[str, bytes, int]:
-        rest = path[len(INVOKE_PREFIX) :]
-        query = b""
-        if b"?" in rest:
-            rest, query = rest.split(b"?", 1)
-            query = b"?" + query
-        service_bytes, _, method = rest.partition(b"/")
+        service_bytes, method_path = split_invoke(path)
         service = service_bytes.decode("latin-1").lower()
         if not service:
             raise BadRequest("invoke path needs a service: /v1/invoke/{service}/{method}")
         if not self.known(service):
             raise UnknownService(f"unknown service {service!r}", service=service)
-        return service, b"/" + method + query, -1
+        return service, method_path, -1
+
+
+def split_invoke(path: bytes) -> tuple[bytes, bytes]:
+    """`/v1/invoke/{service}/{method path}?q` -> (service, `/{method path}?q`)."""
+    rest = path[len(INVOKE_PREFIX) :]
+    query = b""
+    if b"?" in rest:
+        rest, query = rest.split(b"?", 1)
+        query = b"?" + query
+    service, _, method = rest.partition(b"/")
+    return service, b"/" + method + query
+
+
+def upstream_path(path: bytes) -> bytes:
+    """The path a call is sent with: the method path of an invoke-form path, else itself."""
+    return split_invoke(path)[1] if path.startswith(INVOKE_PREFIX) else path
