@@ -63,9 +63,10 @@ def test_a_90_10_split_between_subsets(mesh: Mesh) -> None:
     assert apps["inventory-v1"] + apps["inventory-v2"] == 400
     records = payment.access_log(401)
     assert {r["route"] for r in records[-400:]} == {"canary"}
-    assert payment.metric("opus_route_requests_total", route="canary", subset="v2") == apps[
-        "inventory-v2"
-    ]
+    assert (
+        payment.metric("opus_route_requests_total", route="canary", subset="v2")
+        == apps["inventory-v2"]
+    )
 
 
 def test_an_empty_subset_is_a_503_naming_it(mesh: Mesh) -> None:
@@ -78,3 +79,79 @@ def test_an_empty_subset_is_a_503_naming_it(mesh: Mesh) -> None:
     assert response.status_code == 503
     assert "subset 'v3' of service 'inventory'" in response.text
     assert response.headers["x-opus-error"] == "UH"
+
+
+POLICY = {
+    "inventory": {
+        "route_rules": [
+            {
+                "name": "slow",
+                "match": {"path": {"prefix": "/slow"}},
+                "timeout": 0.3,
+                "headers": {"request_headers_to_set": {"x-route": "slow"}},
+            },
+            {
+                "name": "tagged",
+                "match": {"path": {"prefix": "/echo"}, "methods": ["GET"]},
+                "headers": {"request_headers_to_set": {"x-route": "tagged"}},
+                "retry": {"attempts": 2, "per_try_timeout": 2.0},
+            },
+        ]
+    }
+}
+
+
+def test_per_route_timeout_and_header_rewrites(mesh: Mesh) -> None:
+    _, inventory = mesh.service("inventory")
+    payment = caller(mesh, POLICY)
+    mesh.wait_endpoints(payment, "inventory", 1)
+    with httpx.Client(base_url=payment.outbound, timeout=10) as client:
+        echoed = client.get("/v1/invoke/inventory/echo").json()
+        assert echoed["headers"]["x-route"] == "tagged"
+        posted = client.post("/v1/invoke/inventory/echo", content=b"x").json()
+        assert "x-route" not in posted["headers"]  # POST: not the rule's method
+        slow = client.get("/v1/invoke/inventory/slow", params={"ms": "3000"})
+        assert slow.status_code == 504
+        assert slow.headers["x-opus-error"] == "UT"
+    routes = [r["route"] for r in payment.access_log(4)[-3:]]
+    assert routes == ["tagged", "invoke", "slow"]
+
+
+CHAOS = {
+    "route_rules": [
+        {
+            "name": "chaos",
+            "match": {"headers": [{"name": "x-chaos", "present": True}]},
+            "fault": {"abort": {"http_status": 503, "grpc_status": 8}, "header": "x-chaos"},
+        }
+    ]
+}
+
+
+def test_aborts_carry_their_status_over_http1_h2c_and_grpc(mesh: Mesh) -> None:
+    import grpc
+
+    mesh.service("inventory")
+    payment = caller(mesh, {}, CHAOS)
+    mesh.wait_endpoints(payment, "inventory", 1)
+    url = f"{payment.outbound}/v1/invoke/inventory/echo"
+    assert httpx.get(url, timeout=10).status_code == 200  # no header: no fault
+    http1 = httpx.get(url, headers={"x-chaos": "1"}, timeout=10)
+    assert (http1.status_code, http1.headers["x-opus-error"]) == (503, "FI")
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:  # h2c prior knowledge
+        h2c = client.get(url, headers={"x-chaos": "1"})
+        assert (h2c.http_version, h2c.status_code) == ("HTTP/2", 503)
+        assert client.get(url).status_code == 200
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{payment.ports['outbound']}", options=[("grpc.default_authority", "inventory")]
+    )
+    with channel:
+        unary = channel.unary_unary("/test.Echo/Unary")
+        try:
+            unary(b"hi", metadata=[("x-chaos", "1")], timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert exc.details() == "fault injected"
+        else:
+            raise AssertionError("the fault did not abort the gRPC call")
+    assert payment.metric("opus_faults_injected_total", route="chaos", kind="abort") == 3
