@@ -102,7 +102,7 @@ POLICY = {
 
 
 def test_per_route_timeout_and_header_rewrites(mesh: Mesh) -> None:
-    _, inventory = mesh.service("inventory")
+    mesh.service("inventory")
     payment = caller(mesh, POLICY)
     mesh.wait_endpoints(payment, "inventory", 1)
     with httpx.Client(base_url=payment.outbound, timeout=10) as client:
@@ -155,3 +155,128 @@ def test_aborts_carry_their_status_over_http1_h2c_and_grpc(mesh: Mesh) -> None:
         else:
             raise AssertionError("the fault did not abort the gRPC call")
     assert payment.metric("opus_faults_injected_total", route="chaos", kind="abort") == 3
+
+
+class BrokenApp:
+    """An app that answers every request 500 (mode "500"), or a listening socket that
+    never answers at all (mode "hang": the kernel completes the handshake, nobody reads)."""
+
+    def __init__(self, mode: str) -> None:
+        import socket
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen = 0
+        self.mode = mode
+        if mode == "hang":
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(1024)
+            self.port = self.sock.getsockname()[1]
+            return
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.seen += 1
+                self.send_response(500)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if self.mode == "hang":
+            self.sock.close()
+        else:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def mirrored(percent: float) -> dict[str, Any]:
+    return {
+        "inventory": {
+            "route_rules": [
+                {
+                    "name": "shadowed",
+                    "mirror": {
+                        "service": "shadow",
+                        "percent": percent,
+                        "max_in_flight": 4,
+                        "timeout": 30.0,
+                    },
+                }
+            ]
+        }
+    }
+
+
+def wait_mirror_endpoint(caller: Sidecar, service: str) -> None:
+    """One mirrored call makes the mirror's cluster; then until it has its endpoint
+    (a call of our own to the mirror would hang with it)."""
+    import time
+
+    timed_calls(caller, 1)
+    deadline = time.monotonic() + 5
+    while True:
+        clusters = httpx.get(f"{caller.admin}/clusters", timeout=5).json()
+        if clusters.get("outbound", {}).get(service, {}).get("endpoints"):
+            return
+        assert time.monotonic() < deadline, clusters
+        time.sleep(0.02)
+
+
+def timed_calls(payment: Sidecar, count: int) -> list[float]:
+    import time
+
+    took = []
+    with httpx.Client(base_url=payment.outbound, timeout=10) as client:
+        for _ in range(count):
+            started = time.perf_counter()
+            response = client.get("/v1/invoke/inventory/echo")
+            took.append(time.perf_counter() - started)
+            assert response.status_code == 200
+            assert response.headers["x-app"] == "inventory"
+    return took
+
+
+def test_a_hanging_mirror_neither_delays_nor_fails_the_real_calls(mesh: Mesh) -> None:
+    broken = BrokenApp("hang")
+    try:
+        mesh.service("inventory")
+        mesh.sidecar("shadow", broken.port)
+        payment = caller(mesh, mirrored(100))
+        mesh.wait_endpoints(payment, "inventory", 1)
+        wait_mirror_endpoint(payment, "shadow")
+        took = timed_calls(payment, 100)
+        # Every copy hangs for its 30 s timeout: 4 are in flight, the rest dropped.
+        assert max(took) < 1.0, max(took)
+        assert payment.metric("opus_mirror_requests_total", result="dropped_in_flight") >= 95
+    finally:
+        broken.close()
+
+
+def test_a_500_mirror_sees_its_share_and_the_real_calls_do_not(mesh: Mesh) -> None:
+    broken = BrokenApp("500")
+    try:
+        mesh.service("inventory")
+        mesh.sidecar("shadow", broken.port)
+        payment = caller(mesh, mirrored(50))
+        mesh.wait_endpoints(payment, "inventory", 1)
+        mesh.wait_endpoints(payment, "shadow", 1)
+        before = broken.seen
+        timed_calls(payment, 200)
+        import time
+
+        deadline = time.monotonic() + 5
+        while payment.metric("opus_mirror_requests_total", result="sent") < 60:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert 60 <= broken.seen - before <= 140  # 50% of 200, drawn at random
+    finally:
+        broken.close()
