@@ -357,6 +357,8 @@ class OutboundHandler(CallHandler):
             if override.route_rules
         }
         self._rule_steps: dict[str, list[Filter]] = {}  # a rule's fault and mirror steps
+        # One check on every call: a config without rules never looks further.
+        self._has_rules = bool(self._listener_rules is not None or self._service_rules)
 
     def _chain(self, service: str, route: int, cluster: Cluster) -> Next:
         chain = self._by_route.get((service, route))
@@ -388,8 +390,66 @@ class OutboundHandler(CallHandler):
             return "invoke"
         return "proxy" if request.absolute_form else "host"
 
-    def _resolve(self, request: Request) -> tuple[str, bytes, Cluster, Next, str]:
-        """Where the call goes: service, upstream path, cluster, chain and route name."""
+    def _resolve(self, request: Request) -> tuple[str, bytes, int, Cluster]:
+        """Where the call goes: service, upstream path, route index and cluster."""
+        service, path, route = self.router.resolve(request)
+        cluster = self.clusters.get(service)
+        if cluster is None:
+            raise UnknownService(f"unknown service {service!r}", service=service)
+        return service, path, route, cluster
+
+    async def __call__(self, request: Request, sink: ResponseSink) -> None:
+        if self._has_rules:
+            await self._call_by_rules(request, sink)
+            return
+        try:
+            service, path, route, cluster = self._resolve(request)
+        except MeshError as exc:
+            await self._reply_error(request, sink, exc)
+            return
+        await self._forward(request, sink, service, path, route, cluster)
+
+    async def _forward(
+        self,
+        request: Request,
+        sink: ResponseSink,
+        service: str,
+        path: bytes,
+        route: int,
+        cluster: Cluster,
+    ) -> None:
+        call = Call(request, "outbound", service, service.encode(), path, self.max_body_bytes)
+        call._route = self._route_name(request, route)
+        await self.run(request, sink, call, self._chain(service, route, cluster))
+
+    def start_now(self, request: Request, sink: ImmediateSink) -> CallbackCall | TaskWork | None:
+        """The listener's callback path (see CallbackCall). The call is routed here, once:
+        a call that cannot run on callbacks goes on in a task with that route (TaskWork).
+        None (nothing done) when tracing is on, which only the task path does."""
+        if self.tracing.enabled:
+            return None
+        if self._has_rules:
+            return self._start_by_rules(request, sink)
+        try:
+            service, path, route, cluster = self._resolve(request)
+        except MeshError as exc:
+            return TaskWork(partial(self._reply_error, request, sink, exc))
+        if (
+            not cluster.endpoints
+            or self._callbacks_for(self._chain(service, route, cluster)) is None
+            or (request.headers and caller_deadline(request) is not None)
+        ):
+            return TaskWork(partial(self._forward, request, sink, service, path, route, cluster))
+        call = CallbackCall(self, sink, cluster, request, service, service.encode(), path)
+        call._route = self._route_name(request, route)
+        call.start()
+        return call
+
+    # -- route rules (docs/traffic.md); a config without any never comes here --
+
+    def _resolve_by_rules(self, request: Request) -> tuple[str, bytes, Cluster, Next, str]:
+        """_resolve() when the config has route rules: the listener's first, then the
+        resolved service's, else as without rules."""
         listener_rules = self._listener_rules
         if listener_rules is not None:
             rule = listener_rules.match(request, request.path)
@@ -399,16 +459,18 @@ class OutboundHandler(CallHandler):
         cluster = self.clusters.get(service)
         if cluster is None:
             raise UnknownService(f"unknown service {service!r}", service=service)
-        if self._service_rules:
-            table = self._service_rules.get(service)
-            if table is not None:
-                rule = table.match(request, path)
-                if rule is not None:
-                    return self._on_rule(rule.pick() or rule.target_for(service), path)
-        chain = self._chain(service, route, cluster)
-        return service, path, cluster, chain, self._route_name(request, route)
-
-    # -- route rules (docs/traffic.md) --
+        table = self._service_rules.get(service)
+        if table is not None:
+            rule = table.match(request, path)
+            if rule is not None:
+                return self._on_rule(rule.pick() or rule.target_for(service), path)
+        return (
+            service,
+            path,
+            cluster,
+            self._chain(service, route, cluster),
+            self._route_name(request, route),
+        )
 
     def _listener_rule(self, request: Request, rule: Rule) -> tuple[str, bytes, Cluster, Next, str]:
         target = rule.pick()
@@ -482,15 +544,15 @@ class OutboundHandler(CallHandler):
             )
         return steps
 
-    async def __call__(self, request: Request, sink: ResponseSink) -> None:
+    async def _call_by_rules(self, request: Request, sink: ResponseSink) -> None:
         try:
-            service, path, _, chain, route = self._resolve(request)
+            service, path, _, chain, route = self._resolve_by_rules(request)
         except MeshError as exc:
             await self._reply_error(request, sink, exc)
             return
-        await self._forward(request, sink, service, path, chain, route)
+        await self._run_routed(request, sink, service, path, chain, route)
 
-    async def _forward(
+    async def _run_routed(
         self,
         request: Request,
         sink: ResponseSink,
@@ -503,14 +565,12 @@ class OutboundHandler(CallHandler):
         call._route = route
         await self.run(request, sink, call, chain)
 
-    def start_now(self, request: Request, sink: ImmediateSink) -> CallbackCall | TaskWork | None:
-        """The listener's callback path (see CallbackCall). The call is routed here, once:
-        a call that cannot run on callbacks goes on in a task with that route (TaskWork).
-        None (nothing done) when tracing is on, which only the task path does."""
-        if self.tracing.enabled:
-            return None
+    def _start_by_rules(
+        self, request: Request, sink: ImmediateSink
+    ) -> CallbackCall | TaskWork | None:
+        """start_now() when the config has route rules (the same steps, routed by them)."""
         try:
-            service, path, cluster, chain, route = self._resolve(request)
+            service, path, cluster, chain, route = self._resolve_by_rules(request)
         except MeshError as exc:
             return TaskWork(partial(self._reply_error, request, sink, exc))
         if (
@@ -518,7 +578,7 @@ class OutboundHandler(CallHandler):
             or self._callbacks_for(chain) is None
             or (request.headers and caller_deadline(request) is not None)
         ):
-            return TaskWork(partial(self._forward, request, sink, service, path, chain, route))
+            return TaskWork(partial(self._run_routed, request, sink, service, path, chain, route))
         call = CallbackCall(self, sink, cluster, request, service, service.encode(), path)
         call._route = route
         call.start()

@@ -81,13 +81,19 @@ class Router:
         )
 
     def _invoke(self, path: bytes) -> tuple[str, bytes, int]:
-        service_bytes, method_path = split_invoke(path)
+        # split_invoke()'s steps inline: this is on every invoke-form call's path.
+        rest = path[len(INVOKE_PREFIX) :]
+        query = b""
+        if b"?" in rest:
+            rest, query = rest.split(b"?", 1)
+            query = b"?" + query
+        service_bytes, _, method = rest.partition(b"/")
         service = service_bytes.decode("latin-1").lower()
         if not service:
             raise BadRequest("invoke path needs a service: /v1/invoke/{service}/{method}")
         if not self.known(service):
             raise UnknownService(f"unknown service {service!r}", service=service)
-        return service, method_path, -1
+        return service, b"/" + method + query, -1
 
 
 def split_invoke(path: bytes) -> tuple[bytes, bytes]:

@@ -166,7 +166,11 @@ class Matcher:
         self.conditions = conditions
 
     def matches(self, request: Request, path: bytes) -> bool:
-        return all(condition.holds(request, path) for condition in self.conditions)
+        # A loop, not all() over a generator: this runs for every rule tried on a call.
+        for condition in self.conditions:  # noqa: SIM110
+            if not condition.holds(request, path):
+                return False
+        return True
 
 
 def compile_match(match: RouteMatch, key: str) -> Matcher:

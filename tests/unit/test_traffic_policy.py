@@ -54,7 +54,7 @@ def test_the_rules_policy_becomes_the_built_in_filters(tmp_path: Path) -> None:
 
 def test_the_rules_chain_holds_its_steps_in_order(tmp_path: Path) -> None:
     handler, _ = outbound(tmp_path, POLICY)
-    in_loop(lambda: handler._resolve(request(b"/v1/invoke/inventory/slow")))
+    in_loop(lambda: handler._resolve_by_rules(request(b"/v1/invoke/inventory/slow")))
     assert [f.name for f in handler.filters] == ["timeout", "retry", "headers", "rate_limit"]
 
 

@@ -15,7 +15,7 @@ GRPC = [(b"content-type", b"application/grpc")]
 
 def route_of(tmp_path: Path, rules: str, req: object) -> str:
     handler, _ = outbound(tmp_path, rules)
-    return in_loop(lambda: handler._resolve(req))[4]  # type: ignore[arg-type]
+    return in_loop(lambda: handler._resolve_by_rules(req))[4]  # type: ignore[arg-type]
 
 
 SERVICE_RULES = """
@@ -110,12 +110,14 @@ def test_listener_rules_come_first_and_see_every_call(tmp_path: Path) -> None:
 
     def check() -> None:
         to_billing = request(headers=[(b"x-to", b"billing")])
-        service, path, _, _, route = handler._resolve(to_billing)
+        service, path, _, _, route = handler._resolve_by_rules(to_billing)
         assert (service, path, route) == ("billing", b"/items", "to-billing")
         # A listener rule without destinations: where the call goes anyway, under its name.
-        service, path, _, _, route = handler._resolve(request(headers=[(b"x-debug", b"1")]))
+        service, path, _, _, route = handler._resolve_by_rules(
+            request(headers=[(b"x-debug", b"1")])
+        )
         assert (service, path, route) == ("inventory", b"/items", "debug")
-        assert handler._resolve(request())[4] == "inv-all"
+        assert handler._resolve_by_rules(request())[4] == "inv-all"
 
     in_loop(check)
 
@@ -124,7 +126,9 @@ def test_a_service_without_rules_routes_as_before(tmp_path: Path) -> None:
     handler, _ = outbound(tmp_path, "services: {inventory: {route_rules: [{name: r}]}}")
     assert handler._listener_rules is None
     assert "billing" not in handler._service_rules
-    assert in_loop(lambda: handler._resolve(request(b"/v1/invoke/billing/x")))[4] == "invoke"
+    assert (
+        in_loop(lambda: handler._resolve_by_rules(request(b"/v1/invoke/billing/x")))[4] == "invoke"
+    )
 
 
 @pytest.mark.parametrize(

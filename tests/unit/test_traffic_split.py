@@ -55,7 +55,7 @@ def test_a_90_10_split_over_10000_calls_lands_within_1_5_points(tmp_path: Path) 
     def split() -> Counter[str]:
         counts: Counter[str] = Counter()
         for _ in range(10_000):
-            _, path, cluster, _, route = handler._resolve(request())
+            _, path, cluster, _, route = handler._resolve_by_rules(request())
             assert (path, route) == (b"/items", "canary")
             counts[cluster.subset_name] += 1
         return counts
@@ -100,7 +100,7 @@ def test_an_empty_subset_is_503_naming_it(tmp_path: Path) -> None:
 
     async def main() -> tuple[int, bytes]:
         req = request(headers=[(b"x-v3", b"1")])
-        service, path, cluster, chain, route = handler._resolve(req)
+        service, path, cluster, chain, route = handler._resolve_by_rules(req)
         assert (route, cluster.endpoints) == ("empty", ())
         call = Call(req, "outbound", service, service.encode(), path, 1024)
         response = await chain(call)
