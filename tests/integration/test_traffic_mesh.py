@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.integration.conftest import Mesh, Sidecar
 
@@ -49,9 +50,10 @@ CANARY = {
 }
 
 
-def test_a_90_10_split_between_subsets(mesh: Mesh) -> None:
+@pytest.mark.parametrize("upstream", ["h2c", "http1"])  # http1: the callback path
+def test_a_90_10_split_between_subsets(mesh: Mesh, upstream: str) -> None:
     inventory_pair(mesh)
-    payment = caller(mesh, CANARY)
+    payment = caller(mesh, CANARY, {"upstream": {"protocol": upstream}})
     mesh.wait_endpoints(payment, "inventory", 2)
     apps: dict[str, int] = {}
     with httpx.Client(base_url=payment.outbound, timeout=10) as client:
@@ -155,6 +157,34 @@ def test_aborts_carry_their_status_over_http1_h2c_and_grpc(mesh: Mesh) -> None:
         else:
             raise AssertionError("the fault did not abort the gRPC call")
     assert payment.metric("opus_faults_injected_total", route="chaos", kind="abort") == 3
+
+
+def test_an_injected_delay_holds_only_the_calls_it_matches(mesh: Mesh) -> None:
+    import time
+
+    mesh.service("inventory")
+    slow = {
+        "route_rules": [
+            {
+                "name": "lag",
+                "match": {"headers": [{"name": "x-lag", "present": True}]},
+                "fault": {"delay": {"fixed": 0.3, "percent": 100}},
+            }
+        ]
+    }
+    payment = caller(mesh, {}, slow)
+    mesh.wait_endpoints(payment, "inventory", 1)
+    url = f"{payment.outbound}/v1/invoke/inventory/echo"
+    with httpx.Client(timeout=10) as client:
+        started = time.perf_counter()
+        assert client.get(url, headers={"x-lag": "1"}).status_code == 200
+        lagged = time.perf_counter() - started
+        started = time.perf_counter()
+        assert client.get(url).status_code == 200
+        plain = time.perf_counter() - started
+    assert lagged >= 0.3 > plain
+    flags = [r["flags"] for r in payment.access_log(3)[-2:]]
+    assert flags == ["DI", "-"]
 
 
 class BrokenApp:
