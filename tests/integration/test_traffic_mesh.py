@@ -93,6 +93,11 @@ POLICY = {
                 "headers": {"request_headers_to_set": {"x-route": "slow"}},
             },
             {
+                "name": "retried",
+                "match": {"path": {"prefix": "/status/"}},
+                "retry": {"attempts": 2, "retriable_status_codes": [503]},
+            },
+            {
                 "name": "tagged",
                 "match": {"path": {"prefix": "/echo"}, "methods": ["GET"]},
                 "headers": {"request_headers_to_set": {"x-route": "tagged"}},
@@ -115,8 +120,11 @@ def test_per_route_timeout_and_header_rewrites(mesh: Mesh) -> None:
         slow = client.get("/v1/invoke/inventory/slow", params={"ms": "3000"})
         assert slow.status_code == 504
         assert slow.headers["x-opus-error"] == "UT"
-    routes = [r["route"] for r in payment.access_log(4)[-3:]]
-    assert routes == ["tagged", "invoke", "slow"]
+        retried = client.get("/v1/invoke/inventory/status/503")
+        assert retried.status_code == 503
+        assert retried.headers["x-opus-attempt-count"] == "3"  # the first try and 2 retries
+    routes = [r["route"] for r in payment.access_log(5)[-4:]]
+    assert routes == ["tagged", "invoke", "slow", "retried"]
 
 
 CHAOS = {
