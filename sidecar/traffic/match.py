@@ -33,14 +33,50 @@ def _only_path(path: bytes) -> bytes:
     return path if query < 0 else path[:query]
 
 
+class Facts:
+    """One call as its rules test it: the request, the path matched (with its query) and,
+    made on first use and shared by every rule tried, its headers by name (repeated
+    ones joined with ',', as RFC 9110 5.3 allows) and its query parameters."""
+
+    __slots__ = ("_headers", "_query", "only_path", "path", "request")
+
+    def __init__(self, request: Request, path: bytes) -> None:
+        self.request = request
+        self.path = path
+        self.only_path = _only_path(path)
+        self._headers: dict[bytes, bytes] | None = None
+        self._query: dict[str, str] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = {}
+            for key, value in self.request.headers:
+                seen = headers.get(key)
+                headers[key] = value if seen is None else seen + b"," + value
+        return headers.get(name)
+
+    def query(self, name: str) -> str | None:
+        """The parameter's first value ("" for `?flag`); None when absent."""
+        query = self._query
+        if query is None:
+            query = self._query = {}
+            at = self.path.find(b"?")
+            if at >= 0:
+                text = self.path[at + 1 :].decode("latin-1")
+                for key, value in parse_qsl(text, keep_blank_values=True):
+                    query.setdefault(key, value)
+        return query.get(name)
+
+
 class _Exact:
     __slots__ = ("value",)
 
     def __init__(self, value: bytes) -> None:
         self.value = value
 
-    def holds(self, request: Request, path: bytes) -> bool:
-        return _only_path(path) == self.value
+    def holds(self, facts: Facts) -> bool:
+        return facts.only_path == self.value
 
 
 class _Prefix:
@@ -49,8 +85,8 @@ class _Prefix:
     def __init__(self, value: bytes) -> None:
         self.value = value
 
-    def holds(self, request: Request, path: bytes) -> bool:
-        return path.startswith(self.value)
+    def holds(self, facts: Facts) -> bool:
+        return facts.path.startswith(self.value)
 
 
 class _PathRegex:
@@ -59,8 +95,8 @@ class _PathRegex:
     def __init__(self, regex: re.Pattern[bytes]) -> None:
         self.regex = regex
 
-    def holds(self, request: Request, path: bytes) -> bool:
-        return self.regex.fullmatch(_only_path(path)) is not None
+    def holds(self, facts: Facts) -> bool:
+        return self.regex.fullmatch(facts.only_path) is not None
 
 
 class _Methods:
@@ -69,16 +105,8 @@ class _Methods:
     def __init__(self, methods: frozenset[bytes]) -> None:
         self.methods = methods
 
-    def holds(self, request: Request, path: bytes) -> bool:
-        return request.method in self.methods
-
-
-def _header_value(request: Request, name: bytes) -> bytes | None:
-    """Every value of `name`, joined with ',' as RFC 9110 5.3 allows; None when absent."""
-    values = [value for key, value in request.headers if key == name]
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else b",".join(values)
+    def holds(self, facts: Facts) -> bool:
+        return facts.request.method in self.methods
 
 
 class _Header:
@@ -99,8 +127,8 @@ class _Header:
         self.regex = regex
         self.present = present
 
-    def holds(self, request: Request, path: bytes) -> bool:
-        value = _header_value(request, self.name)
+    def holds(self, facts: Facts) -> bool:
+        value = facts.header(self.name)
         if value is None:
             return not self.present
         if not self.present:
@@ -124,20 +152,15 @@ class _Query:
         self.exact = exact
         self.regex = regex
 
-    def holds(self, request: Request, path: bytes) -> bool:
-        query = path.find(b"?")
-        if query < 0:
+    def holds(self, facts: Facts) -> bool:
+        value = facts.query(self.name)
+        if value is None:
             return False
-        text = path[query + 1 :].decode("latin-1")
-        for name, value in parse_qsl(text, keep_blank_values=True):
-            if name != self.name:
-                continue
-            if self.exact is not None:
-                return value == self.exact
-            if self.regex is not None:
-                return self.regex.fullmatch(value.encode("latin-1")) is not None
-            return True
-        return False
+        if self.exact is not None:
+            return value == self.exact
+        if self.regex is not None:
+            return self.regex.fullmatch(value.encode("latin-1")) is not None
+        return True
 
 
 class _Grpc:
@@ -147,10 +170,10 @@ class _Grpc:
         self.service = service
         self.method = method
 
-    def holds(self, request: Request, path: bytes) -> bool:
-        if not request.is_grpc or path[:1] != b"/":
+    def holds(self, facts: Facts) -> bool:
+        if facts.only_path[:1] != b"/" or not facts.request.is_grpc:
             return False
-        service, _, method = _only_path(path)[1:].partition(b"/")
+        service, _, method = facts.only_path[1:].partition(b"/")
         return service == self.service and (not self.method or method == self.method)
 
 
@@ -165,12 +188,16 @@ class Matcher:
     def __init__(self, conditions: tuple[_Condition, ...]) -> None:
         self.conditions = conditions
 
-    def matches(self, request: Request, path: bytes) -> bool:
+    def holds(self, facts: Facts) -> bool:
         # A loop, not all() over a generator: this runs for every rule tried on a call.
         for condition in self.conditions:  # noqa: SIM110
-            if not condition.holds(request, path):
+            if not condition.holds(facts):
                 return False
         return True
+
+    def matches(self, request: Request, path: bytes) -> bool:
+        """One rule alone (a table shares one Facts among the rules it tries)."""
+        return self.holds(Facts(request, path))
 
 
 def compile_match(match: RouteMatch, key: str) -> Matcher:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sidecar.errors import UnknownService
-from sidecar.traffic.match import Matcher, compile_match
+from sidecar.traffic.match import Facts, Matcher, compile_match
 from sidecar.traffic.split import WeightedPick
 
 if TYPE_CHECKING:
@@ -56,11 +56,12 @@ class Target:
 class Rule:
     """A compiled route rule."""
 
-    __slots__ = ("_by_service", "_pick", "key", "matcher", "name", "spec", "targets")
+    __slots__ = ("_by_service", "_pick", "key", "matcher", "name", "position", "spec", "targets")
 
-    def __init__(self, spec: RouteRule, key: str, default_service: str) -> None:
+    def __init__(self, spec: RouteRule, key: str, default_service: str, position: int = 0) -> None:
         self.spec = spec
         self.key = key
+        self.position = position  # in its table: the first match is the lowest
         self.name = spec.name
         self.matcher: Matcher = compile_match(spec.match, f"{key}.match")
         self.targets = tuple(
@@ -87,18 +88,105 @@ class Rule:
         return target
 
 
-class RuleTable:
-    """One level's rules (the listener's, or one service's), first match wins."""
+IndexKey = tuple[str, bytes, bytes]  # (kind, name, value); name is b"" but for headers
 
-    __slots__ = ("rules",)
+
+def _index_key(spec: RouteRule) -> IndexKey | None:
+    """What a rule can be found by on a call: ("exact", b"", path) for an exact path;
+    ("segment", b"", first) when every path it matches starts with `/first/` (a prefix
+    that reaches past its first segment, or a gRPC service); ("header", name, value) for
+    a header's exact value; None: tried on every call."""
+    match = spec.match
+    if match.path is not None:
+        if match.path.exact:
+            return "exact", b"", match.path.exact.encode()
+        first, slash, _ = match.path.prefix[1:].partition("/")
+        if match.path.prefix and slash:
+            return "segment", b"", first.encode()
+    if match.grpc is not None:
+        return "segment", b"", match.grpc.service.encode()
+    for header in match.headers:
+        if header.exact is not None:
+            return "header", header.name.lower().encode(), header.exact.encode("latin-1")
+    return None
+
+
+class RuleTable:
+    """One level's rules (the listener's, or one service's), first match wins.
+
+    Tried in order, but only those the call can match: a rule with an exact path, a
+    prefix past the first path segment, a gRPC service or a header's exact value is
+    indexed by it, so with many rules a call tests the few its path and headers point
+    at, and the unindexed ones, not all of them. Every candidate list keeps the rules'
+    order, so the first match is the one a scan of every rule would find.
+    """
+
+    __slots__ = ("_by_exact", "_by_header", "_by_segment", "_unindexed", "rules")
 
     def __init__(self, specs: tuple[RouteRule, ...], key: str, default_service: str = "") -> None:
         self.rules = tuple(
-            Rule(spec, f"{key}[{i}]", default_service) for i, spec in enumerate(specs)
+            Rule(spec, f"{key}[{i}]", default_service, i) for i, spec in enumerate(specs)
         )
+        unindexed: list[int] = []
+        groups: dict[IndexKey, list[int]] = {}
+        for i, spec in enumerate(specs):
+            index_key = _index_key(spec)
+            if index_key is None:
+                unindexed.append(i)
+            else:
+                groups.setdefault(index_key, []).append(i)
+
+        def ordered(group: list[int]) -> tuple[Rule, ...]:
+            return tuple(self.rules[i] for i in sorted({*unindexed, *group}))
+
+        self._unindexed = ordered([])
+        self._by_exact: dict[bytes, tuple[Rule, ...]] = {}
+        self._by_segment: dict[bytes, tuple[Rule, ...]] = {}
+        self._by_header: dict[bytes, dict[bytes, tuple[Rule, ...]]] = {}
+        for (kind, name, value), group in groups.items():
+            if kind == "exact":
+                self._by_exact[value] = ordered(group)
+            elif kind == "segment":
+                self._by_segment[value] = ordered(group)
+            else:
+                self._by_header.setdefault(name, {})[value] = ordered(group)
+
+    def candidates(self, facts: Facts) -> tuple[Rule, ...]:
+        """The rules that may match the call, in order."""
+        hits: list[tuple[Rule, ...]] = []
+        if self._by_exact:
+            found = self._by_exact.get(facts.only_path)
+            if found is not None:
+                hits.append(found)
+        if self._by_segment:
+            found = self._by_segment.get(_first_segment(facts.only_path))
+            if found is not None:
+                hits.append(found)
+        for name, values in self._by_header.items():
+            value = facts.header(name)
+            if value is not None:
+                found = values.get(value)
+                if found is not None:
+                    hits.append(found)
+        if not hits:
+            return self._unindexed
+        if len(hits) == 1:
+            return hits[0]
+        return tuple(sorted({rule for hit in hits for rule in hit}, key=_position))
 
     def match(self, request: Request, path: bytes) -> Rule | None:
-        for rule in self.rules:
-            if rule.matcher.matches(request, path):
+        facts = Facts(request, path)
+        for rule in self.candidates(facts):
+            if rule.matcher.holds(facts):
                 return rule
         return None
+
+
+def _position(rule: Rule) -> int:
+    return rule.position
+
+
+def _first_segment(path: bytes) -> bytes:
+    """`/api/v2/x` -> `api`; `/items` -> `items`."""
+    slash = path.find(b"/", 1)
+    return path[1:] if slash < 0 else path[1:slash]

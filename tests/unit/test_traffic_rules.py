@@ -221,3 +221,48 @@ def test_bad_rules_are_refused_at_load_naming_the_key(
         config(tmp_path, rules)
     assert info.value.key == key, str(info.value)
     assert words in str(info.value)
+
+
+def test_the_index_finds_what_a_scan_of_every_rule_finds() -> None:
+    from sidecar.config import GrpcMatch, HeaderMatch, PathMatch, RouteMatch, RouteRule
+    from sidecar.traffic.table import RuleTable
+
+    def rule(name: str, **match: object) -> RouteRule:
+        return RouteRule(name=name, match=RouteMatch(**match))  # type: ignore[arg-type]
+
+    header = (HeaderMatch(name="x-a", present=True),)
+    specs = (
+        rule("api-v1", path=PathMatch(prefix="/api/v1/")),
+        rule("hdr", headers=header),  # not indexed: tried on every call
+        rule("items", path=PathMatch(exact="/api/items")),
+        rule("short", path=PathMatch(prefix="/ap")),  # ends inside the first segment
+        rule("api-any", path=PathMatch(prefix="/api/")),
+        rule("grpc", grpc=GrpcMatch(service="shop.Inv")),
+        rule("rx", path=PathMatch(regex="/x/[0-9]+")),
+        rule("api-hdr", path=PathMatch(prefix="/api/"), headers=header),
+        rule("tenant-a", headers=(HeaderMatch(name="X-T", exact="a"),)),
+        rule("tenant-b-api", headers=(HeaderMatch(name="x-t", exact="b"),), methods=("POST",)),
+        rule("late-api", path=PathMatch(prefix="/api/v1/")),
+    )
+    table = RuleTable(specs, "route_rules", "inventory")
+    grpc = [(b"content-type", b"application/grpc")]
+    for path in (
+        b"/api/v1/a", b"/api/items", b"/api/items?x=1", b"/api/items/2", b"/api", b"/apx",
+        b"/ap", b"/x/12", b"/shop.Inv/Get", b"/other", b"/", b"*", b"/api/v1",
+    ):  # fmt: skip
+        for headers in (
+            [], [(b"x-a", b"1")], grpc, [(b"x-t", b"a")], [(b"x-t", b"b")],
+            [(b"x-t", b"a"), (b"x-t", b"b")], [(b"x-t", b"b"), (b"x-a", b"")],
+        ):  # fmt: skip
+            req = request(path, headers, b"POST")
+            scan = next((r for r in table.rules if r.matcher.matches(req, path)), None)
+            assert table.match(req, path) is scan, (path, headers)
+
+
+def test_the_rule_cost_bench_runs_each_shape() -> None:
+    from bench.rulecost import SHAPES, per_call_us, table
+
+    for shape in SHAPES:
+        assert per_call_us(3, 10, shape, rounds=1) > 0
+        last = table(200, shape).match(request(b"/items", [(b"x-tenant", b"nobody")]), b"/items")
+        assert last is not None and last.name == "last"
