@@ -318,3 +318,45 @@ def test_a_500_mirror_sees_its_share_and_the_real_calls_do_not(mesh: Mesh) -> No
         assert 60 <= broken.seen - before <= 140  # 50% of 200, drawn at random
     finally:
         broken.close()
+
+
+def test_a_hanging_mirror_leaves_the_latency_as_it_was_side_by_side(mesh: Mesh) -> None:
+    """Two callers of one inventory, alike but for a mirror (behind a socket that never
+    answers) on one of them, called in turns: the mirrored caller's p50 and p99 stay
+    those of the plain one (the figures are printed; the bound is loose, the machine is
+    shared)."""
+    import statistics
+    import time
+
+    broken = BrokenApp("hang")
+    try:
+        mesh.service("inventory")
+        mesh.sidecar("shadow", broken.port)
+        plain_rules = {"inventory": {"route_rules": [{"name": "plain"}]}}
+        plain = caller(mesh, plain_rules)
+        mirroring = caller(mesh, mirrored(100))
+        for sidecar in (plain, mirroring):
+            mesh.wait_endpoints(sidecar, "inventory", 1)
+        wait_mirror_endpoint(mirroring, "shadow")
+        took: dict[str, list[float]] = {"plain": [], "mirrored": []}
+        with (
+            httpx.Client(base_url=plain.outbound, timeout=10) as a,
+            httpx.Client(base_url=mirroring.outbound, timeout=10) as b,
+        ):
+            for _ in range(20):  # warm both paths
+                a.get("/v1/invoke/inventory/echo")
+                b.get("/v1/invoke/inventory/echo")
+            for _ in range(300):
+                for name, client in (("plain", a), ("mirrored", b)):
+                    started = time.perf_counter()
+                    assert client.get("/v1/invoke/inventory/echo").status_code == 200
+                    took[name].append(time.perf_counter() - started)
+        figures = {
+            name: (statistics.median(t) * 1000, statistics.quantiles(t, n=100)[98] * 1000)
+            for name, t in took.items()
+        }
+        print("p50/p99 ms:", {k: f"{p50:.2f}/{p99:.2f}" for k, (p50, p99) in figures.items()})
+        assert figures["mirrored"][0] <= figures["plain"][0] * 1.5 + 1.0
+        assert figures["mirrored"][1] <= figures["plain"][1] * 2 + 5.0
+    finally:
+        broken.close()

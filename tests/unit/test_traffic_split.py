@@ -142,3 +142,19 @@ def test_each_backend_gives_its_instances_metadata() -> None:
     record = parse_record(data, default_ttl=1.0, default_id="x")
     assert record is not None
     assert record.endpoint.meta == {("v", "2"), ("blue", "true")}
+
+
+def test_a_service_can_split_to_another_service(tmp_path: Path) -> None:
+    rules = """
+    services:
+      inventory:
+        route_rules:
+          - name: move
+            destinations: [{service: billing, weight: 1}, {weight: 3}]
+    """
+    handler, _ = outbound(tmp_path, rules)
+
+    def split() -> Counter[str]:
+        return Counter(handler._resolve_by_rules(request())[0] for _ in range(400))
+
+    assert in_loop(split) == {"billing": 100, "inventory": 300}
