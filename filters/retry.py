@@ -48,6 +48,10 @@ RetryOn = Literal[
     "retriable-status-codes",
     "unavailable",
     "per-try-timeout",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
 ]
 ALL_CONDITIONS: tuple[RetryOn, ...] = (
     "connect-failure",
@@ -63,6 +67,14 @@ IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", 
 RETRYABLE_HEADER = b"x-opus-retryable"
 ATTEMPT_COUNT_HEADER = b"x-opus-attempt-count"  # on the reply when the mesh retried
 GRPC_UNAVAILABLE = b"14"
+# A gRPC reply's status (in a trailers-only reply's head) -> the retry_on condition it meets.
+GRPC_CONDITIONS: dict[bytes, RetryOn] = {
+    b"1": "cancelled",
+    b"4": "deadline-exceeded",
+    b"8": "resource-exhausted",
+    b"13": "internal",
+    GRPC_UNAVAILABLE: "unavailable",
+}
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -241,8 +253,10 @@ class RetryFilter(Filter):
             # Other mesh errors (no endpoint, overflow, a filter's refusal) are not retried.
         elif response.status in self.statuses:
             condition = "retriable-status-codes"
-        elif call.request.is_grpc and _header(response, b"grpc-status") == GRPC_UNAVAILABLE:
-            condition = "unavailable"
+        elif call.request.is_grpc:
+            grpc_status = _header(response, b"grpc-status")
+            if grpc_status is not None:
+                condition = GRPC_CONDITIONS.get(grpc_status)
         return condition if condition in self.conditions else None
 
     def _may_resend(self, call: Call, condition: str) -> bool:

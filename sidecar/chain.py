@@ -134,6 +134,12 @@ def _chain_specs(cfg: SidecarConfig) -> list[tuple[str, tuple[FilterSpec, ...]]]
     for i, route in enumerate(cfg.routes):
         if route.filters is not None:
             specs.append((f"routes[{i}].filters", route.filters))
+    levels = [("route_rules", cfg.route_rules)]
+    levels += [(f"services.{n}.route_rules", o.route_rules) for n, o in cfg.services.items()]
+    for level, rules in levels:
+        for i, rule in enumerate(rules):
+            if rule.filters is not None:
+                specs.append((f"{level}[{i}].filters", rule.filters))
     return specs
 
 

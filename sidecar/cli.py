@@ -146,11 +146,13 @@ def _check_config(path: str) -> int:
 
 def _summary(cfg: SidecarConfig) -> str:
     listeners = cfg.listeners
+    rules = len(cfg.route_rules) + sum(len(o.route_rules) for o in cfg.services.values())
     return (
         f"service={cfg.service.name} app={cfg.app.host}:{cfg.app.port} ({cfg.app.protocol}) "
         f"outbound={listeners.outbound.host}:{listeners.outbound.port} "
         f"inbound={listeners.inbound.host}:{listeners.inbound.port} "
         f"admin={listeners.admin.host}:{listeners.admin.port} "
         f"discovery={cfg.discovery.backend} upstream={cfg.upstream.protocol} "
-        f"routes={len(cfg.routes)} services={len(cfg.services)}"
+        f"routes={len(cfg.routes)} services={len(cfg.services)} "
+        f"route_rules={rules}"
     )

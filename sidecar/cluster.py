@@ -87,6 +87,8 @@ class Cluster:
         self._healthy: tuple[Endpoint, ...] = ()
         self._preferred: tuple[Endpoint, ...] = ()
         self._first_update = asyncio.Event()
+        self.subset_name = ""  # a SubsetCluster's; "" for the whole service
+        self.subsets: dict[str, SubsetCluster] = {}
 
     # -- endpoint set and health ------------------------------------------------
 
@@ -122,6 +124,15 @@ class Cluster:
             )
             gauge.labels(self.name, "ejected").set(ejected_here)
             gauge.labels(self.name, "unhealthy").set(unhealthy_here)
+        for subset in self.subsets.values():
+            subset.refresh()
+
+    def subset(self, name: str, selector: dict[str, str]) -> Cluster:
+        """The view of this cluster's endpoints whose metadata holds `selector` (made once)."""
+        subset = self.subsets.get(name)
+        if subset is None:
+            subset = self.subsets[name] = SubsetCluster(self, name, frozenset(selector.items()))
+        return subset
 
     def _count_ejection(self, endpoint: Endpoint) -> None:
         if self._metrics is not None:
@@ -205,6 +216,11 @@ class Cluster:
         """Pick the endpoint for one try and count it active."""
         endpoint = self._pick(request, tried)
         if endpoint is None:
+            if self.subset_name:
+                raise NoHealthyUpstream(
+                    f"subset {self.subset_name!r} of service {self.name!r} has no endpoint",
+                    service=self.name,
+                )
             raise NoHealthyUpstream(
                 f"service {self.name!r} has no healthy endpoint", service=self.name
             )
@@ -267,6 +283,7 @@ class Cluster:
                     "address": e.address,
                     "zone": e.zone,
                     "instance_id": e.instance_id,
+                    "meta": dict(sorted(e.meta)),
                     "health": self.health_of(e),
                     "active_requests": self.active.get(e, 0),
                     "pool": self.pool.snapshot(e),
@@ -275,7 +292,64 @@ class Cluster:
             ],
             "balancer": type(self.balancer).__name__,
             "connections": self.pool.connection_count(),
+            **(
+                {
+                    "subsets": {
+                        name: [e.address for e in subset.endpoints]
+                        for name, subset in sorted(self.subsets.items())
+                    }
+                }
+                if self.subsets
+                else {}
+            ),
         }
+
+
+class SubsetCluster(Cluster):
+    """A subset of a service's endpoints (route rules' `subset`), selected by metadata.
+
+    It shares its service's pool, outlier detection, health checks and active counts
+    (an endpoint is one peer, however many subsets hold it) and has a balancer of its
+    own; its endpoint sets are recomputed whenever the service's are.
+    """
+
+    def __init__(self, parent: Cluster, name: str, selector: frozenset[tuple[str, str]]) -> None:
+        # Not Cluster.__init__: everything but the balancer and the sets is the parent's.
+        self.name = parent.name
+        self.subset_name = name
+        self.selector = selector
+        self.parent = parent
+        self.pool = parent.pool
+        self.balancer = type(parent.balancer)()
+        self.endpoints = ()
+        self.active = parent.active
+        self._zone = parent._zone
+        self._hash_header = parent._hash_header
+        self._metrics = None  # the service's gauges are the parent's to set
+        self._resend_unavailable = parent._resend_unavailable
+        self._now = parent._now
+        self.outlier = parent.outlier
+        self.health = parent.health
+        self._checker = None
+        self._healthy = ()
+        self._preferred = ()
+        self._first_update = parent._first_update
+        self.subsets = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        selector = self.selector
+        self.endpoints = tuple(e for e in self.parent.endpoints if selector <= e.meta)
+        self._rebuild()
+
+    def update(self, endpoints: tuple[Endpoint, ...]) -> None:
+        raise TypeError("a subset's endpoints follow its service's")
+
+    def start(self) -> None:
+        """The service's checks cover the subset's endpoints."""
+
+    def close(self) -> None:
+        """The pool is the service's, closed with it."""
 
 
 def pool_limits(cfg: SidecarConfig, service: str) -> PoolLimits:

@@ -240,6 +240,26 @@ class Metrics:
             ["filter", "code"],
             registry=r,
         )
+        self.route_requests = Counter(
+            "opus_route_requests",
+            "Outbound calls that matched a route rule, by rule name and the destination "
+            "(service and subset; empty: all its endpoints) the rule sent them to.",
+            ["route", "service", "subset"],
+            registry=r,
+        )
+        self.faults = Counter(
+            "opus_faults_injected",
+            "Faults injected by route rules, by rule name and kind (delay or abort).",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.mirrors = Counter(
+            "opus_mirror_requests",
+            "Mirrored copies of calls by rule name and result: sent, failed, timeout, "
+            "cancelled, or dropped_* (in_flight, buffered_bytes, body_size, streaming).",
+            ["route", "result"],
+            registry=r,
+        )
         self.buffer_budget_refusals = Counter(
             "opus_buffer_budget_refusals",
             "Calls refused 503 because filters.max_buffered_request_bytes was in use.",

@@ -51,9 +51,12 @@ from sidecar.messages import (
     unsafe_header,
 )
 from sidecar.metrics import Metrics
-from sidecar.routing import INVOKE_PREFIX, Router
+from sidecar.routing import INVOKE_PREFIX, Router, upstream_path
 from sidecar.serving import ImmediateSink, ResponseSink, TaskWork
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
+from sidecar.traffic.fault import FaultFilter
+from sidecar.traffic.mirror import MirrorFilter
+from sidecar.traffic.table import Rule, RuleTable, Target
 from sidecar.upstream.h1pool import H1Pool
 
 log = logging.getLogger("sidecar.proxy")
@@ -343,6 +346,19 @@ class OutboundHandler(CallHandler):
         self.clusters = clusters
         self._chains: dict[tuple[str, str], Next] = {}
         self._by_route: dict[tuple[str, int], Next] = {}
+        # Route rules (docs/traffic.md), compiled once. A call meets a table only when
+        # its level has rules: None, and a service absent from the dict, cost nothing.
+        self._listener_rules: RuleTable | None = None
+        if cfg.route_rules:
+            self._listener_rules = RuleTable(cfg.route_rules, "route_rules")
+        self._service_rules = {
+            name: RuleTable(override.route_rules, f"services.{name}.route_rules", name)
+            for name, override in cfg.services.items()
+            if override.route_rules
+        }
+        self._rule_steps: dict[str, list[Filter]] = {}  # a rule's fault and mirror steps
+        # One check on every call: a config without rules never looks further.
+        self._has_rules = bool(self._listener_rules is not None or self._service_rules)
 
     def _chain(self, service: str, route: int, cluster: Cluster) -> Next:
         chain = self._by_route.get((service, route))
@@ -383,6 +399,9 @@ class OutboundHandler(CallHandler):
         return service, path, route, cluster
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
+        if self._has_rules:
+            await self._call_by_rules(request, sink)
+            return
         try:
             service, path, route, cluster = self._resolve(request)
         except MeshError as exc:
@@ -409,6 +428,8 @@ class OutboundHandler(CallHandler):
         None (nothing done) when tracing is on, which only the task path does."""
         if self.tracing.enabled:
             return None
+        if self._has_rules:
+            return self._start_by_rules(request, sink)
         try:
             service, path, route, cluster = self._resolve(request)
         except MeshError as exc:
@@ -421,6 +442,145 @@ class OutboundHandler(CallHandler):
             return TaskWork(partial(self._forward, request, sink, service, path, route, cluster))
         call = CallbackCall(self, sink, cluster, request, service, service.encode(), path)
         call._route = self._route_name(request, route)
+        call.start()
+        return call
+
+    # -- route rules (docs/traffic.md); a config without any never comes here --
+
+    def _resolve_by_rules(self, request: Request) -> tuple[str, bytes, Cluster, Next, str]:
+        """_resolve() when the config has route rules: the listener's first, then the
+        resolved service's, else as without rules."""
+        listener_rules = self._listener_rules
+        if listener_rules is not None:
+            rule = listener_rules.match(request, request.path)
+            if rule is not None:
+                return self._listener_rule(request, rule)
+        service, path, route = self.router.resolve(request)
+        cluster = self.clusters.get(service)
+        if cluster is None:
+            raise UnknownService(f"unknown service {service!r}", service=service)
+        table = self._service_rules.get(service)
+        if table is not None:
+            rule = table.match(request, path)
+            if rule is not None:
+                return self._on_rule(rule.pick() or rule.target_for(service), path)
+        return (
+            service,
+            path,
+            cluster,
+            self._chain(service, route, cluster),
+            self._route_name(request, route),
+        )
+
+    def _listener_rule(self, request: Request, rule: Rule) -> tuple[str, bytes, Cluster, Next, str]:
+        target = rule.pick()
+        if target is None:  # the rule sets policy only: the call goes where it would
+            service, path, _ = self.router.resolve(request)
+            target = rule.target_for(service)
+        else:
+            path = upstream_path(request.path)
+        return self._on_rule(target, path)
+
+    def _on_rule(self, target: Target, path: bytes) -> tuple[str, bytes, Cluster, Next, str]:
+        cluster, chain = target.resolve(self._cluster_of, self._rule_chain)
+        counted = target.counted
+        if counted is None:
+            labels = (target.rule.name, target.service, target.subset)
+            counted = target.counted = self.metrics.route_requests.labels(*labels)
+        counted.inc()
+        return target.service, path, cluster, chain, target.rule.name
+
+    def _cluster_of(self, service: str, subset: str) -> Cluster | None:
+        cluster = self.clusters.get(service)
+        if cluster is None or not subset:
+            return cluster
+        # The config check made sure every subset a rule names is defined.
+        return cluster.subset(subset, self.cfg.services[service].subsets[subset])
+
+    def _rule_chain(self, rule: Rule, service: str, cluster: Cluster) -> Next:
+        """The chain of a rule's calls to one destination: the rule's fault and mirror
+        steps (one each per rule), its timeout, retry and header rewrites, then its own
+        filters or else the ones the service's calls run."""
+        spec = rule.spec
+        cfg = self.cfg
+        override = cfg.services.get(service)
+        if spec.filters is not None:
+            specs, where = spec.filters, f"{rule.key}.filters"
+        elif override is not None and override.filters is not None:
+            specs, where = override.filters, f"services.{service}.filters"
+        else:
+            specs, where = cfg.filters.outbound, "filters.outbound"
+        steps = self._rule_steps.get(rule.key)
+        if steps is None:
+            steps = self._rule_steps[rule.key] = self._steps(rule)
+            self.filters += steps
+        ctx = FilterContext(self.direction, cfg.service.name, self.metrics.filters)
+        filters = list(steps)
+        for key, policy in spec.policy_filters():
+            filters += build_filters((policy,), ctx, f"{rule.key}.{key}")
+        filters += build_filters(specs, ctx, where)
+        self.filters += filters[len(steps) :]
+        return compose(filters, router_step(cluster), self.metrics)
+
+    def _steps(self, rule: Rule) -> list[Filter]:
+        spec = rule.spec
+        steps: list[Filter] = []
+        if spec.fault is not None:
+            faults = self.metrics.faults
+            steps.append(
+                FaultFilter(
+                    spec.fault, faults.labels(rule.name, "delay"), faults.labels(rule.name, "abort")
+                )
+            )
+        if spec.mirror is not None:
+            mirror = spec.mirror
+            mirrors = self.metrics.mirrors
+            steps.append(
+                MirrorFilter(
+                    mirror,
+                    partial(self._cluster_of, mirror.service, mirror.subset),
+                    partial(mirrors.labels, rule.name),
+                )
+            )
+        return steps
+
+    async def _call_by_rules(self, request: Request, sink: ResponseSink) -> None:
+        try:
+            service, path, _, chain, route = self._resolve_by_rules(request)
+        except MeshError as exc:
+            await self._reply_error(request, sink, exc)
+            return
+        await self._run_routed(request, sink, service, path, chain, route)
+
+    async def _run_routed(
+        self,
+        request: Request,
+        sink: ResponseSink,
+        service: str,
+        path: bytes,
+        chain: Next,
+        route: str,
+    ) -> None:
+        call = Call(request, "outbound", service, service.encode(), path, self.max_body_bytes)
+        call._route = route
+        await self.run(request, sink, call, chain)
+
+    def _start_by_rules(
+        self, request: Request, sink: ImmediateSink
+    ) -> CallbackCall | TaskWork | None:
+        """start_now() when the config has route rules (the same steps, routed by them)."""
+        try:
+            service, path, cluster, chain, route = self._resolve_by_rules(request)
+        except MeshError as exc:
+            return TaskWork(partial(self._reply_error, request, sink, exc))
+        if (
+            not cluster.endpoints
+            or self._callbacks_for(chain) is None
+            or (request.headers and caller_deadline(request) is not None)
+        ):
+            return TaskWork(partial(self._run_routed, request, sink, service, path, chain, route))
+        call = CallbackCall(self, sink, cluster, request, service, service.encode(), path)
+        call._route = route
         call.start()
         return call
 

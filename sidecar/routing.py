@@ -81,6 +81,7 @@ class Router:
         )
 
     def _invoke(self, path: bytes) -> tuple[str, bytes, int]:
+        # split_invoke()'s steps inline: this is on every invoke-form call's path.
         rest = path[len(INVOKE_PREFIX) :]
         query = b""
         if b"?" in rest:
@@ -93,3 +94,19 @@ class Router:
         if not self.known(service):
             raise UnknownService(f"unknown service {service!r}", service=service)
         return service, b"/" + method + query, -1
+
+
+def split_invoke(path: bytes) -> tuple[bytes, bytes]:
+    """`/v1/invoke/{service}/{method path}?q` -> (service, `/{method path}?q`)."""
+    rest = path[len(INVOKE_PREFIX) :]
+    query = b""
+    if b"?" in rest:
+        rest, query = rest.split(b"?", 1)
+        query = b"?" + query
+    service, _, method = rest.partition(b"/")
+    return service, b"/" + method + query
+
+
+def upstream_path(path: bytes) -> bytes:
+    """The path a call is sent with: the method path of an invoke-form path, else itself."""
+    return split_invoke(path)[1] if path.startswith(INVOKE_PREFIX) else path

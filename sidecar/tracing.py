@@ -153,6 +153,8 @@ class Tracing:
             span.set_attribute("rpc.grpc.status_code", int(grpc_status))
         if call._endpoint is not None:
             span.set_attribute("opus.upstream", call._endpoint.address)
+        if call._route != "-":  # outbound: the route rule's name, or how it was routed
+            span.set_attribute("opus.route", call._route)
         if call._flags != "-":
             span.set_attribute("opus.flags", call._flags)
         if call._error is not None or status >= 500 or status == 0:

@@ -6,6 +6,7 @@ import ipaddress
 import re
 
 from sidecar.chain import validate_filters
+from sidecar.config.rulechecks import check_route_rules
 from sidecar.config.schema import CaptureConfig, HealthCheckConfig, RouteConfig, SidecarConfig
 from sidecar.typedconfig import ConfigError, show, show_number
 
@@ -60,6 +61,7 @@ def validate(cfg: SidecarConfig) -> None:
         _check_service_name(f"discovery.static.services.{name}", name)
     for i, route in enumerate(cfg.routes):
         _check_route(f"routes[{i}]", route)
+    check_route_rules(cfg)
     _check_capture(cfg.capture)
     # Each filter validates its own config now, before anything binds.
     validate_filters(cfg)

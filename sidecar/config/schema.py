@@ -7,7 +7,9 @@ are in `rules`, the checks across fields in `checks`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from sidecar.config.routerules import FilterSpec, RouteRule
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 AppProtocol = Literal["http1", "h2c"]
@@ -72,6 +74,7 @@ class StaticEndpoint:
     port: int
     zone: str = ""
     weight: int = 1
+    meta: dict[str, str] = field(default_factory=dict)  # for subsets (docs/traffic.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,14 +196,6 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class FilterSpec:
-    """One filter in a chain: a registered name and its own config (validated by the filter)."""
-
-    name: str
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
 class FiltersConfig:
     """Filter chains per listener; calls pass them in order, responses in reverse."""
 
@@ -224,6 +219,11 @@ class ClusterOverride:
     outlier: OutlierConfig | None = None
     # Replaces filters.outbound for calls to this service.
     filters: tuple[FilterSpec, ...] | None = None
+    # Named sets of this service's endpoints by metadata (`v2: {version: v2}`), for
+    # route rules' destinations and mirrors (docs/traffic.md).
+    subsets: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Calls resolved to this service: first matching rule wins (docs/traffic.md).
+    route_rules: tuple[RouteRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +297,8 @@ class SidecarConfig:
     upstream: UpstreamConfig = UpstreamConfig()
     services: dict[str, ClusterOverride] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
+    # The outbound listener's route rules, tried on every call before the service's own.
+    route_rules: tuple[RouteRule, ...] = ()
     filters: FiltersConfig = FiltersConfig()
     http2: Http2ServerConfig = Http2ServerConfig()
     limits: LimitsConfig = LimitsConfig()

@@ -20,6 +20,11 @@ class Endpoint:
     zone: str = ""
     weight: int = 1
     instance_id: str = ""
+    # The backend's metadata of the instance as (key, value) pairs, which route rules'
+    # subsets select on (docs/traffic.md says where each backend's comes from). Not part
+    # of the endpoint's identity: relabelled, it is the same peer (its outlier state and
+    # active count stay); backends tell a change of it with `same_endpoints`.
+    meta: frozenset[tuple[str, str]] = field(default=frozenset(), compare=False)
     # Worked out once: every call hashes its endpoint several times (balancer, active
     # counts, outlier records) and names it in a header and the access log.
     address: str = field(init=False, repr=False, compare=False)
@@ -46,6 +51,33 @@ class Instance:
     protocol: str = "h2c"
     tags: tuple[str, ...] = ()
     meta: dict[str, str] = field(default_factory=dict)
+
+
+def endpoint_meta(meta: object = None, tags: object = None) -> frozenset[tuple[str, str]]:
+    """An endpoint's metadata from a backend's own form: a mapping of strings (Consul's
+    Meta, Nacos's metadata, a registry record's meta) and a list of tags (Consul's Tags,
+    the record's tags), a tag `k=v` read as `k: v` and a bare tag `t` as `t: "true"`. The
+    mapping wins over a tag of the same key; entries that are not strings are skipped."""
+    pairs: dict[str, str] = {}
+    if isinstance(tags, list | tuple):
+        for tag in tags:
+            if isinstance(tag, str) and tag:
+                key, sep, value = tag.partition("=")
+                pairs[key] = value if sep else "true"
+    if isinstance(meta, dict):
+        for key, value in meta.items():
+            if isinstance(key, str) and isinstance(value, str):
+                pairs[key] = value
+    return frozenset(pairs.items())
+
+
+def same_endpoints(before: tuple[Endpoint, ...] | None, after: tuple[Endpoint, ...] | None) -> bool:
+    """The same endpoints with the same metadata (what a backend need not announce)."""
+    if before != after:
+        return False
+    if before is None or after is None:
+        return True
+    return all(a.meta == b.meta for a, b in zip(before, after, strict=True))
 
 
 # Called with (service, endpoints) whenever a service's endpoint set changes.

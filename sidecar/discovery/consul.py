@@ -34,7 +34,7 @@ import consul
 import consul.aio
 
 from sidecar.config import AppConfig, ConsulDiscoveryConfig
-from sidecar.discovery.base import Discovery, Endpoint, Instance
+from sidecar.discovery.base import Discovery, Endpoint, Instance, endpoint_meta, same_endpoints
 from sidecar.health import RegistryHealth, probe_app
 from sidecar.metrics import Metrics
 
@@ -108,6 +108,7 @@ def parse_health(entries: object) -> tuple[Endpoint, ...]:
                 zone=zone if isinstance(zone, str) else "",
                 weight=weight if isinstance(weight, int) and weight > 0 else 1,
                 instance_id=str(service.get("ID") or ""),
+                meta=endpoint_meta(meta, service.get("Tags")),
             )
         )
     return tuple(sorted(endpoints, key=lambda e: (e.host, e.port, e.instance_id)))
@@ -367,7 +368,7 @@ class ConsulDiscovery(Discovery):
                     chosen = failover.endpoints
                     break
         previous = self._effective.get(service)
-        if previous == chosen:
+        if same_endpoints(previous, chosen):
             return
         self._effective[service] = chosen
         if service not in self._services:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from sidecar.config import FileDiscoveryConfig
-from sidecar.discovery.base import Discovery, Endpoint, Instance
+from sidecar.discovery.base import Discovery, Endpoint, Instance, endpoint_meta, same_endpoints
 
 logger = logging.getLogger("sidecar.discovery")
 
@@ -97,7 +97,8 @@ def parse_record(data: bytes, *, default_ttl: float, default_id: str) -> _Record
         return None
     if not (_finite_number(updated) and _finite_number(ttl) and ttl > 0):
         return None
-    endpoint = Endpoint(host=host, port=port, zone=zone, instance_id=instance_id)
+    meta = endpoint_meta(raw.get("meta"), raw.get("tags"))
+    endpoint = Endpoint(host=host, port=port, zone=zone, instance_id=instance_id, meta=meta)
     return _Record(endpoint=endpoint, updated=float(updated), ttl=float(ttl))
 
 
@@ -294,7 +295,7 @@ class FileDiscovery(Discovery):
         self._endpoints = current
         self._services = frozenset(current)
         for service in sorted(current):
-            if previous.get(service) != current[service]:
+            if not same_endpoints(previous.get(service), current[service]):
                 self._notify(service, current[service])
         for service in sorted(previous.keys() - current.keys()):
             self._notify(service, ())

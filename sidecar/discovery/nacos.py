@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from sidecar.config import AppConfig, NacosDiscoveryConfig
-from sidecar.discovery.base import Discovery, Endpoint, Instance
+from sidecar.discovery.base import Discovery, Endpoint, Instance, endpoint_meta, same_endpoints
 from sidecar.health import RegistryHealth, probe_app
 from sidecar.metrics import Metrics
 
@@ -72,6 +72,7 @@ def parse_hosts(hosts: object) -> tuple[Endpoint, ...]:
                 zone=zone if isinstance(zone, str) else "",
                 weight=max(1, round(weight)) if isinstance(weight, int | float) else 1,
                 instance_id=str(host.get("instanceId") or f"{ip}#{port}"),
+                meta=endpoint_meta(meta),
             )
         )
     return tuple(sorted(endpoints, key=lambda e: (e.host, e.port, e.instance_id)))
@@ -255,7 +256,7 @@ class NacosDiscovery(Discovery):
         data = await self._request(f"list of {service}", "GET", "instance/list", params)
         hosts = data.get("hosts") if isinstance(data, Mapping) else None
         endpoints = parse_hosts(hosts or [])
-        if self._endpoints.get(service) != endpoints:
+        if not same_endpoints(self._endpoints.get(service), endpoints):
             self._endpoints[service] = endpoints
             if service not in self._services:
                 self._services = self._services | {service}

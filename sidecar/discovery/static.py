@@ -21,7 +21,13 @@ class StaticDiscovery(Discovery):
         # Built once: endpoints() is on the call path and must not allocate.
         self._endpoints: dict[str, tuple[Endpoint, ...]] = {
             service: tuple(
-                Endpoint(host=ep.host, port=ep.port, zone=ep.zone, weight=ep.weight)
+                Endpoint(
+                    host=ep.host,
+                    port=ep.port,
+                    zone=ep.zone,
+                    weight=ep.weight,
+                    meta=frozenset(ep.meta.items()),
+                )
                 for ep in endpoints
             )
             for service, endpoints in config.services.items()

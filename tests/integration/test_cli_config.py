@@ -81,6 +81,23 @@ def test_check_config_rejects_a_bad_file(bad: str) -> None:
     )
 
 
+def test_check_config_checks_route_rules(tmp_path: Path) -> None:
+    good = tmp_path / "rules.yaml"
+    good.write_text(
+        "services:\n  inventory:\n    subsets: {v2: {version: v2}}\n"
+        "    route_rules: [{name: canary, destinations: [{subset: v2}]}]\n"
+        "route_rules: [{name: chaos, fault: {abort: {http_status: 503}}}]\n"
+    )
+    result = sidecar("check-config", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "route_rules=2" in result.stdout
+    bad = tmp_path / "bad-rules.yaml"
+    bad.write_text("route_rules: [{name: r, match: {path: {regex: '(['}}}]\n")
+    result = sidecar("check-config", str(bad))
+    assert result.returncode == 2
+    assert "config key 'route_rules[0].match.path.regex': is not a valid regular" in result.stderr
+
+
 def test_check_config_names_a_bad_env_var(good: str) -> None:
     result = sidecar("check-config", good, env={"OPUS_APP_PORT": "http"})
     assert result.returncode == 2

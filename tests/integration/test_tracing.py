@@ -106,6 +106,8 @@ def test_one_trace_spans_two_sidecars(tmp_path: Path) -> None:
     assert client.attributes["http.response.status_code"] == 200
     assert server.attributes["http.response.status_code"] == 200
     assert client.name == "POST inventory"
+    assert client.attributes["opus.route"] in ("invoke", "host")  # how it was routed
+    assert "opus.route" not in server.attributes  # inbound calls are not routed
     # The trace id is in the access log line.
     line = json.loads(access.read_text().splitlines()[-1])
     assert line["trace_id"] == CALLER_TRACE
