@@ -5,7 +5,8 @@ a client RST_STREAM cancels that task, which resets the upstream stream in turn.
 
 One timer per connection keeps its deadlines (limits.*): the client's SETTINGS after
 the preface, a GOAWAY once no stream has been open for idle_timeout, and a reset for a
-stream whose request body stops arriving for body_read_timeout.
+stream whose request body stops arriving for body_read_timeout. A stream's record and
+its reply side are in h2stream.py; the limits on what a client may make us do, h2guard.py.
 """
 
 from __future__ import annotations
@@ -14,59 +15,28 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, cast
 
-from sidecar.adapters.h2common import (
-    CONNECTION_WINDOW,
-    EventHandler,
-    H2Base,
-    StreamGone,
-    event_table,
+from sidecar.adapters.h2common import CONNECTION_WINDOW, EventHandler, H2Base, event_table
+from sidecar.adapters.h2guard import (
+    CONTROL_BURST,
+    CONTROL_PER_SECOND,
+    MAX_WRITE_BUFFER,
+    RESET_BURST,
+    RESETS_PER_SECOND,
+    Budget,
 )
+from sidecar.adapters.h2stream import H2Sink, ServerStream
 from sidecar.clock import Timer, Timers
-from sidecar.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
+from sidecar.messages import HOP_BY_HOP, Body, BodyError, Headers, Request
 from sidecar.proto import h2engine as h2
 from sidecar.proto.h2engine import ErrorCodes, SettingCodes
 
 if TYPE_CHECKING:
     from sidecar.serving import ListenerContext
 
-_STATUS_BYTES = {code: str(code).encode() for code in range(100, 600)}
-
-# What a client may make us do without sending calls. Legitimate clients stay far below:
-# a cancel now and then, a keepalive PING every few seconds, SETTINGS once or twice.
-RESETS_PER_SECOND, RESET_BURST = 100.0, 500.0
-CONTROL_PER_SECOND, CONTROL_BURST = 50.0, 200.0
-MAX_WRITE_BUFFER = 16 * 1024 * 1024  # far above what flow control lets replies queue
+# How long a connection closed for abuse (_calm) still reads and drops what arrives.
 LINGER_SECONDS = 1.0
 # After a graceful GOAWAY, an idle connection stays this long before it closes.
 GOAWAY_GRACE_SECONDS = 0.5
-
-
-class _Budget:
-    """A token bucket: `spend()` is False once the rate has been outrun by the burst."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = now
-
-    def spend(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        self.tokens -= 1.0
-        return self.tokens >= 0.0
-
-
-class _Stream:
-    __slots__ = ("progress", "request", "task")
-
-    def __init__(self, request: Request, progress: float) -> None:
-        self.request = request
-        self.task: asyncio.Task[None] | None = None
-        # Loop time the request body last moved; 0 once it is whole.
-        self.progress = progress
 
 
 class H2ServerProtocol(H2Base):
@@ -85,7 +55,7 @@ class H2ServerProtocol(H2Base):
         )
         self.ctx = ctx
         self.peer = ""
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, ServerStream] = {}
         self.last_stream_id = 0
         self.goaway_sent = False
         self._calmed = False
@@ -95,8 +65,8 @@ class H2ServerProtocol(H2Base):
         # listener was given a clock (tests move one by hand).
         self.timers: Timers = ctx.timers if ctx.timers is not None else self.loop
         now = self.timers.time()
-        self._resets = _Budget(RESETS_PER_SECOND, RESET_BURST, now)
-        self._control = _Budget(CONTROL_PER_SECOND, CONTROL_BURST, now)
+        self._resets = Budget(RESETS_PER_SECOND, RESET_BURST, now)
+        self._control = Budget(CONTROL_PER_SECOND, CONTROL_BURST, now)
         # Set by the listener: the loop time by which the client's SETTINGS must be in.
         self.preface_deadline = 0.0
         self._settings_in = False
@@ -219,7 +189,7 @@ class H2ServerProtocol(H2Base):
             # Arrived after our GOAWAY: refuse, the client may send it elsewhere.
             self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        stream = _Stream(request, 0.0 if event.stream_ended else self.timers.time())
+        stream = ServerStream(request, 0.0 if event.stream_ended else self.timers.time())
         self.streams[stream_id] = stream
         stream.task = self.loop.create_task(self._run(stream_id, stream))
 
@@ -295,11 +265,11 @@ class H2ServerProtocol(H2Base):
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()
 
-    async def _run(self, stream_id: int, stream: _Stream) -> None:
+    async def _run(self, stream_id: int, stream: ServerStream) -> None:
         ctx = self.ctx
         ctx.in_flight += 1
         try:
-            await ctx.handler(stream.request, _H2Sink(self, stream_id))
+            await ctx.handler(stream.request, H2Sink(self, stream_id))
         except asyncio.CancelledError:
             pass
         except BodyError:
@@ -363,7 +333,7 @@ class H2ServerProtocol(H2Base):
         if not self.closed:
             self._timer = self.timers.call_at(next_at, self._on_timer)
 
-    def _abandon(self, stream_id: int, stream: _Stream) -> None:
+    def _abandon(self, stream_id: int, stream: ServerStream) -> None:
         """The request body stopped arriving: reset the stream, end its call."""
         stream.request.body.fail(BodyError("request body not received in time"))
         self.reset_stream(stream_id, ErrorCodes.CANCEL)
@@ -416,50 +386,3 @@ _ON_EVENT: dict[type, EventHandler[H2ServerProtocol]] = event_table(
         h2.ConnectionTerminated: H2ServerProtocol._client_goaway,
     }
 )
-
-
-class _H2Sink:
-    __slots__ = ("conn", "stream_id")
-
-    def __init__(self, conn: H2ServerProtocol, stream_id: int) -> None:
-        self.conn = conn
-        self.stream_id = stream_id
-
-    async def send(self, response: Response) -> int:
-        conn = self.conn
-        stream = conn.streams.get(self.stream_id)
-        if conn.closed or stream is None:
-            raise StreamGone("client went away")
-        # Answered: a request body still streaming in (gRPC bidi) is no longer timed.
-        stream.progress = 0.0
-        headers: Headers = [(b":status", _STATUS_BYTES.get(response.status) or b"500")]
-        for name, value in response.headers:
-            if name not in HOP_BY_HOP:
-                headers.append((name, value))
-        body = response.body
-        stream_id = self.stream_id
-        h2c = conn.h2
-        try:
-            if body.complete and not body.trailers:
-                data = body.read_nowait()
-                if not data:
-                    h2c.send_headers(stream_id, headers, end_stream=True)
-                    conn.flush()
-                    return 0
-                h2c.send_headers(stream_id, headers)
-                if not conn.send_whole(stream_id, data):
-                    await conn.send_data(stream_id, data, end_stream=True)
-                return len(data)
-            h2c.send_headers(stream_id, headers)
-        except (h2.StreamClosedError, h2.ProtocolError) as exc:
-            raise StreamGone(str(exc)) from None
-        conn.flush()
-        sent = 0
-        while True:
-            chunk = await body.read()
-            if not chunk:
-                break
-            sent += len(chunk)
-            await conn.send_data(stream_id, chunk)
-        conn.end_stream(stream_id, body.trailers)
-        return sent

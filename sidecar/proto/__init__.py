@@ -5,8 +5,10 @@ loop (a unit test asserts that importing this package loads no asyncio).
 - HTTP/1.1: `h1head`, the check every HTTP/1.1 head and trailer block passes before it is
   written, in both directions (httptools, llhttp, parses).
 - HTTP/2: `h2engine`, the project's own connection state machine (h2 supplies only its
-  error and setting codes, jh2 the HPACK codec); `h2fields`, the RFC 9113 field checks the
-  engine runs.
+  error and setting codes, jh2 the HPACK codec), and its face: one class in parts, its
+  state (`h2state`), SETTINGS and flow control (`h2flow`), header blocks (`h2headers`),
+  with the wire's vocabulary (`h2frames`) and the events (`h2events`); `h2fields`, the
+  RFC 9113 field checks the engine runs.
 
 The asyncio adapters around them live in `sidecar.adapters` (the listener's HTTP/1.1 and
 h2c server protocols, the HTTP/2 driver) and `sidecar.upstream` (client connections and
