@@ -11,10 +11,12 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import os
 import sys
 
 from sidecar import __version__
 from sidecar.config import (
+    ENV_PREFIX,
     ConfigError,
     SidecarConfig,
     env_override_names,
@@ -120,6 +122,8 @@ def _run(
             print(f"{PROG}: error: --workers must be 1 to 64, got {workers}", file=sys.stderr)
             return 2
         cfg = dataclasses.replace(cfg, workers=workers)
+        # A reload re-reads the file and the environment: this keeps the flag's value.
+        os.environ[f"{ENV_PREFIX}WORKERS"] = str(workers)
     logging.basicConfig(stream=sys.stderr, level=cfg.log.level, format=LOG_FORMAT)
     # OPUS_LOG_LEVEL=DEBUG is about the sidecar: the HPACK codec's per-header debug
     # lines would drown it and cost real time on every call.

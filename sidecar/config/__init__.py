@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from sidecar.config.checks import parse_ip_port
 from sidecar.config.derived import (
+    ClusterSettings,
     advertise_host,
+    cluster_settings,
     config_to_dict,
     registry_directory,
     resolve_instance_id,
 )
 from sidecar.config.env import ENV_PREFIX, env_override_names, unknown_env_overrides
-from sidecar.config.load import build_dataclass, load_config
+from sidecar.config.load import build_dataclass, load_config, load_config_bytes
 from sidecar.config.schema import (
     AppConfig,
     AppProtocol,
@@ -46,6 +48,7 @@ from sidecar.config.schema import (
     LogLevel,
     NacosDiscoveryConfig,
     OutlierConfig,
+    ReloadConfig,
     RouteConfig,
     ServiceConfig,
     SidecarConfig,
@@ -63,6 +66,7 @@ __all__ = [
     "CaptureConfig",
     "CaptureListenerConfig",
     "ClusterOverride",
+    "ClusterSettings",
     "ConfigError",
     "ConsulDiscoveryConfig",
     "DiscoveryBackend",
@@ -81,6 +85,7 @@ __all__ = [
     "LogLevel",
     "NacosDiscoveryConfig",
     "OutlierConfig",
+    "ReloadConfig",
     "RouteConfig",
     "ServiceConfig",
     "SidecarConfig",
@@ -90,9 +95,11 @@ __all__ = [
     "UpstreamProtocol",
     "advertise_host",
     "build_dataclass",
+    "cluster_settings",
     "config_to_dict",
     "env_override_names",
     "load_config",
+    "load_config_bytes",
     "parse_ip_port",
     "registry_directory",
     "resolve_instance_id",
