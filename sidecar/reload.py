@@ -119,6 +119,9 @@ class LiveConfig:
         self.generation = 0  # reloads applied
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watching = False  # the file watch runs in this process (not in a worker)
+        self._timer: asyncio.TimerHandle | None = None
 
     def dump(self) -> dict[str, Any]:
         """What /config_dump shows beside the config."""
@@ -130,7 +133,10 @@ class LiveConfig:
     async def reload(self, trigger: str) -> dict[str, Any]:
         """Re-read, check, plan and apply the file; the outcome as JSON-able data."""
         async with self._lock:
-            result = await self._reload()
+            try:
+                result = await self._reload()
+            finally:
+                self._arm()  # `reload.watch` may have changed; a file-triggered poll resumes
         result["trigger"] = trigger
         result["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._wall_clock()))
         self.last = result
@@ -178,32 +184,41 @@ class LiveConfig:
     # -- triggers --------------------------------------------------------------
 
     def start(self, *, watch: bool, sighup: bool = True) -> None:
-        """SIGHUP reloads, and (`watch`) so does a change of the file."""
-        loop = asyncio.get_running_loop()
+        """SIGHUP reloads, and (`watch`, while `reload.watch` is on) so does a change of
+        the file. The poll is a timer callback, not a task: a stat every poll_interval."""
+        self._loop = loop = asyncio.get_running_loop()
         if sighup:
             loop.add_signal_handler(signal.SIGHUP, self._spawn, "sighup")
         else:  # a worker: its supervisor reloads it; SIGHUP to the group must not kill it
             loop.add_signal_handler(signal.SIGHUP, log.debug, "SIGHUP: the supervisor reloads")
-        if watch and self.watch is not None:
-            self._keep(loop.create_task(self._watch_file()))
+        self._watching = watch and self.watch is not None
+        self._arm()
 
     def _spawn(self, trigger: str) -> None:
-        self._keep(asyncio.get_running_loop().create_task(self.reload(trigger)))
-
-    def _keep(self, task: asyncio.Task[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(trigger))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _watch_file(self) -> None:
-        watch = self.watch
-        assert watch is not None
-        while True:
-            cfg = self._running()
-            await asyncio.sleep(cfg.reload.poll_interval)
-            if cfg.reload.watch and watch.changed():
-                await self.reload("file")
+    def _arm(self) -> None:
+        if not self._watching or self._timer is not None or self._loop is None:
+            return
+        cfg = self._running().reload
+        if cfg.watch:
+            self._timer = self._loop.call_later(cfg.poll_interval, self._poll)
+
+    def _poll(self) -> None:
+        self._timer = None
+        assert self.watch is not None
+        if self.watch.changed():
+            self._spawn("file")  # re-arms when done
+        else:
+            self._arm()
 
     def close(self) -> None:
+        self._watching = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         with contextlib.suppress(RuntimeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         for task in self._tasks:

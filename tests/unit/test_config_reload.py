@@ -22,6 +22,7 @@ from sidecar.config import (
 )
 from sidecar.config.live import MAX_NAMED, ReloadPlan, changed_keys, plan_reload
 from sidecar.reload import FileWatch, LiveConfig, ReloadRefused, digest
+from tests.unit.faketime import run_virtual
 
 BASE = SidecarConfig()
 
@@ -266,3 +267,27 @@ def test_without_a_file_there_is_nothing_to_reload() -> None:
     result = asyncio.run(live.reload("sighup"))
     assert result["result"] == "invalid" and "--config" in result["error"]
     assert live.dump()["config_version"]["sha256"] == ""
+
+
+def test_the_watch_reloads_a_replaced_file_and_stops_when_turned_off(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    _write(path, {"reload": {"poll_interval": 0.1}})
+    owner = Owner(load_config(str(path), {}))
+    live = _live(path, owner)
+
+    async def go() -> None:
+        live.start(watch=True, sighup=False)
+        await asyncio.sleep(1.0)  # polls, nothing changed
+        assert owner.counted == []
+        replacement = tmp_path / "new.yaml"
+        _write(replacement, {"reload": {"poll_interval": 0.1, "watch": False}})
+        os.replace(replacement, path)  # a rename over it: another inode
+        await asyncio.sleep(1.0)
+        assert owner.counted == ["ok"] and live.last is not None
+        assert live.last["trigger"] == "file" and live.last["changed"] == ["reload.watch"]
+        _write(path, {"drain_timeout": 2})  # not watched any more
+        await asyncio.sleep(1.0)
+        assert owner.counted == ["ok"]
+        live.close()
+
+    run_virtual(go())
