@@ -181,13 +181,24 @@ class Sidecar(ControlledProcess):
         )
         return self.ports
 
-    def _build_handlers(self, cfg: SidecarConfig) -> tuple[OutboundHandler, InboundHandler]:
+    def _build_handlers(
+        self, cfg: SidecarConfig, running: InboundHandler | None = None
+    ) -> tuple[OutboundHandler, InboundHandler]:
+        """The handlers for `cfg`; given the `running` inbound handler and an unchanged
+        filters.inbound, the new one keeps its chain (and the filters' state)."""
         assert self.app_cluster is not None
         router = Router(cfg.routes, self.clusters.knows)
         outbound = OutboundHandler(
             cfg, router, self.clusters, self.metrics, self.access_log, self.tracing
         )
-        inbound = InboundHandler(cfg, self.app_cluster, self.metrics, self.access_log, self.tracing)
+        keep = (
+            running
+            if running is not None and running.cfg.filters.inbound == cfg.filters.inbound
+            else None
+        )
+        inbound = InboundHandler(
+            cfg, self.app_cluster, self.metrics, self.access_log, self.tracing, keep_chain_of=keep
+        )
         outbound.budget = inbound.budget = self.budget
         return outbound, inbound
 
@@ -229,8 +240,10 @@ class Sidecar(ControlledProcess):
                         f"config key 'listeners.{name}': cannot bind {spec.host}:{spec.port}: "
                         f"{exc.strerror or exc}"
                     ) from None
+            running = self.handlers[1]
+            assert isinstance(running, InboundHandler)
             try:
-                handlers = self._build_handlers(new)
+                handlers = self._build_handlers(new, running)
             except Exception as exc:  # a filter that validated but would not build
                 raise ReloadRefused(f"building the filter chains: {exc}") from None
         except ReloadRefused:

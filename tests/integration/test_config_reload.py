@@ -300,3 +300,21 @@ def test_two_workers_both_switch(mesh: Mesh) -> None:
     _edit(_config(payment), {"listeners": {**_listeners(payment), "outbound": _at(1)}})
     status, result = _reload(payment)
     assert status == 409 and "listeners.outbound.port" in result["error"], result
+
+
+def test_an_unchanged_inbound_chain_keeps_its_state(mesh: Mesh) -> None:
+    """filters.inbound as it was: the chain, and its filters' state (a rate limit's
+    bucket here; hmac_verify's replay cache in earnest), carries over a reload."""
+    limited: dict[str, Any] = {
+        "inbound": [{"name": "rate_limit", "config": {"rate": 0.001, "burst": 3}}]
+    }
+    _, inventory = mesh.service("inventory", {"filters": limited, "reload": {"watch": False}})
+    url = f"{inventory.inbound}/x"
+    assert [httpx.get(url, timeout=10).status_code for _ in range(4)] == [200, 200, 200, 429]
+    _edit(_config(inventory), {"drain_timeout": 4.0})
+    assert _reload(inventory)[1]["result"] == "ok"
+    assert httpx.get(url, timeout=10).status_code == 429  # the same bucket, still empty
+    limited["inbound"][0]["config"]["burst"] = 4
+    _edit(_config(inventory), {"filters": limited})
+    assert _reload(inventory)[1]["result"] == "ok"
+    assert httpx.get(url, timeout=10).status_code == 200  # a new chain, a new bucket
