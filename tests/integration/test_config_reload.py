@@ -84,7 +84,8 @@ def _free_port() -> int:
 
 
 def test_reloads_under_load_fail_no_call(mesh: Mesh) -> None:
-    mesh.service("inventory")
+    """Both sidecars of the path are reloaded while two keep-alive callers run."""
+    _, inventory = mesh.service("inventory", {"reload": {"watch": False}})
     _, payment = mesh.service("payment", {**_stamp("v0"), "reload": {"watch": False}})
     url = f"{payment.outbound}/v1/invoke/inventory/load"
     failures: list[str] = []
@@ -130,6 +131,16 @@ def test_reloads_under_load_fail_no_call(mesh: Mesh) -> None:
             status, result = _reload(payment)
             assert (status, result["result"]) == (200, "ok"), result
             sha = result["sha256"]
+            if i % 3 == 0:  # the callee's sidecar too: its inbound chain changes
+                stamp = {"response_headers_to_set": {"x-inbound": f"v{i}"}}
+                inbound = {"inbound": [{"name": "headers", "config": stamp}]}
+                _edit(_config(inventory), {"filters": inbound})
+                assert _reload(inventory)[1]["result"] == "ok"
+            # Visible to the next call at once.
+            resp = httpx.get(url, timeout=10)
+            assert resp.headers.get("x-version") == (f"v{i}" if i % 2 else None)
+            if i % 3 == 0:
+                assert resp.headers["x-inbound"] == f"v{i}"
             while len(versions) < seen + 20 and not failures:  # calls under each config
                 time.sleep(0.005)
     finally:
@@ -142,6 +153,7 @@ def test_reloads_under_load_fail_no_call(mesh: Mesh) -> None:
     assert {"v0", "v1", "v19"} <= set(versions), sorted(set(versions))
     assert payment.metric("opus_config_reloads_total", result="ok") == 16
     assert payment.metric("opus_config_reloads_total", result="invalid") == 4
+    assert inventory.metric("opus_config_reloads_total", result="ok") == 5
 
 
 def test_invalid_and_restart_only_configs_are_refused(mesh: Mesh) -> None:
