@@ -279,7 +279,7 @@ class Sidecar(ControlledProcess):
                 await self.discovery.register(self._instance())
         return {
             "rebound": {name: self.ports[name] for name in servers},
-            "clusters_replaced": list(plan.clusters),
+            "clusters_replaced": sorted(c.name for c in retired),
         }
 
     def _retire(self, handlers: tuple[CallHandler, ...], clusters: list[Cluster]) -> None:
