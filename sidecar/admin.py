@@ -61,6 +61,10 @@ class AdminState(Protocol):
 
     def set_log_level(self, level: str) -> None: ...
 
+    async def reload_config(self, trigger: str) -> dict[str, Any]:
+        """Re-read the config file and apply it live (sidecar/reload.py)."""
+        ...
+
 
 def is_loopback(addr: str | None) -> bool:
     """Whether a peer address (as `request.remote` gives it) is this host's loopback.
@@ -129,6 +133,7 @@ class AdminServer:
         app.router.add_post("/drain", self._drain)
         app.router.add_post("/logging", self._logging)
         app.router.add_post("/quitquitquit", self._quit)
+        app.router.add_post("/config/reload", self._reload)
         return app
 
     async def start(self) -> int:
@@ -217,7 +222,13 @@ class AdminServer:
         self._state.quit()
         return _json_response(200, {"status": "QUITTING"})
 
+    async def _reload(self, request: web.Request) -> web.Response:
+        result = await self._state.reload_config("admin")
+        return _json_response(_RELOAD_STATUS.get(result["result"], 500), result)
 
+
+# ok; invalid: the file did not parse or validate; refused: it asks for a restart.
+_RELOAD_STATUS = {"ok": 200, "invalid": 422, "refused": 409}
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 

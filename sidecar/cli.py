@@ -11,16 +11,19 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import os
 import sys
 
 from sidecar import __version__
 from sidecar.config import (
+    ENV_PREFIX,
     ConfigError,
     SidecarConfig,
     env_override_names,
     load_config,
     unknown_env_overrides,
 )
+from sidecar.config.live import plan_reload
 from sidecar.inject.command import add_commands as add_inject_commands
 
 PROG = "opus-sidecar"
@@ -46,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
+    check.add_argument(
+        "--running",
+        metavar="FILE",
+        help="the config running now: also say what reloading FILE over it would change "
+        "(exit 3 if the reload would be refused)",
+    )
 
     stat = commands.add_parser("stat", help="live table of a sidecar's traffic per service")
     stat.add_argument("--admin", default="http://127.0.0.1:9090", help="the sidecar's admin URL")
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "check-config":
-        return _check_config(args.file)
+        return _check_config(args.file, args.running)
     if args.command == "stat":
         from sidecar.stat import run as stat_run
 
@@ -120,6 +129,8 @@ def _run(
             print(f"{PROG}: error: --workers must be 1 to 64, got {workers}", file=sys.stderr)
             return 2
         cfg = dataclasses.replace(cfg, workers=workers)
+        # A reload re-reads the file and the environment: this keeps the flag's value.
+        os.environ[f"{ENV_PREFIX}WORKERS"] = str(workers)
     logging.basicConfig(stream=sys.stderr, level=cfg.log.level, format=LOG_FORMAT)
     # OPUS_LOG_LEVEL=DEBUG is about the sidecar: the HPACK codec's per-header debug
     # lines would drown it and cost real time on every call.
@@ -132,8 +143,9 @@ def _run(
     return run_sidecar(cfg, ports_file=ports_file, config_path=config_path, worker=worker)
 
 
-def _check_config(path: str) -> int:
-    # Environment overrides apply here too: the check answers "would `run` accept this?".
+def _check_config(path: str, running_path: str | None = None) -> int:
+    # Environment overrides apply here too: the check answers "would `run` accept this?"
+    # (and, with --running, "would a reload?": the same validator, then the reload's plan).
     cfg = _load(path)
     if cfg is None:
         return 2
@@ -141,6 +153,19 @@ def _check_config(path: str) -> int:
     _warn_unknown_env()
     print(f"OK: {path}")
     print(_summary(cfg))
+    if running_path is None:
+        return 0
+    running = _load(running_path)
+    if running is None:
+        return 2
+    plan = plan_reload(running, cfg, workers=running.workers > 1)
+    if plan.refused:
+        for refusal in plan.refused:
+            print(f"{PROG}: reload refused: {refusal}", file=sys.stderr)
+        return 3
+    print(f"reload over {running_path}: changes {', '.join(plan.changed) or 'nothing'}")
+    if plan.rebind:
+        print(f"rebinds: {', '.join(plan.rebind)}")
     return 0
 
 

@@ -16,7 +16,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from sidecar.config import HealthCheckConfig, OutlierConfig, SidecarConfig
+from sidecar.config import (
+    ClusterSettings,
+    HealthCheckConfig,
+    OutlierConfig,
+    SidecarConfig,
+    cluster_settings,
+)
 from sidecar.discovery.base import Discovery, Endpoint
 from sidecar.errors import RETRY_SAFE, MeshError, NoHealthyUpstream
 from sidecar.health import ActiveChecker, HealthChecks, Outcome, OutlierDetector
@@ -353,16 +359,18 @@ class SubsetCluster(Cluster):
 
 
 def pool_limits(cfg: SidecarConfig, service: str) -> PoolLimits:
-    up = cfg.upstream
-    override = cfg.services.get(service)
+    return _limits(cluster_settings(cfg, service))
+
+
+def _limits(settings: ClusterSettings) -> PoolLimits:
     return PoolLimits(
-        max_connections=(override and override.max_connections) or up.max_connections,
-        max_per_route=(override and override.max_per_route) or up.max_per_route,
-        idle_timeout=up.idle_timeout,
-        connect_timeout=up.connect_timeout,
-        pending_timeout=up.pending_timeout,
-        keepalive_interval=up.keepalive_interval,
-        keepalive_timeout=up.keepalive_timeout,
+        max_connections=settings.max_connections,
+        max_per_route=settings.max_per_route,
+        idle_timeout=settings.idle_timeout,
+        connect_timeout=settings.connect_timeout,
+        pending_timeout=settings.pending_timeout,
+        keepalive_interval=settings.keepalive_interval,
+        keepalive_timeout=settings.keepalive_timeout,
     )
 
 
@@ -396,32 +404,7 @@ class ClusterManager:
         endpoints = self.discovery.endpoints(service)
         if endpoints is None:
             return None
-        cfg = self.cfg
-        up = cfg.upstream
-        override = cfg.services.get(service)
-        policy = (override and override.lb_policy) or up.lb_policy
-        hash_header = up.hash_header
-        if override is not None and override.hash_header is not None:
-            hash_header = override.hash_header
-        limits = pool_limits(cfg, service)
-        pool: Pool
-        if up.protocol == "h2c":
-            pool = H2Pool(service, limits, self.metrics)
-        else:
-            pool = H1Pool(
-                service, limits, self.metrics, max_header_bytes=cfg.limits.max_header_bytes
-            )
-        cluster = Cluster(
-            service,
-            pool,
-            make_balancer(policy),
-            zone=cfg.service.zone if up.zone_aware else "",
-            hash_header=hash_header,
-            outlier=(override and override.outlier) or up.outlier,
-            health_check=(override and override.health_check) or up.health_check,
-            metrics=self.metrics,
-            resend_unavailable=True,
-        )
+        cluster = self._build(service, cluster_settings(self.cfg, service))
         if endpoints:
             cluster.update(endpoints)
         self.metrics.endpoints.labels(service).set(len(endpoints))
@@ -433,6 +416,44 @@ class ClusterManager:
             cluster.update(latest)
         cluster.start()
         return cluster
+
+    def _build(self, service: str, settings: ClusterSettings) -> Cluster:
+        limits = _limits(settings)
+        pool: Pool
+        if settings.protocol == "h2c":
+            pool = H2Pool(service, limits, self.metrics)
+        else:
+            pool = H1Pool(service, limits, self.metrics, max_header_bytes=settings.max_header_bytes)
+        return Cluster(
+            service,
+            pool,
+            make_balancer(settings.lb_policy),
+            zone=settings.zone,
+            hash_header=settings.hash_header,
+            outlier=settings.outlier,
+            health_check=settings.health_check,
+            metrics=self.metrics,
+            resend_unavailable=True,
+        )
+
+    def reconfigure(self, cfg: SidecarConfig) -> list[Cluster]:
+        """Take a reloaded config: a cluster whose settings are unchanged is kept (and its
+        pooled connections with it); any other is replaced by a new one with the same
+        endpoints. Returns the replaced clusters, for the caller to close once the calls
+        in flight on them are done."""
+        retired: list[Cluster] = []
+        for service, old in list(self.clusters.items()):
+            settings = cluster_settings(cfg, service)
+            if settings == cluster_settings(self.cfg, service):
+                continue
+            cluster = self._build(service, settings)
+            if old.endpoints:
+                cluster.update(old.endpoints)
+            self.clusters[service] = cluster  # discovery's updates find it by name
+            cluster.start()
+            retired.append(old)
+        self.cfg = cfg
+        return retired
 
     def _on_update(self, service: str, endpoints: tuple[Endpoint, ...]) -> None:
         cluster = self.clusters.get(service)

@@ -118,20 +118,30 @@ class Listener:
         self.server: asyncio.Server | None = None
 
     async def start(self) -> int:
-        loop = asyncio.get_running_loop()
+        self.server = await self.bind(self.host, self.port)
+        self.port = _bound_port(self.server, self.port)
+        return self.port
+
+    async def bind(self, host: str, port: int) -> asyncio.Server:
+        """A server on `host:port` for this listener's connections (a reload binds the
+        new address first, then `rebind()`s, so a port that cannot be had changes nothing)."""
         ctx = self.ctx
-        self.server = await loop.create_server(
+        return await asyncio.get_running_loop().create_server(
             lambda: _Detect(ctx),
-            self.host,
-            self.port,
+            host,
+            port,
             reuse_address=True,
             reuse_port=self.reuse_port or None,
             backlog=1024,
         )
-        for sock in self.server.sockets:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                self.port = sock.getsockname()[1]
-                break
+
+    def rebind(self, server: asyncio.Server, host: str, port: int) -> int:
+        """Accept on `server` (from `bind()`) from now on; the old address stops accepting,
+        and its open connections go on (they share the context) until they end."""
+        old, self.server = self.server, server
+        if old is not None:
+            old.close()
+        self.host, self.port = host, _bound_port(server, port)
         return self.port
 
     def stop_accepting(self) -> None:
@@ -169,3 +179,11 @@ class Listener:
                 if transport is not None:
                     transport.close()
             await self.server.wait_closed()
+
+
+def _bound_port(server: asyncio.Server, port: int) -> int:
+    for sock in server.sockets:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            bound: int = sock.getsockname()[1]
+            return bound
+    return port

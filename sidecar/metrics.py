@@ -196,6 +196,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",  # summed over worker processes
         )
+        self.config_reloads = config_reloads_counter(r)
         self.upstream_connections_opened = Counter(
             "opus_upstream_connections_opened",
             "Upstream connections opened, by cluster and protocol.",
@@ -417,3 +418,15 @@ class Metrics:
         self._histograms[direction, service] = children
         self._tallies[direction, service] = tallies
         return tallies
+
+
+def config_reloads_counter(registry: CollectorRegistry) -> Counter:
+    """`opus_config_reloads_total{result}`: the sidecar's, or under `workers: N` the
+    supervisor's (one count per reload of the pod, not one per worker)."""
+    return Counter(
+        "opus_config_reloads",
+        "Config reloads by result: ok (applied, or nothing to change), invalid (did not "
+        "parse or validate), refused (valid, but changes what needs a restart).",
+        ["result"],
+        registry=registry,
+    )

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from sidecar.config import SidecarConfig, config_to_dict
+from sidecar.reload import LiveConfig
 
 _SECRET_WORDS = ("secret", "password", "token", "credential", "private")
 
@@ -25,6 +26,7 @@ class ControlledProcess:
         self.ready = False
         self.draining = False
         self._stop = asyncio.Event()
+        self.live: LiveConfig | None = None  # set once running (sidecar/reload.py)
 
     def quit(self) -> None:
         """Drain and exit (SIGTERM, or POST /quitquitquit for Jobs whose app has exited)."""
@@ -32,7 +34,14 @@ class ControlledProcess:
 
     def config_dump(self) -> dict[str, Any]:
         dumped: dict[str, Any] = redact(config_to_dict(self.cfg))
+        if self.live is not None:
+            dumped.update(self.live.dump())  # the running version's hash and load time
         return dumped
+
+    async def reload_config(self, trigger: str) -> dict[str, Any]:
+        if self.live is None:
+            return {"result": "refused", "error": "not running yet", "trigger": trigger}
+        return await self.live.reload(trigger)
 
 
 def redact(value: Any, key: str = "") -> Any:

@@ -627,11 +627,19 @@ class InboundHandler(CallHandler):
         metrics: Metrics,
         access_log: AccessLog,
         tracing: Tracing,
+        keep_chain_of: InboundHandler | None = None,
     ) -> None:
         super().__init__("inbound", cfg, metrics, access_log, tracing)
         self.service = cfg.service.name
         self._authority = self.service.encode()
-        self.chain = self.build_chain(cfg.filters.inbound, app, "filters.inbound")
+        self.chain: Next
+        if keep_chain_of is not None:
+            # A reload that left filters.inbound as it was: the chain and its filters'
+            # state (hmac_verify's replay cache above all) carry over, now owned here.
+            self.chain, self.filters = keep_chain_of.chain, keep_chain_of.filters
+            keep_chain_of.filters = []
+        else:
+            self.chain = self.build_chain(cfg.filters.inbound, app, "filters.inbound")
         self._callback_cluster = self._callbacks_for(self.chain)
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:

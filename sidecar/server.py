@@ -27,6 +27,7 @@ from sidecar.call import BufferBudget
 from sidecar.capture import CaptureListener
 from sidecar.cluster import Cluster, ClusterManager, pool_limits
 from sidecar.config import SidecarConfig, advertise_host, resolve_instance_id
+from sidecar.config.live import ReloadPlan, plan_reload
 from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.factory import create_discovery
 from sidecar.lb import RoundRobin
@@ -34,6 +35,7 @@ from sidecar.listener import Listener
 from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
 from sidecar.process import ControlledProcess, write_ports
 from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
+from sidecar.reload import LiveConfig, ReloadRefused
 from sidecar.routing import Router
 from sidecar.serving import Admission, ListenerContext
 from sidecar.tracing import Tracing, from_env
@@ -45,14 +47,23 @@ from sidecar.workers import supervise
 log = logging.getLogger("sidecar.server")
 # Young-generation threshold 50,000 allocations (CPython: 700): see _tune_gc().
 GC_THRESHOLD = (50_000, 20, 20)
+# How often a reload's replaced clusters are checked for calls still in flight.
+RETIRE_POLL_SECONDS = 0.1
 
 
 class Sidecar(ControlledProcess):
     def __init__(
-        self, cfg: SidecarConfig, tracing: Tracing | None = None, worker: int | None = None
+        self,
+        cfg: SidecarConfig,
+        tracing: Tracing | None = None,
+        worker: int | None = None,
+        config_path: str | None = None,
+        ports_file: str | None = None,
     ) -> None:
         super().__init__(cfg)
         self.worker = worker  # this process's index under a supervisor (--workers), or None
+        self.config_path = config_path  # what a reload re-reads
+        self.ports_file = ports_file
         self.tracing = tracing if tracing is not None else from_env(cfg.service.name)
         self.metrics = Metrics()
         self.metrics_registry: CollectorRegistry = self.metrics.registry
@@ -66,7 +77,13 @@ class Sidecar(ControlledProcess):
         self.app_cluster: Cluster | None = None
         self.ports: dict[str, int] = {}
         self.handlers: tuple[CallHandler, ...] = ()
+        self.budget = BufferBudget(
+            cfg.filters.max_buffered_request_bytes, self.metrics.buffer_budget_refusals.inc
+        )
+        # Handlers and clusters a reload replaced, closed once their calls are done.
+        self._retiring: list[tuple[tuple[CallHandler, ...], list[Cluster]]] = []
         self._drain_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- AdminState --
     def clusters_snapshot(self) -> dict[str, Any]:
@@ -113,16 +130,7 @@ class Sidecar(ControlledProcess):
             )
         self.app_cluster = Cluster(cfg.service.name, app_pool, RoundRobin())
         self.app_cluster.update((app_endpoint,))
-        router = Router(cfg.routes, self.clusters.knows)
-        outbound = OutboundHandler(
-            cfg, router, self.clusters, self.metrics, self.access_log, self.tracing
-        )
-        inbound = InboundHandler(cfg, self.app_cluster, self.metrics, self.access_log, self.tracing)
-        self.handlers = (outbound, inbound)
-        budget = BufferBudget(
-            cfg.filters.max_buffered_request_bytes, self.metrics.buffer_budget_refusals.inc
-        )
-        outbound.budget = inbound.budget = budget
+        outbound, inbound = self.handlers = self._build_handlers(cfg)
         for name, handler, spec in (
             ("outbound", outbound, cfg.listeners.outbound),
             ("inbound", inbound, cfg.listeners.inbound),
@@ -143,22 +151,20 @@ class Sidecar(ControlledProcess):
         self.admin = AdminServer(self, cfg.listeners.admin.host, cfg.listeners.admin.port)
         self.ports["admin"] = await self.admin.start()
         if cfg.discovery.register:
-            await self.discovery.register(
-                Instance(
-                    service=cfg.service.name,
-                    instance_id=resolve_instance_id(cfg),
-                    host=advertise_host(cfg),
-                    port=self.ports["inbound"],
-                    zone=cfg.service.zone,
-                    protocol=cfg.upstream.protocol,
-                    tags=cfg.service.tags,
-                    meta=dict(cfg.service.meta),
-                )
-            )
+            await self.discovery.register(self._instance())
             self.discovery.refresh()
         # Overload: downstream accepts stop while the fds left would drop under the
         # reserve, so /ready, the heartbeat and pooled upstreams keep theirs.
         self.admission.fd_budget = Admission.from_rlimit(cfg.limits.fd_reserve).fd_budget
+        # Under a supervisor, the supervisor watches the file and tells every worker.
+        self.live = LiveConfig(
+            self.config_path,
+            lambda: self.cfg,
+            self._plan,
+            self._apply,
+            None if self.worker is not None else self._count_reload,
+        )
+        self.live.start(watch=self.worker is None, sighup=self.worker is None)
         _tune_gc()
         self.ready = True
         log.info(
@@ -174,6 +180,139 @@ class Sidecar(ControlledProcess):
             cfg.app.port,
         )
         return self.ports
+
+    def _build_handlers(
+        self, cfg: SidecarConfig, running: InboundHandler | None = None
+    ) -> tuple[OutboundHandler, InboundHandler]:
+        """The handlers for `cfg`; given the `running` inbound handler and an unchanged
+        filters.inbound, the new one keeps its chain (and the filters' state)."""
+        assert self.app_cluster is not None
+        router = Router(cfg.routes, self.clusters.knows)
+        outbound = OutboundHandler(
+            cfg, router, self.clusters, self.metrics, self.access_log, self.tracing
+        )
+        keep = (
+            running
+            if running is not None and running.cfg.filters.inbound == cfg.filters.inbound
+            else None
+        )
+        inbound = InboundHandler(
+            cfg, self.app_cluster, self.metrics, self.access_log, self.tracing, keep_chain_of=keep
+        )
+        outbound.budget = inbound.budget = self.budget
+        return outbound, inbound
+
+    def _instance(self) -> Instance:
+        cfg = self.cfg
+        return Instance(
+            service=cfg.service.name,
+            instance_id=resolve_instance_id(cfg),
+            host=advertise_host(cfg),
+            port=self.ports["inbound"],
+            zone=cfg.service.zone,
+            protocol=cfg.upstream.protocol,
+            tags=cfg.service.tags,
+            meta=dict(cfg.service.meta),
+        )
+
+    # -- live configuration (sidecar/reload.py) --
+    def _count_reload(self, result: str) -> None:
+        self.metrics.config_reloads.labels(result).inc()
+
+    def _plan(self, new: SidecarConfig) -> ReloadPlan:
+        return plan_reload(self.cfg, new, self.clusters.clusters, workers=self.worker is not None)
+
+    async def _apply(self, new: SidecarConfig, plan: ReloadPlan) -> dict[str, Any]:
+        """Switch to `new`. What can fail (binding a new address, building the inbound
+        chain) is done first; then, with no await in between, the clusters, handlers and
+        listener contexts are swapped, so every new call takes the new config and every
+        call in flight finishes under the one it started with."""
+        if self.draining:
+            raise ReloadRefused("the sidecar is draining")
+        servers: dict[str, asyncio.Server] = {}
+        try:
+            for name in plan.rebind:
+                spec = getattr(new.listeners, name)
+                try:
+                    servers[name] = await self.listeners[name].bind(spec.host, spec.port)
+                except OSError as exc:
+                    raise ReloadRefused(
+                        f"config key 'listeners.{name}': cannot bind {spec.host}:{spec.port}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
+            running = self.handlers[1]
+            assert isinstance(running, InboundHandler)
+            try:
+                handlers = self._build_handlers(new, running)
+            except Exception as exc:  # a filter that validated but would not build
+                raise ReloadRefused(f"building the filter chains: {exc}") from None
+        except ReloadRefused:
+            for server in servers.values():
+                server.close()
+            raise
+        # -- the swap: no await from here to the end of it --
+        outbound, inbound = handlers
+        retired = self.clusters.reconfigure(new)
+        self.budget.capacity = new.filters.max_buffered_request_bytes
+        for name, handler in (("outbound", outbound), ("inbound", inbound)):
+            listener = self.listeners[name]
+            listener.ctx.reconfigure(handler, handler.start_now, new.http2, new.limits)
+            if name in servers:
+                spec = getattr(new.listeners, name)
+                self.ports[name] = listener.rebind(servers[name], spec.host, spec.port)
+        if self.capture is not None:  # its own keys cannot change; http2 and limits can
+            self.capture.cfg, self.capture.outbound = new, outbound
+        old_handlers, self.handlers = self.handlers, handlers
+        old_level = self.cfg.log.level
+        self.cfg = new
+        # -- end of the swap --
+        if new.log.level != old_level:
+            self.set_log_level(new.log.level)
+        self._retire(old_handlers, retired)
+        if servers:
+            log.info("rebound %s", ", ".join(f"{n} to port {self.ports[n]}" for n in servers))
+            if self.ports_file:
+                write_ports(self.ports_file, self.ports)
+            if "inbound" in servers and new.discovery.register:
+                with contextlib.suppress(Exception):
+                    await self.discovery.deregister()
+                await self.discovery.register(self._instance())
+        return {
+            "rebound": {name: self.ports[name] for name in servers},
+            "clusters_replaced": sorted(c.name for c in retired),
+        }
+
+    def _retire(self, handlers: tuple[CallHandler, ...], clusters: list[Cluster]) -> None:
+        entry = (handlers, clusters)
+        self._retiring.append(entry)
+        task = asyncio.get_running_loop().create_task(self._close_when_done(entry))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _close_when_done(self, entry: tuple[tuple[CallHandler, ...], list[Cluster]]) -> None:
+        """Close what a reload replaced once the calls that started on it are done: a
+        replaced cluster counts its calls in flight; a handler's calls are bounded by the
+        listeners' calls in flight, and by drain_timeout, as at shutdown."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.drain_timeout
+        handlers, clusters = entry
+        while loop.time() < deadline:
+            busy = any(any(c.active.values()) for c in clusters) or (
+                handlers and any(lst.ctx.in_flight for lst in self.listeners.values())
+            )
+            if not busy:
+                break
+            await asyncio.sleep(RETIRE_POLL_SECONDS)
+        self._close_retired(entry)
+
+    def _close_retired(self, entry: tuple[tuple[CallHandler, ...], list[Cluster]]) -> None:
+        if entry in self._retiring:
+            self._retiring.remove(entry)
+            handlers, clusters = entry
+            for handler in handlers:
+                handler.close()
+            for cluster in clusters:
+                cluster.close()
 
     def _refusal_counter(self, listener: str) -> Callable[[str], None]:
         family = self.metrics.downstream_refused
@@ -221,6 +360,12 @@ class Sidecar(ControlledProcess):
         await self.close()
 
     async def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
+        for entry in list(self._retiring):
+            self._close_retired(entry)
+        for task in self._background:
+            task.cancel()
         if self.capture is not None:
             await self.capture.close()
         for listener in self.listeners.values():
@@ -248,10 +393,13 @@ def raise_fd_limit() -> None:
 
 
 async def serve(
-    cfg: SidecarConfig, ports_file: str | None = None, worker: int | None = None
+    cfg: SidecarConfig,
+    ports_file: str | None = None,
+    worker: int | None = None,
+    config_path: str | None = None,
 ) -> int:
     raise_fd_limit()
-    sidecar = Sidecar(cfg, worker=worker)
+    sidecar = Sidecar(cfg, worker=worker, config_path=config_path, ports_file=ports_file)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, sidecar.quit)
@@ -291,5 +439,5 @@ def run_sidecar(
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
-        return asyncio.run(serve(cfg, ports_file, worker))
-    return uvloop.run(serve(cfg, ports_file, worker))
+        return asyncio.run(serve(cfg, ports_file, worker, config_path))
+    return uvloop.run(serve(cfg, ports_file, worker, config_path))

@@ -140,18 +140,7 @@ class ListenerContext:
     ) -> None:
         self.name = name
         self.timers = timers  # the connections' clock and timers; None: their loop's
-        self.handler = handler
-        self.start_now = start_now
-        self.http2 = http2
-        self.limits = limits
-        # A connection's one timer never sleeps longer than the shortest timeout, so a
-        # deadline set after it was armed is still met without re-arming it.
-        self.timer_tick = min(
-            limits.preface_timeout,
-            limits.header_read_timeout,
-            limits.body_read_timeout,
-            limits.idle_timeout,
-        )
+        self.reconfigure(handler, start_now, http2, limits)
         self.admission = admission if admission is not None else Admission()
         self.admission.contexts.append(self)
         self.log = logging.getLogger(f"sidecar.listener.{name}")
@@ -164,6 +153,29 @@ class ListenerContext:
         self.on_timeout: Callable[[str], None] | None = None  # counts closes, by timeout
         self._refused = 0  # since the last log line about it
         self._refusal_logged = -REFUSAL_LOG_INTERVAL
+
+    def reconfigure(
+        self,
+        handler: Handler,
+        start_now: StartNow | None,
+        http2: Http2ServerConfig,
+        limits: LimitsConfig,
+    ) -> None:
+        """What new calls (handler) and new connections (limits) take; a reload swaps
+        them in one step, so the event loop sees the old set or the new one. Calls and
+        connections already running keep what they started with."""
+        self.handler = handler
+        self.start_now = start_now
+        self.http2 = http2
+        self.limits = limits
+        # A connection's one timer never sleeps longer than the shortest timeout, so a
+        # deadline set after it was armed is still met without re-arming it.
+        self.timer_tick = min(
+            limits.preface_timeout,
+            limits.header_read_timeout,
+            limits.body_read_timeout,
+            limits.idle_timeout,
+        )
 
     def refusal(self) -> str | None:
         """Why a new connection cannot be taken now, or None."""

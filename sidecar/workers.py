@@ -35,7 +35,11 @@ from prometheus_client import multiprocess as prom_multiprocess
 from filters.hmac_replay import SHARED_DIR_ENV
 from sidecar.admin import AdminServer
 from sidecar.config import SidecarConfig
+from sidecar.config.live import ReloadPlan, plan_reload
+from sidecar.config.yamlfile import read_bytes
+from sidecar.metrics import config_reloads_counter
 from sidecar.process import ControlledProcess, read_port, write_ports
+from sidecar.reload import LiveConfig, ReloadRefused
 
 log = logging.getLogger("sidecar.workers")
 
@@ -85,6 +89,10 @@ class Supervisor(ControlledProcess):
         self.metrics_registry = CollectorRegistry()
         _multiprocess_collector(self.metrics_registry, self.metrics_dir)
         ProcessCollector(registry=self.metrics_registry)  # the supervisor's own process
+        self.reloads = config_reloads_counter(self.metrics_registry)
+        # The config the workers run: a copy of the last file accepted, so a worker
+        # started (or restarted) later runs it, not a file a reload refused.
+        self.worker_config = os.path.join(self.dir, "config.yaml")
         self._reserved: dict[str, socket.socket] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -130,6 +138,29 @@ class Supervisor(ControlledProcess):
             log.debug("worker %d %s %s: %s", worker.index, method, path, exc)
             return None
 
+    async def _apply(self, new: SidecarConfig, plan: ReloadPlan) -> dict[str, Any]:
+        """Hand the checked file to every worker: its copy is replaced, then each worker
+        is told to reload it (a worker not yet up starts from the copy)."""
+        assert self.config_path is not None
+        _write_whole(self.worker_config, read_bytes(self.config_path))
+        running = [w for w in self.workers if w.admin_port]
+        answers = await asyncio.gather(
+            *(self._request(w, "POST", "/config/reload") for w in running)
+        )
+        results = {
+            str(w.index): a if isinstance(a, dict) else {"result": "unreachable"}
+            for w, a in zip(running, answers, strict=True)
+        }
+        failed = [
+            f"worker {i}: {r.get('error', r['result'])}"
+            for i, r in results.items()
+            if r.get("result") != "ok"
+        ]
+        if failed:
+            raise ReloadRefused("; ".join(failed))
+        self.cfg = new
+        return {"workers": results}
+
     # -- workers --
     def _env(self, index: int) -> dict[str, str]:
         cfg = self.cfg
@@ -157,7 +188,7 @@ class Supervisor(ControlledProcess):
             os.unlink(ports_file)
         argv = [sys.executable, "-m", "sidecar", "run", "--worker-index", str(index)]
         if self.config_path:
-            argv += ["--config", self.config_path]
+            argv += ["--config", self.worker_config]
         argv += ["--ports-file", ports_file]
         proc = subprocess.Popen(argv, env=self._env(index))
         log.info("worker %d started (pid %d)", index, proc.pid)
@@ -216,13 +247,24 @@ class Supervisor(ControlledProcess):
             return 1
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         admin = AdminServer(self, cfg.listeners.admin.host, cfg.listeners.admin.port)
+        self.live = LiveConfig(
+            self.config_path,
+            lambda: self.cfg,
+            lambda new: plan_reload(self.cfg, new, workers=True),
+            self._apply,
+            lambda result: self.reloads.labels(result).inc(),
+        )
+        if self.config_path:
+            _write_whole(self.worker_config, read_bytes(self.config_path))
         try:
             self.admin_port = await admin.start()
             self.workers = [self._spawn(i) for i in range(cfg.workers)]
             log.info("supervising %d workers; admin on port %d", cfg.workers, self.admin_port)
+            self.live.start(watch=True)
             await self._watch()
             await self._stop_workers()
         finally:
+            self.live.close()
             await admin.close()
             await self._session.close()
             for sock in self._reserved.values():
@@ -256,3 +298,11 @@ def supervise(cfg: SidecarConfig, config_path: str | None, ports_file: str | Non
     except ImportError:  # pragma: no cover
         return asyncio.run(supervisor.run())
     return uvloop.run(supervisor.run())
+
+
+def _write_whole(path: str, data: bytes) -> None:
+    """Written beside, then renamed over: a worker reading it sees one version whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from sidecar.config.checks import parse_ip_port
 from sidecar.config.derived import (
+    ClusterSettings,
     advertise_host,
+    cluster_settings,
     config_to_dict,
     registry_directory,
     resolve_instance_id,
 )
 from sidecar.config.env import ENV_PREFIX, env_override_names, unknown_env_overrides
-from sidecar.config.load import build_dataclass, load_config
+from sidecar.config.load import build_dataclass, load_config, load_config_bytes
 from sidecar.config.routerules import (
     Destination,
     FaultAbort,
@@ -60,6 +62,7 @@ from sidecar.config.schema import (
     LogLevel,
     NacosDiscoveryConfig,
     OutlierConfig,
+    ReloadConfig,
     RouteConfig,
     ServiceConfig,
     SidecarConfig,
@@ -77,6 +80,7 @@ __all__ = [
     "CaptureConfig",
     "CaptureListenerConfig",
     "ClusterOverride",
+    "ClusterSettings",
     "ConfigError",
     "ConsulDiscoveryConfig",
     "Destination",
@@ -104,6 +108,7 @@ __all__ = [
     "OutlierConfig",
     "PathMatch",
     "QueryMatch",
+    "ReloadConfig",
     "RouteConfig",
     "RouteMatch",
     "RouteRetry",
@@ -116,9 +121,11 @@ __all__ = [
     "UpstreamProtocol",
     "advertise_host",
     "build_dataclass",
+    "cluster_settings",
     "config_to_dict",
     "env_override_names",
     "load_config",
+    "load_config_bytes",
     "parse_ip_port",
     "registry_directory",
     "resolve_instance_id",

@@ -11,7 +11,7 @@ from sidecar.config.checks import validate
 from sidecar.config.env import apply_env
 from sidecar.config.rules import SIDECAR_RULES
 from sidecar.config.schema import SidecarConfig
-from sidecar.config.yamlfile import read_yaml
+from sidecar.config.yamlfile import parse_yaml, read_bytes
 from sidecar.typedconfig import ConfigError, show
 
 _T = TypeVar("_T")
@@ -23,8 +23,16 @@ def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> S
     `environ` defaults to `os.environ`; pass `{}` to ignore the environment.
     Raises ConfigError naming the key (and the file or variable it came from).
     """
+    return load_config_bytes(read_bytes(path) if path else None, path, environ)
+
+
+def load_config_bytes(
+    data: bytes | None, path: str | None, environ: Mapping[str, str] | None = None
+) -> SidecarConfig:
+    """`load_config` on bytes already read from `path` (a reload hashes what it parses):
+    the one validator `run`, `check-config` and every reload share."""
     env = os.environ if environ is None else environ
-    raw: object = read_yaml(path) if path else None
+    raw: object = parse_yaml(data, path or "") if data is not None else None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -20,6 +20,7 @@ from sidecar.config.schema import (
     LogConfig,
     NacosDiscoveryConfig,
     OutlierConfig,
+    ReloadConfig,
     SidecarConfig,
     StaticEndpoint,
     UpstreamConfig,
@@ -88,6 +89,7 @@ _BOUNDS: dict[tuple[type, str], Bound] = {
     (LimitsConfig, "max_connections"): _AT_LEAST_ONE,
     (LimitsConfig, "fd_reserve"): Bound(0),
     (SidecarConfig, "drain_timeout"): Bound(0),  # 0: close at once, no drain
+    (ReloadConfig, "poll_interval"): Bound(0.05, 60),
 }
 
 # Applied to a raw value before its type check, so `level: debug` is accepted.

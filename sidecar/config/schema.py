@@ -289,6 +289,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadConfig:
+    """Live configuration (docs/config-reload.md): SIGHUP and POST /config/reload always
+    re-read the file; `watch` also re-reads it when it changes."""
+
+    # Poll the file's stat (following symlinks, so a Kubernetes ConfigMap's `..data`
+    # swap is seen) every poll_interval seconds.
+    watch: bool = True
+    poll_interval: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarConfig:
     service: ServiceConfig = ServiceConfig()
     app: AppConfig = AppConfig()
@@ -308,3 +319,4 @@ class SidecarConfig:
     # through SO_REUSEPORT; a supervisor serves the admin port with metrics summed.
     workers: int = 1
     capture: CaptureConfig = CaptureConfig()
+    reload: ReloadConfig = ReloadConfig()

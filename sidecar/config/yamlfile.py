@@ -28,12 +28,18 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def read_yaml(path: str) -> object:
+def read_bytes(path: str) -> bytes:
+    """The config file's bytes (what a reload hashes, then parses)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            return f.read()
     except OSError as e:
         raise ConfigError("", f"cannot read config file: {e.strerror}", path=path) from None
+
+
+def parse_yaml(data: bytes, path: str) -> object:
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError("", f"not UTF-8 text (byte {e.start})", path=path) from None
     try:

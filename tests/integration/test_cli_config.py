@@ -115,6 +115,24 @@ def test_check_config_warns_about_unknown_env_vars(good: str) -> None:
     assert "OPUS_SIDECAR_URL" not in result.stderr
 
 
+def test_check_config_running_says_what_a_reload_would_do(good: str, tmp_path: Path) -> None:
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(
+        GOOD.replace(
+            "outbound: {host: 127.0.0.1, port: 0}", "outbound: {host: 127.0.0.1, port: 18080}"
+        )
+    )
+    result = sidecar("check-config", str(moved), "--running", good)
+    assert result.returncode == 0, result.stderr
+    assert "changes listeners.outbound.port" in result.stdout
+    assert "rebinds: outbound" in result.stdout
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(GOOD.replace("name: inventory", "name: stock"))
+    result = sidecar("check-config", str(renamed), "--running", good)
+    assert result.returncode == 3
+    assert "reload refused: service.name cannot change without a restart" in result.stderr
+
+
 def test_run_with_a_bad_config_exits_before_loading_the_server(bad: str) -> None:
     started = time.monotonic()
     # -X importtime lists every module imported, so the server's absence is observable.

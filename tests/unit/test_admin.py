@@ -27,6 +27,8 @@ class FakeState:
             "opus_test_calls", "Calls.", ["service"], registry=self.metrics_registry
         )
         self.calls.labels(service="reviews").inc(3)
+        self.reloads: list[str] = []
+        self.reload_result = "ok"
 
     def clusters_snapshot(self) -> dict[str, Any]:
         return {"reviews": {"endpoints": [{"address": "10.0.0.7:9080", "healthy": True}]}}
@@ -43,6 +45,10 @@ class FakeState:
 
     def set_log_level(self, level: str) -> None:
         pass
+
+    async def reload_config(self, trigger: str) -> dict[str, Any]:
+        self.reloads.append(trigger)
+        return {"result": self.reload_result, "trigger": trigger}
 
 
 @asynccontextmanager
@@ -132,6 +138,21 @@ def test_drain_from_loopback() -> None:
             assert state.draining
             async with s.get(f"{base}/ready") as r:
                 assert r.status == 503
+
+    run(go)
+
+
+@pytest.mark.parametrize(("result", "status"), [("ok", 200), ("invalid", 422), ("refused", 409)])
+def test_config_reload_is_a_loopback_post(result: str, status: int) -> None:
+    async def go() -> None:
+        state = FakeState()
+        state.reload_result = result
+        async with serving(state) as (s, base):
+            async with s.post(f"{base}/config/reload") as r:
+                assert (r.status, (await r.json())["result"]) == (status, result)
+            async with s.get(f"{base}/config/reload") as r:
+                assert r.status == 405  # a reload changes state: POST only
+        assert state.reloads == ["admin"]
 
     run(go)
 
