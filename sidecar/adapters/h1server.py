@@ -23,27 +23,10 @@ import httptools
 
 from sidecar.clock import Timer, Timers
 from sidecar.errors import error_body
-from sidecar.messages import (
-    HOP_BY_HOP,
-    LENGTHS,
-    Body,
-    BodyError,
-    Headers,
-    Request,
-    Response,
-    content_length,
-)
+from sidecar.messages import HOP_BY_HOP, Body, BodyError, Headers, Request, Response
 from sidecar.proto.fields import field_bytes
-from sidecar.proto.h1head import (
-    BAD,
-    FRAMING_FIELDS,
-    HOP,
-    KINDS,
-    bad_field,
-    kind_of,
-    last_chunk,
-    lines_ok,
-)
+from sidecar.proto.h1head import FRAMING_FIELDS, bad_field, last_chunk
+from sidecar.proto.h1write import CHUNKED, encode_response_head, status_line
 from sidecar.serving import TaskWork
 
 if TYPE_CHECKING:
@@ -55,27 +38,6 @@ _READ_LOW_WATER = 64 * 1024
 
 # What the connection's one timer is waiting for (limits.<kind>_timeout).
 _HEADER, _BODY, _IDLE = "header", "body", "idle"
-
-_REASONS = {
-    100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
-    206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found", 304: b"Not Modified",
-    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
-    405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict",
-    413: b"Content Too Large", 414: b"URI Too Long", 429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}  # fmt: skip
-_STATUS_LINES: dict[int, bytes] = {}
-
-
-def status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Status"))
-        _STATUS_LINES[status] = line
-    return line
-
 
 _INVALID_BODY = b'{"error":"the response had an invalid header","status":500}'
 _INVALID_RESPONSE = (
@@ -618,63 +580,16 @@ class _H1Sink:
     ) -> tuple[bytes, bool, int]:
         """The response head, whether the body goes chunked and, for a body streamed
         under the response's own content-length, that length (else -1); `data` is the
-        whole body when it is all here. Raises ValueError for a head that would not read
-        back as this one response (see h1head), or a length the body does not have."""
-        status = response.status
-        first = _STATUS_LINES.get(status) or status_line(status)
-        parts = [first]
-        declared: bytes | None = None
-        kinds = KINDS
-        for name, value in response.headers:
-            try:
-                kind = kinds[name]
-            except KeyError:
-                kind = kind_of(name)
-            if kind:
-                if kind == HOP:
-                    continue
-                if kind == BAD:
-                    raise ValueError("a header name that is not a token")
-                if declared is not None:
-                    raise ValueError("two content-length headers")
-                declared = value
-            parts += (name, b": ", value, b"\r\n")
-        # The status line, one per header (four parts each) and the blank line.
-        lines = (len(parts) - 1) // 4 + 2
-        keep_alive = self.keep_alive and not self.conn.ctx.draining
-        chunked = False
-        length = -1
-        if no_body:
-            pass
-        elif declared is None:
-            if data is not None:
-                parts += (b"content-length: ", content_length(len(data)), b"\r\n")
-                lines += 1
-            elif self.request.protocol == "http1.0":
-                keep_alive = False  # no chunked coding in HTTP/1.0: the close ends the body
-            else:
-                chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
-                lines += 1
-        elif data is not None:
-            # A length the body does not have would end it early or run into the next.
-            if declared != (LENGTHS.get(len(data)) or content_length(len(data))):
-                raise ValueError("a content-length the body does not have")
-        elif declared.isdigit():
-            length = int(declared)
-        else:
-            raise ValueError("an invalid content-length")
-        if not keep_alive:
-            parts.append(b"connection: close\r\n")
-            lines += 1
-            self.keep_alive = False
-        parts.append(b"\r\n")
-        head = b"".join(parts)
-        # Parsers refuse such fields on the way in; an HTTP/2 peer or a filter may not
-        # have, and a field holding CR or LF would split the header block on the wire.
-        if not lines_ok(head, lines):
-            raise ValueError("a header that HTTP/1.1 cannot carry")
-        return head, chunked, length
+        whole body when it is all here. Raises Unwritable (see proto/h1write)."""
+        head, left, self.keep_alive = encode_response_head(
+            response.status,
+            response.headers,
+            data,
+            not no_body and data is None,
+            self.keep_alive and not self.conn.ctx.draining,
+            self.request.protocol == "http1.0",
+        )
+        return head, left == CHUNKED, left if left >= 0 else -1
 
     def _refuse(self, transport: asyncio.Transport, response: Response, why: ValueError) -> int:
         response.body.cancel()
@@ -715,7 +630,14 @@ class _H1Sink:
         else:
             return None
         try:
-            head, _, _ = self._head(response, no_body, data)
+            head, _, self.keep_alive = encode_response_head(
+                status,
+                response.headers,
+                data,
+                False,
+                self.keep_alive and not conn.ctx.draining,
+                self.request.protocol == "http1.0",
+            )
         except ValueError as why:
             return self._refuse(transport, response, why)
         if data is None:
