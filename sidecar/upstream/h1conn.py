@@ -76,8 +76,7 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         self._by_future = False
         self._owned: Body | None = None  # the current call's response body
         self._body: Body | None = None
-        self._head_request = False
-        self._idempotent = False
+        self._method = b""  # the current call's
         self._request_sent = False
         self._got_bytes = False
         self._reading_paused = False
@@ -92,9 +91,8 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast("asyncio.Transport", transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError, AttributeError):  # AttributeError: no socket
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
@@ -112,10 +110,8 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         if self._in_head:
             if self._head_bytes > self._max_header_bytes:
                 self._refused(self.over("headers"))
-        elif self._headers:
-            reason = self.count_trailers()  # trailers arriving: over the limit already?
-            if reason is not None:
-                self._refused(reason)
+        elif self._headers and (reason := self.count_trailers()) is not None:
+            self._refused(reason)  # trailers arriving, over the limit already
 
     def _refused(self, reason: str) -> None:
         self._hand_over()
@@ -129,7 +125,7 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         known = owner.lost(self)
         if self._waiter is not None or self._on_head is not None or self._body is not None:
             reused = self.uses > 1
-            if not self._got_bytes and reused and self._idempotent:
+            if not self._got_bytes and reused and self._method in _IDEMPOTENT:
                 # A kept-alive connection the app had already closed: nothing was processed.
                 self._lost(StreamRefused("the app closed a kept-alive connection"))
             else:
@@ -170,11 +166,12 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         body.on_cancel = self._on_cancel
         self._body = body
         self._owned = body
-        if self._head_request or status == 204 or status == 304:
+        head_request = self._method == b"HEAD"
+        if head_request or status == 204 or status == 304:
             body.finish()
             self._body = None
             # httptools cannot be told a HEAD response has no body: do not reuse.
-            if self._head_request:
+            if head_request:
                 self.close()
         self._ready = Response(status, headers, body)
 
@@ -207,6 +204,7 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
             self.loop.call_soon(self._release, keep)
             return
         response = self._ready
+        self._ready = None
         if response is None or self.closed:
             # Handed over already (its body was still arriving then), or the connection
             # is closing (a HEAD): nothing to wait for, and nothing must come first.
@@ -214,7 +212,6 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
             return
         # Handed over once the loop has read what else arrived this turn, as a waiting
         # task would hear of it: responses then go out in a batch (less CPU here).
-        self._ready = None
         self.loop.call_soon(self._conclude, response, keep)
 
     def _conclude(self, response: Response | None, keep: bool) -> None:
@@ -224,9 +221,14 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         owner = self.owner
         owner.park(self, keep)
         if response is not None:
-            self._ready = response
-            self._hand_over()
-        self._disown()
+            on_head = self._on_head  # (a waiting task heard of it in on_message_complete)
+            if on_head is not None:
+                self._on_head = None
+                on_head(response)
+        owned = self._owned
+        if owned is not None:  # _disown, inline: this runs per call
+            self._owned = None
+            owned.on_cancel = None
         owner.hand_on(self)
 
     def _release(self, keep: bool) -> None:
@@ -296,12 +298,10 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
             )
         except Unwritable as why:
             return self._refuse(str(why))
-        method = request.method
         self.uses += 1
         self._got_bytes = False
         self._request_sent = complete
-        self._head_request = method == b"HEAD"
-        self._idempotent = method in _IDEMPOTENT
+        self._method = request.method
         transport = self.transport
         assert transport is not None
         transport.write(wire)
