@@ -1,11 +1,12 @@
-"""One HTTP/1.1 client connection to the local app: it writes requests (proto/h1write)
-and parses responses (httptools, into proto/h1response's fields). It carries one call
-at a time and hands the response head to whoever waits for it, a callback (`send()`,
-the proxy's callback path) or a future (`send()` without one, the coroutine path), once
-the bytes that carried it are parsed (the body is then often whole already): a waiting
-task hears of it before the owner takes the connection back, a callback after the owner
-took it back but before another call may have it. What it tells its owner (the pool,
-h1pool.py) is the `ConnectionOwner` protocol, and only that.
+"""One HTTP/1.1 client connection to the local app: the asyncio adapter around
+proto/h1client's Sans-IO core (which parses responses), writing requests with
+proto/h1write. It carries one call at a time and hands the response head to whoever
+waits for it, a callback (`send()`, the proxy's callback path) or a future (`send()`
+without one, the coroutine path), once the bytes that carried it are parsed (the body is
+then often whole already): a waiting task hears of it before the owner takes the
+connection back, a callback after the owner took it back but before another call may
+have it. What it tells its owner (the pool, h1pool.py) is the `ConnectionOwner`
+protocol, and only that.
 """
 
 from __future__ import annotations
@@ -17,20 +18,15 @@ import socket
 from collections.abc import Callable
 from typing import Protocol, cast
 
-import httptools
-
 from sidecar.errors import BadRequest, MeshError, StreamRefused, UpstreamReset
 from sidecar.messages import Body, BodyError, Headers, Request, Response
-from sidecar.proto.fields import field_bytes
+from sidecar.proto.h1client import ClientCore
 from sidecar.proto.h1head import bad_field, last_chunk
-from sidecar.proto.h1response import Refused, ResponseFields
 from sidecar.proto.h1write import Unwritable, encode_request
 
 log = logging.getLogger("sidecar.upstream")
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_READ_HIGH_WATER = 256 * 1024
-_READ_LOW_WATER = 64 * 1024
 
 # What a call waiting for a response head is told: the head, or why there is none.
 HeadCallback = Callable[[Response | MeshError], None]
@@ -58,14 +54,13 @@ class ConnectionOwner(Protocol):
         """A lost connection's call has heard of it: its slot may be used again."""
 
 
-class H1ClientConnection(ResponseFields, asyncio.Protocol):
+class H1ClientConnection(asyncio.Protocol):
     def __init__(self, owner: ConnectionOwner, key: tuple[str, int]) -> None:
-        super().__init__(owner.max_header_bytes)
         self.owner = owner
+        self.core = ClientCore(self, owner.max_header_bytes)
         self.key = key
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.uses = 0
         self.last_active = 0.0
@@ -75,11 +70,7 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         self._ready: Response | None = None  # a head parsed, not yet handed over
         self._by_future = False
         self._owned: Body | None = None  # the current call's response body
-        self._body: Body | None = None
         self._method = b""  # the current call's
-        self._request_sent = False
-        self._got_bytes = False
-        self._reading_paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -95,23 +86,11 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        self._got_bytes = True
-        if self._in_head:
-            self._head_bytes += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            # httptools wraps what a callback raised; our own refusals carry the reason.
-            cause = exc.__context__
-            self._refused(str(cause) if isinstance(cause, Refused) else f"malformed: {exc}")
-            return
+        reason = self.core.receive(data)
         if self._ready is not None:
             self._hand_over()  # the body goes on arriving after the head
-        if self._in_head:
-            if self._head_bytes > self._max_header_bytes:
-                self._refused(self.over("headers"))
-        elif self._headers and (reason := self.count_trailers()) is not None:
-            self._refused(reason)  # trailers arriving, over the limit already
+        if reason is not None:
+            self._refused(reason)
 
     def _refused(self, reason: str) -> None:
         self._hand_over()
@@ -123,9 +102,9 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         owner = self.owner
         # Out of the pool's count before the call hears of it, so a resend finds the slot.
         known = owner.lost(self)
-        if self._waiter is not None or self._on_head is not None or self._body is not None:
+        if self._waiter is not None or self._on_head is not None or self.core.body is not None:
             reused = self.uses > 1
-            if not self._got_bytes and reused and self._method in _IDEMPOTENT:
+            if not self.core.got_bytes and reused and self._method in _IDEMPOTENT:
                 # A kept-alive connection the app had already closed: nothing was processed.
                 self._lost(StreamRefused("the app closed a kept-alive connection"))
             else:
@@ -146,57 +125,25 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
             self._drain.set_result(None)
         self._drain = None
 
-    # -- httptools callbacks (on_header: ResponseFields) --
-    def on_headers_complete(self) -> None:
-        headers = self._headers
-        self._headers = []
-        drop = self._drop
-        self._drop = None
-        status = self.parser.get_status_code()
-        if status < 200:
-            return  # 1xx: informational, the real response follows
-        self._in_head = False
-        limit = self._max_header_bytes
-        if self._head_bytes > limit and field_bytes(headers) > limit:
-            raise Refused(self.over("headers"))
-        if drop:
-            headers = [(n, v) for n, v in headers if n not in drop]
+    # -- what the core tells the connection (proto.h1client.ClientEvents) --
+    def response_received(self, status: int, headers: Headers, no_body: bool) -> Body:
         body = Body(replayable=False)
         body.on_consumed = self._on_consumed
         body.on_cancel = self._on_cancel
-        self._body = body
         self._owned = body
-        head_request = self._method == b"HEAD"
-        if head_request or status == 204 or status == 304:
+        if no_body:
             body.finish()
-            self._body = None
             # httptools cannot be told a HEAD response has no body: do not reuse.
-            if head_request:
+            if self.core.head_request:
                 self.close()
         self._ready = Response(status, headers, body)
+        return body
 
-    def on_body(self, data: bytes) -> None:
-        body = self._body
-        if body is not None:
-            body.feed(data)
-            if body.buffered > _READ_HIGH_WATER and not self._reading_paused:
-                self._reading_paused = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
 
-    def on_message_complete(self) -> None:
-        if self.parser.get_status_code() < 200:
-            return
-        self._in_head = True
-        self._head_bytes = 0
-        trailers = self._headers
-        if trailers:
-            trailers = self.take_trailers(trailers)
-        body = self._body
-        self._body = None
-        if body is not None:
-            body.finish(trailers)
-        keep = bool(self.parser.should_keep_alive()) and self._request_sent
+    def response_complete(self, keep: bool) -> None:
         if self._by_future:
             # The waiting task hears of the response on its next step; the pool takes
             # the connection back after that step, as when the task woke first.
@@ -299,8 +246,10 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         except Unwritable as why:
             return self._refuse(str(why))
         self.uses += 1
-        self._got_bytes = False
-        self._request_sent = complete
+        core = self.core
+        core.got_bytes = False
+        core.request_sent = complete
+        core.head_request = request.method == b"HEAD"
         self._method = request.method
         transport = self.transport
         assert transport is not None
@@ -358,14 +307,13 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
                 log.error("request body to %s short of its content-length", self.owner.service)
                 self.close()
                 return
-            self._request_sent = True
+            self.core.request_sent = True
         except BodyError:
             self.close()  # the caller went away mid-body: the app's call is void
 
     def _consumed(self, size: int) -> None:
-        body = self._body
-        if self._reading_paused and (body is None or body.buffered < _READ_LOW_WATER):
-            self._reading_paused = False
+        if self.core.may_resume():
+            self.core.paused = False
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
@@ -376,13 +324,13 @@ class H1ClientConnection(ResponseFields, asyncio.Protocol):
         self._waiter = None
         self._on_head = None
         self._ready = None
-        self._body = None
+        self.core.body = None
         self.close()
 
     abandon = _cancel
 
     def _lost(self, error: MeshError) -> None:
-        body, self._body = self._body, None
+        body, self.core.body = self.core.body, None
         if body is not None:
             body.fail(error)
         if self._sender is not None and not self._sender.done():
