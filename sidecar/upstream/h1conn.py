@@ -1,12 +1,12 @@
-"""One HTTP/1.1 client connection to the local app, on httptools: the request writer and
-the response parser.
-
-A connection carries one call at a time and hands the response head to whoever waits for
-it, a callback (`send()`, the proxy's callback path) or a future (`send()` without one,
-the coroutine path), once the bytes that carried it are parsed (the body is then often
-whole already): a waiting task hears of it before the owner takes the connection back, a
-callback after the owner took it back but before another call may have it. What it tells
-its owner (the pool, h1pool.py) is the `ConnectionOwner` protocol, and only that.
+"""One HTTP/1.1 client connection to the local app: the asyncio adapter around
+proto/h1client's Sans-IO core (which parses responses), writing requests with
+proto/h1write. It carries one call at a time and hands the response head to whoever
+waits for it, a callback (`send()`, the proxy's callback path) or a future (`send()`
+without one, the coroutine path), once the bytes that carried it are parsed (the body is
+then often whole already): a waiting task hears of it before the owner takes the
+connection back, a callback after the owner took it back but before another call may
+have it. What it tells its owner (the pool, h1pool.py) is the `ConnectionOwner`
+protocol, and only that.
 """
 
 from __future__ import annotations
@@ -18,37 +18,15 @@ import socket
 from collections.abc import Callable
 from typing import Protocol, cast
 
-import httptools
-
 from sidecar.errors import BadRequest, MeshError, StreamRefused, UpstreamReset
-from sidecar.messages import (
-    HOP_BY_HOP,
-    Body,
-    BodyError,
-    Headers,
-    Request,
-    Response,
-    content_length,
-)
-from sidecar.proto.fields import field_bytes
-from sidecar.proto.h1head import (
-    BAD,
-    FRAMING_FIELDS,
-    KINDS,
-    LENGTH,
-    bad_field,
-    bad_request_part,
-    kind_of,
-    last_chunk,
-    request_head_ok,
-)
+from sidecar.messages import Body, BodyError, Headers, Request, Response
+from sidecar.proto.h1client import ClientCore
+from sidecar.proto.h1head import bad_field, last_chunk
+from sidecar.proto.h1write import Unwritable, encode_request
 
 log = logging.getLogger("sidecar.upstream")
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-_READ_HIGH_WATER = 256 * 1024
-_READ_LOW_WATER = 64 * 1024
 
 # What a call waiting for a response head is told: the head, or why there is none.
 HeadCallback = Callable[[Response | MeshError], None]
@@ -76,18 +54,13 @@ class ConnectionOwner(Protocol):
         """A lost connection's call has heard of it: its slot may be used again."""
 
 
-class _ResponseAbort(Exception):
-    """A response the connection refuses to read on (its reason is the call's error)."""
-
-
 class H1ClientConnection(asyncio.Protocol):
     def __init__(self, owner: ConnectionOwner, key: tuple[str, int]) -> None:
         self.owner = owner
-        self._max_header_bytes = owner.max_header_bytes
+        self.core = ClientCore(self, owner.max_header_bytes)
         self.key = key
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.uses = 0
         self.last_active = 0.0
@@ -97,23 +70,7 @@ class H1ClientConnection(asyncio.Protocol):
         self._ready: Response | None = None  # a head parsed, not yet handed over
         self._by_future = False
         self._owned: Body | None = None  # the current call's response body
-        # The fields being parsed: the head's, then (a new list, once the head is a
-        # Response) the trailers', a block of their own. Empty between responses.
-        self._headers: Headers = []
-        self._drop: set[bytes] | None = None  # header names a `Connection:` header listed
-        # limits.max_header_bytes is counted in the bytes read while a head is incomplete
-        # (a read per response, not a sum per field); the head's own fields are counted
-        # exactly only when those bytes go over it (the read held a body as well).
-        self._in_head = True
-        self._head_bytes = 0
-        self._trailer_bytes = 0  # of the fields counted so far, trailers arriving
-        self._trailers_counted = 0
-        self._body: Body | None = None
-        self._head_request = False
-        self._idempotent = False
-        self._request_sent = False
-        self._got_bytes = False
-        self._reading_paused = False
+        self._method = b""  # the current call's
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -125,39 +82,15 @@ class H1ClientConnection(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast("asyncio.Transport", transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError, AttributeError):  # AttributeError: no socket
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        self._got_bytes = True
-        if self._in_head:
-            self._head_bytes += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            # httptools wraps what a callback raised; our own refusals carry the reason.
-            cause = exc.__context__
-            self._refused(str(cause) if isinstance(cause, _ResponseAbort) else f"malformed: {exc}")
-            return
+        reason = self.core.receive(data)
         if self._ready is not None:
             self._hand_over()  # the body goes on arriving after the head
-        if self._in_head:
-            if self._head_bytes > self._max_header_bytes:
-                self._refused(self._over("headers"))
-        elif self._headers:
-            self._count_trailers()  # trailers arriving: over the limit already?
-
-    def _count_trailers(self) -> None:
-        fields = self._headers
-        counted = self._trailers_counted
-        self._trailer_bytes += field_bytes(fields[counted:])
-        self._trailers_counted = len(fields)
-        if self._trailer_bytes > self._max_header_bytes:
-            self._refused(self._over("trailers"))
-
-    def _over(self, what: str) -> str:
-        return f"response {what} over {self._max_header_bytes} bytes (limits.max_header_bytes)"
+        if reason is not None:
+            self._refused(reason)
 
     def _refused(self, reason: str) -> None:
         self._hand_over()
@@ -169,9 +102,9 @@ class H1ClientConnection(asyncio.Protocol):
         owner = self.owner
         # Out of the pool's count before the call hears of it, so a resend finds the slot.
         known = owner.lost(self)
-        if self._waiter is not None or self._on_head is not None or self._body is not None:
+        if self._waiter is not None or self._on_head is not None or self.core.body is not None:
             reused = self.uses > 1
-            if not self._got_bytes and reused and self._idempotent:
+            if not self.core.got_bytes and reused and self._method in _IDEMPOTENT:
                 # A kept-alive connection the app had already closed: nothing was processed.
                 self._lost(StreamRefused("the app closed a kept-alive connection"))
             else:
@@ -192,86 +125,25 @@ class H1ClientConnection(asyncio.Protocol):
             self._drain.set_result(None)
         self._drain = None
 
-    # -- httptools callbacks --
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name in HOP_BY_HOP:
-            if not self._in_head:
-                return  # a trailer: framing means nothing there (RFC 9110 6.5.1), dropped
-            if name == b"transfer-encoding":
-                for coding in value.split(b","):
-                    coding = coding.strip().lower()
-                    if coding != b"chunked":
-                        raise _ResponseAbort(
-                            f"transfer coding {coding.decode('latin-1')[:40]!r} is not implemented"
-                        )
-            elif name == b"connection":
-                # Headers it names go too; hop-by-hop ones (keep-alive) are gone already.
-                for token in value.split(b","):
-                    token = token.strip().lower()
-                    if token not in HOP_BY_HOP:
-                        if self._drop is None:
-                            self._drop = set()
-                        self._drop.add(token)
-            return
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        headers = self._headers
-        self._headers = []
-        drop = self._drop
-        self._drop = None
-        status = self.parser.get_status_code()
-        if status < 200:
-            return  # 1xx: informational, the real response follows
-        self._in_head = False
-        if self._head_bytes > self._max_header_bytes and (
-            field_bytes(headers) > self._max_header_bytes
-        ):
-            raise _ResponseAbort(self._over("headers"))
-        if drop:
-            headers = [(n, v) for n, v in headers if n not in drop]
+    # -- what the core tells the connection (proto.h1client.ClientEvents) --
+    def response_received(self, status: int, headers: Headers, no_body: bool) -> Body:
         body = Body(replayable=False)
         body.on_consumed = self._on_consumed
         body.on_cancel = self._on_cancel
-        self._body = body
         self._owned = body
-        if self._head_request or status == 204 or status == 304:
+        if no_body:
             body.finish()
-            self._body = None
             # httptools cannot be told a HEAD response has no body: do not reuse.
-            if self._head_request:
+            if self.core.head_request:
                 self.close()
         self._ready = Response(status, headers, body)
+        return body
 
-    def on_body(self, data: bytes) -> None:
-        body = self._body
-        if body is not None:
-            body.feed(data)
-            if body.buffered > _READ_HIGH_WATER and not self._reading_paused:
-                self._reading_paused = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
 
-    def on_message_complete(self) -> None:
-        if self.parser.get_status_code() < 200:
-            return
-        self._in_head = True
-        self._head_bytes = 0
-        trailers = self._headers
-        if trailers:
-            self._headers = []
-            counted = self._trailers_counted
-            size = self._trailer_bytes + field_bytes(trailers[counted:])
-            self._trailer_bytes = self._trailers_counted = 0
-            if size > self._max_header_bytes:
-                raise _ResponseAbort(self._over("trailers"))
-            trailers = [(n, v) for n, v in trailers if n not in FRAMING_FIELDS]
-        body = self._body
-        self._body = None
-        if body is not None:
-            body.finish(trailers)
-        keep = bool(self.parser.should_keep_alive()) and self._request_sent
+    def response_complete(self, keep: bool) -> None:
         if self._by_future:
             # The waiting task hears of the response on its next step; the pool takes
             # the connection back after that step, as when the task woke first.
@@ -279,6 +151,7 @@ class H1ClientConnection(asyncio.Protocol):
             self.loop.call_soon(self._release, keep)
             return
         response = self._ready
+        self._ready = None
         if response is None or self.closed:
             # Handed over already (its body was still arriving then), or the connection
             # is closing (a HEAD): nothing to wait for, and nothing must come first.
@@ -286,7 +159,6 @@ class H1ClientConnection(asyncio.Protocol):
             return
         # Handed over once the loop has read what else arrived this turn, as a waiting
         # task would hear of it: responses then go out in a batch (less CPU here).
-        self._ready = None
         self.loop.call_soon(self._conclude, response, keep)
 
     def _conclude(self, response: Response | None, keep: bool) -> None:
@@ -296,9 +168,14 @@ class H1ClientConnection(asyncio.Protocol):
         owner = self.owner
         owner.park(self, keep)
         if response is not None:
-            self._ready = response
-            self._hand_over()
-        self._disown()
+            on_head = self._on_head  # (a waiting task heard of it in on_message_complete)
+            if on_head is not None:
+                self._on_head = None
+                on_head(response)
+        owned = self._owned
+        if owned is not None:  # _disown, inline: this runs per call
+            self._owned = None
+            owned.on_cancel = None
         owner.hand_on(self)
 
     def _release(self, keep: bool) -> None:
@@ -353,85 +230,50 @@ class H1ClientConnection(asyncio.Protocol):
 
     def _write_request(self, request: Request, authority: bytes, path: bytes) -> BadRequest | None:
         """Write the request head (and a whole body); the error, having written nothing,
-        if the head would not read back as this one request (see h1head)."""
-        method = request.method
-        parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
-        declared_length: bytes | None = None
-        kinds = KINDS
-        for name, value in request.headers:
-            try:
-                kind = kinds[name]
-            except KeyError:
-                kind = kind_of(name)
-            if kind:  # the writer frames the request itself; or not a token
-                if kind == LENGTH:
-                    declared_length = value
-                elif kind == BAD:
-                    return self._refuse(request, authority, path)
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        # The request line, host, the fields (four parts each), a framing line, the blank.
-        lines = (len(parts) - 6) // 4 + 4
+        if the head would not read back as this one request (see proto/h1write)."""
         body = request.body
-        data = b""
-        chunked = False
         complete = body.complete
+        data = tail = None
         if complete:
+            data = body.read_nowait() or b""
             trailers = body.trailers
             if trailers:
-                # Trailers need the chunked coding, even for a body that is all here.
-                chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n\r\n")
-                data = body.read_nowait() or b""
-                tail = _last_chunk(trailers)
-                data = b"%x\r\n%s\r\n%s" % (len(data), data, tail) if data else tail
-            else:
-                data = body.read_nowait() or b""
-                if data or method in _BODY_METHODS:
-                    parts += (b"content-length: ", content_length(len(data)), b"\r\n")
-                else:
-                    lines -= 1
-                parts.append(b"\r\n")
-        elif declared_length is None:
-            chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n\r\n")
-        elif declared_length.isdigit():
-            parts += (b"content-length: ", declared_length, b"\r\n\r\n")
-        else:
-            return self._refuse(request, authority, path, "header 'content-length'")
-        head = b"".join(parts)
-        if not request_head_ok(head, lines, method, path, authority):
-            return self._refuse(request, authority, path)
+                tail = self._last_chunk(trailers)
+        try:
+            wire, left = encode_request(
+                request.method, path, authority, request.headers, data, tail
+            )
+        except Unwritable as why:
+            return self._refuse(str(why))
         self.uses += 1
-        self._got_bytes = False
-        self._request_sent = False
-        self._head_request = method == b"HEAD"
-        self._idempotent = method in _IDEMPOTENT
+        core = self.core
+        core.got_bytes = False
+        core.request_sent = complete
+        core.head_request = request.method == b"HEAD"
+        self._method = request.method
         transport = self.transport
         assert transport is not None
-        transport.write(head + data if data else head)  # one copy of data, as a join
-        if complete:
-            self._request_sent = True
-        else:
-            length = -1 if chunked or declared_length is None else int(declared_length)
-            self._sender = self.loop.create_task(self._send_body(body, length))
+        transport.write(wire)
+        if not complete:
+            self._sender = self.loop.create_task(self._send_body(body, left))
         return None
 
-    def _refuse(
-        self, request: Request, authority: bytes, path: bytes, what: str = ""
-    ) -> BadRequest:
-        what = what or bad_request_part(request.method, path, authority, request.headers)
-        log.error(
-            "refused to write a request to %s as HTTP/1.1: its %s holds bytes HTTP/1.1 "
-            "does not allow there (CR, LF, NUL, a control byte or a space)",
-            self.owner.service,
-            what,
-        )
-        return BadRequest(
-            f"the request's {what} cannot be sent as HTTP/1.1 (CR, LF, NUL, a control byte "
-            "or a space where HTTP/1.1 does not allow one)",
-            service=self.owner.service,
-        )
+    def _refuse(self, what: str) -> BadRequest:
+        why = f"the request's {what} cannot be sent as HTTP/1.1 (CR, LF, NUL, a control byte"
+        log.error("refused to write a request to %s: %s or a space)", self.owner.service, why)
+        why += " or a space where HTTP/1.1 does not allow one)"
+        return BadRequest(why, service=self.owner.service)
+
+    def _last_chunk(self, trailers: Headers) -> bytes:
+        block = last_chunk(trailers)
+        if block is None:
+            log.error(
+                "dropped request trailers to %s: %r cannot be written as HTTP/1.1",
+                self.owner.service,
+                bad_field(trailers),
+            )
+            return b"0\r\n\r\n"
+        return block
 
     async def _send_body(self, body: Body, length: int) -> None:
         """Stream the rest of the body: chunked (`length` -1) or exactly `length` bytes."""
@@ -448,8 +290,7 @@ class H1ClientConnection(asyncio.Protocol):
                 else:
                     length -= len(chunk)
                     if length < 0:
-                        # More than the declared length: the rest would read as another
-                        # request. The app's call is void.
+                        # More: the rest would read as another request. The call is void.
                         log.error("request body to %s over its content-length", self.owner.service)
                         self.close()
                         return
@@ -460,19 +301,19 @@ class H1ClientConnection(asyncio.Protocol):
                     if self.closed:
                         return
             if chunked:
-                transport.write(_last_chunk(body.trailers) if body.trailers else b"0\r\n\r\n")
+                trailers = body.trailers
+                transport.write(self._last_chunk(trailers) if trailers else b"0\r\n\r\n")
             elif length:
                 log.error("request body to %s short of its content-length", self.owner.service)
                 self.close()
                 return
-            self._request_sent = True
+            self.core.request_sent = True
         except BodyError:
             self.close()  # the caller went away mid-body: the app's call is void
 
     def _consumed(self, size: int) -> None:
-        body = self._body
-        if self._reading_paused and (body is None or body.buffered < _READ_LOW_WATER):
-            self._reading_paused = False
+        if self.core.may_resume():
+            self.core.paused = False
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
@@ -483,13 +324,13 @@ class H1ClientConnection(asyncio.Protocol):
         self._waiter = None
         self._on_head = None
         self._ready = None
-        self._body = None
+        self.core.body = None
         self.close()
 
     abandon = _cancel
 
     def _lost(self, error: MeshError) -> None:
-        body, self._body = self._body, None
+        body, self.core.body = self.core.body, None
         if body is not None:
             body.fail(error)
         if self._sender is not None and not self._sender.done():
@@ -505,11 +346,3 @@ class H1ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
-
-
-def _last_chunk(trailers: Headers) -> bytes:
-    block = last_chunk(trailers)
-    if block is None:
-        log.error("dropped request trailers: %r cannot be written as HTTP/1.1", bad_field(trailers))
-        return b"0\r\n\r\n"
-    return block
