@@ -49,7 +49,9 @@ FRAMING_FIELDS = HOP_BY_HOP | {b"content-length", b"trailer", b"te"}
 # LENGTH (content-length) frame the message, which the writer does itself; BAD is not a
 # token and is never written. A name is classified by its lower-case form.
 PLAIN, HOP, LENGTH, BAD = 0, 1, 2, 3
-_LEARNED_MAX = 4096  # names remembered; HTTP/2 peers and apps can send any token
+# Names (and authorities) remembered, bounded in count and in size (so the tables hold at
+# most ~256 KiB): HTTP/2 peers and apps can send any token; past it, each is matched.
+_LEARNED_MAX, _LEARNED_SIZE_MAX = 4096, 64
 
 
 # A plain dict, looked up with `KINDS[name]` in a `try` (a subscript of an exact dict is
@@ -63,7 +65,7 @@ def kind_of(name: bytes) -> int:
     if _TOKEN.fullmatch(name) is None:
         return BAD  # refused wherever it appears: never remembered
     kind = KINDS.get(name.lower(), PLAIN)
-    if len(KINDS) < _LEARNED_MAX:
+    if len(KINDS) < _LEARNED_MAX and len(name) <= _LEARNED_SIZE_MAX:
         KINDS[name] = kind
     return kind
 
@@ -103,7 +105,7 @@ def request_head_ok(
         return True
     if _AUTHORITY.fullmatch(authority) is None:
         return False
-    if len(_AUTHORITIES) < _LEARNED_MAX:
+    if len(_AUTHORITIES) < _LEARNED_MAX and len(authority) <= _LEARNED_SIZE_MAX:
         _AUTHORITIES.add(authority)
     return True
 

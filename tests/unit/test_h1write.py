@@ -135,3 +135,19 @@ def test_response_fields_count_trailers_against_the_limit() -> None:
     fields.parser.feed_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
     fields.parser.feed_data(b"X-T: " + b"t" * 80 + b"\r\nX-")  # the next field began
     assert fields.count_trailers() == ("response trailers over 64 bytes (limits.max_header_bytes)")
+
+
+def test_names_and_authorities_learned_stay_bounded_in_size() -> None:
+    """(A token name or authority is remembered once checked, unless it is long: the
+    tables hold at most _LEARNED_MAX short entries; every one is still checked.)"""
+    from sidecar.proto import h1head
+
+    long_name = b"x" * (h1head._LEARNED_SIZE_MAX + 1)
+    assert h1head.kind_of(b"x-short-learned") == h1head.PLAIN
+    assert h1head.kind_of(long_name) == h1head.PLAIN
+    assert b"x-short-learned" in h1head.KINDS and long_name not in h1head.KINDS
+    assert h1head.kind_of(b"x y") == h1head.BAD and b"x y" not in h1head.KINDS
+    long_host = b"h" * (h1head._LEARNED_SIZE_MAX + 1)
+    head = b"GET / HTTP/1.1\r\nhost: " + long_host + b"\r\n\r\n"
+    assert h1head.request_head_ok(head, 3, b"GET", b"/", long_host)
+    assert long_host not in h1head._AUTHORITIES
