@@ -20,6 +20,7 @@ from hpack.huffman_constants import REQUEST_CODES_LENGTH
 from sidecar.proto.h1head import AUTHORITY_CHARS, TCHAR, TCHAR_LOWER
 
 __all__ = [
+    "HPACK_PASSED",
     "Malformed",
     "check_hpack_block",
     "check_trailers",
@@ -136,6 +137,17 @@ def _special(kind: int, name: bytes, value: bytes, length: int) -> int:
     return length
 
 
+def _regular(
+    kind: int, name: bytes, value: bytes, host: bytes | None, length: int
+) -> tuple[bytes | None, int]:
+    """A request's special regular field (`kind` not _PLAIN): (host, content-length)."""
+    if kind == _HOST:
+        if host is not None:
+            raise Malformed("a second host field")
+        return value, length
+    return host, _special(kind, name, value, length)
+
+
 def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     """The request's content-length (-1: none); Malformed (RFC 9113 8.2, 8.3.1) when a
     name or value is invalid, a pseudo-header is unknown, repeated or after a regular
@@ -143,12 +155,15 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     sidecar does not serve), there is no authority, or a connection-specific field or a
     `te` other than "trailers" is present."""
     seen = 0
-    regular = False
     length = -1
     method = path = scheme = b""
     authority: bytes | None = None
     host: bytes | None = None
-    for name, value in headers:
+    kind = 0
+    name = value = b""
+    fields = iter(headers)
+    # The pseudo-headers, up to the first regular field (8.3: they come first) ...
+    for name, value in fields:
         if value.translate(_FLAG_CONTROL).strip() is not value:
             raise _bad_value(name)
         try:
@@ -156,17 +171,9 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
         except KeyError:
             kind = _kind(name)
         if kind < _PSEUDO:
-            regular = True
-            if kind:
-                if kind == _HOST:
-                    if host is not None:
-                        raise Malformed("a second host field")
-                    host = value
-                else:
-                    length = _special(kind, name, value, length)
-            continue
-        if regular or seen & kind:
-            raise Malformed(f"pseudo-header {name!r} repeated or after a regular field")
+            break
+        if seen & kind:
+            raise Malformed(f"pseudo-header {name!r} repeated")
         seen |= kind
         if kind == _METHOD:
             method = value
@@ -176,6 +183,22 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
             scheme = value
         else:
             authority = value
+    else:
+        kind = 0  # pseudo-headers only
+    # ... then the regular fields, the first of them already looked up.
+    if kind:
+        host, length = _regular(kind, name, value, host, length)
+    for name, value in fields:
+        if value.translate(_FLAG_CONTROL).strip() is not value:
+            raise _bad_value(name)
+        try:
+            kind = _REQUEST_NAMES[name]
+        except KeyError:
+            kind = _kind(name)
+        if kind:
+            if kind >= _PSEUDO:
+                raise Malformed(f"pseudo-header {name!r} after a regular field")
+            host, length = _regular(kind, name, value, host, length)
     if seen | _AUTHORITY_BIT != _ALL_PSEUDO:
         raise Malformed("one of :method, :scheme, :path is missing")
     if method not in _COMMON_METHODS and _TOKEN(method) is None:
@@ -290,8 +313,8 @@ def _string(block: bytes, pos: int, decoded: bytes) -> int:
 # does not index, nginx's for one, repeats its response heads byte for byte) is not
 # walked again. Bounded: small blocks only, cleared when full (an attacker who fills it
 # gets the walk, the cost without it).
-_PASSED: dict[bytes, None] = {}
-_PASSED_MAX, _PASSED_MAX_BLOCK = 1024, 512
+HPACK_PASSED: dict[bytes, None] = {}
+HPACK_PASSED_MAX, HPACK_PASSED_MAX_BLOCK = 1024, 512
 
 
 def check_hpack_block(block: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
@@ -302,7 +325,7 @@ def check_hpack_block(block: bytes, headers: Sequence[tuple[bytes, bytes]]) -> N
     repeated head), and so is a block that passed before. The common one-byte integers
     are read inline."""
     end = len(block)
-    if end == len(headers) or block in _PASSED:
+    if end == len(headers) or block in HPACK_PASSED:
         return
     pos = field = 0
     try:
@@ -329,7 +352,7 @@ def check_hpack_block(block: bytes, headers: Sequence[tuple[bytes, bytes]]) -> N
                 field += 1
     except IndexError:  # the decoder and this walk disagree: refuse, never guess
         raise HpackViolation("header block structure not understood") from None
-    if end <= _PASSED_MAX_BLOCK:
-        if len(_PASSED) >= _PASSED_MAX:
-            _PASSED.clear()
-        _PASSED[block] = None
+    if end <= HPACK_PASSED_MAX_BLOCK:
+        if len(HPACK_PASSED) >= HPACK_PASSED_MAX:
+            HPACK_PASSED.clear()
+        HPACK_PASSED[block] = None

@@ -850,17 +850,17 @@ def test_7541_5_2_a_passed_block_is_remembered_and_a_bad_one_never() -> None:
     is not walked again, on any connection; a refused one is refused every time; the
     memo stays within its bound.)"""
     good, bad = _HEAD + b"\x81\x63", _HEAD + b"\x81\x60"
-    h2fields._PASSED.clear()
+    h2fields.HPACK_PASSED.clear()
     Peer().send(raw_headers(1, good))
-    assert good in h2fields._PASSED
+    assert good in h2fields.HPACK_PASSED
     for _ in range(2):
         assert Peer().connection_error(raw_headers(1, bad)) == E.COMPRESSION_ERROR
-        assert bad not in h2fields._PASSED
-    for i in range(h2fields._PASSED_MAX):
-        h2fields._PASSED[i.to_bytes(4, "big")] = None  # filled by an attacker
+        assert bad not in h2fields.HPACK_PASSED
+    for i in range(h2fields.HPACK_PASSED_MAX):
+        h2fields.HPACK_PASSED[i.to_bytes(4, "big")] = None  # filled by an attacker
     other = _HEAD + b"\x83\x60\x71\xff"  # "/ab", padded with seven ones
     Peer().send(raw_headers(1, other))
-    assert list(h2fields._PASSED) == [other]
+    assert list(h2fields.HPACK_PASSED) == [other]
 
 
 # -- what a connection may make the engine hold (issue 15, finding 9) ----------------
