@@ -33,9 +33,10 @@ from sidecar.lb import RoundRobin
 from sidecar.listener import Listener
 from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
 from sidecar.process import ControlledProcess, write_ports
-from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
+from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler, TlsInboundHandler
 from sidecar.routing import Router
 from sidecar.serving import Admission, ListenerContext
+from sidecar.tls.setup import MeshTls
 from sidecar.tracing import Tracing, from_env
 from sidecar.upstream.h1pool import H1Pool
 from sidecar.upstream.h2pool import H2Pool
@@ -67,6 +68,8 @@ class Sidecar(ControlledProcess):
         self.ports: dict[str, int] = {}
         self.handlers: tuple[CallHandler, ...] = ()
         self._drain_task: asyncio.Task[None] | None = None
+        # mTLS (tls.mode permissive or strict): the material, its source, the contexts.
+        self.tls = MeshTls.from_config(cfg) if cfg.tls.mode != "disable" else None
 
     # -- AdminState --
     def clusters_snapshot(self) -> dict[str, Any]:
@@ -117,7 +120,20 @@ class Sidecar(ControlledProcess):
         outbound = OutboundHandler(
             cfg, router, self.clusters, self.metrics, self.access_log, self.tracing
         )
-        inbound = InboundHandler(cfg, self.app_cluster, self.metrics, self.access_log, self.tracing)
+        inbound_tls = None
+        if self.tls is not None:
+            self.tls.start(asyncio.get_running_loop())
+            inbound_tls = self.tls.inbound("inbound")
+            refused = self.metrics.tls_refused
+            inbound_tls.on_refuse = lambda reason: refused.labels("inbound", reason).inc()
+            self.tls.source.on_expired = self.metrics.tls_certificate_expired.inc
+            inbound: InboundHandler = TlsInboundHandler(
+                cfg, self.app_cluster, self.metrics, self.access_log, self.tracing, inbound_tls
+            )
+        else:
+            inbound = InboundHandler(
+                cfg, self.app_cluster, self.metrics, self.access_log, self.tracing
+            )
         self.handlers = (outbound, inbound)
         budget = BufferBudget(
             cfg.filters.max_buffered_request_bytes, self.metrics.buffer_budget_refusals.inc
@@ -133,7 +149,13 @@ class Sidecar(ControlledProcess):
             ctx.on_accept = self.metrics.downstream_connections.labels(name).inc
             ctx.on_refuse = self._refusal_counter(name)
             ctx.on_timeout = self._timeout_counter(name)
-            listener = Listener(ctx, spec.host, spec.port, reuse_port=self.worker is not None)
+            listener = Listener(
+                ctx,
+                spec.host,
+                spec.port,
+                reuse_port=self.worker is not None,
+                tls=inbound_tls if name == "inbound" else None,
+            )
             self.ports[name] = await listener.start()
             self.listeners[name] = listener
         if cfg.listeners.capture.enabled:  # transparent interception (docs/transparent.md)
@@ -233,6 +255,8 @@ class Sidecar(ControlledProcess):
         if self.admin is not None:
             await self.admin.close()
         await self.discovery.close()
+        if self.tls is not None:
+            self.tls.close()
         self.access_log.close()
         self.tracing.shutdown()
         self.metrics.close()  # a worker's last figures, for the supervisor
