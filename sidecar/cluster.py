@@ -23,6 +23,7 @@ from sidecar.health import ActiveChecker, HealthChecks, Outcome, OutlierDetector
 from sidecar.lb import Balancer, make_balancer
 from sidecar.messages import Request, Response
 from sidecar.metrics import Metrics
+from sidecar.tls.upstream import UpstreamTls
 from sidecar.upstream.h1pool import H1Pool
 from sidecar.upstream.h2pool import H2Pool
 from sidecar.upstream.pool import Pool, PoolLimits
@@ -376,15 +377,32 @@ class ReportsToMetrics(Protocol):
 class ClusterManager:
     """One cluster per service the local app calls, created on first use."""
 
-    def __init__(self, cfg: SidecarConfig, discovery: Discovery, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: SidecarConfig,
+        discovery: Discovery,
+        metrics: Metrics,
+        tls: UpstreamTls | None = None,
+    ) -> None:
         self.cfg = cfg
         self.discovery = discovery
         self.metrics = metrics
+        self.tls = tls  # mTLS to peer sidecars; None: plaintext (tls.mode: disable)
         self.clusters: dict[str, Cluster] = {}
         # The manager is where discovery meets the metrics registry (it already turns
         # endpoint updates into gauges), so it hands the registry to the backend too.
         if isinstance(discovery, ReportsToMetrics):
             discovery.bind_metrics(metrics)
+
+    def _endpoint_at(self, service: str) -> Callable[[str, int], Endpoint]:
+        def endpoint_at(host: str, port: int) -> Endpoint:
+            cluster = self.clusters.get(service)
+            for endpoint in cluster.endpoints if cluster is not None else ():
+                if endpoint.host == host and endpoint.port == port:
+                    return endpoint
+            return Endpoint(host, port)
+
+        return endpoint_at
 
     def knows(self, service: str) -> bool:
         return service in self.clusters or service in self.discovery.services()
@@ -406,10 +424,17 @@ class ClusterManager:
         limits = pool_limits(cfg, service)
         pool: Pool
         if up.protocol == "h2c":
-            pool = H2Pool(service, limits, self.metrics)
+            pool = H2Pool(service, limits, self.metrics, tls=self.tls)
         else:
+            connect = None
+            if self.tls is not None:
+                connect = self.tls.h1_connect(service, self._endpoint_at(service))
             pool = H1Pool(
-                service, limits, self.metrics, max_header_bytes=cfg.limits.max_header_bytes
+                service,
+                limits,
+                self.metrics,
+                connect=connect,
+                max_header_bytes=cfg.limits.max_header_bytes,
             )
         cluster = Cluster(
             service,

@@ -58,7 +58,13 @@ class Sidecar(ControlledProcess):
         self.metrics = Metrics()
         self.metrics_registry: CollectorRegistry = self.metrics.registry
         self.discovery = create_discovery(cfg)
-        self.clusters = ClusterManager(cfg, self.discovery, self.metrics)
+        # mTLS (tls.mode permissive or strict): the material, its source, the contexts.
+        self.tls = MeshTls.from_config(cfg) if cfg.tls.mode != "disable" else None
+        upstream_tls = self.tls.upstream() if self.tls is not None else None
+        if upstream_tls is not None:
+            refused = self.metrics.tls_refused
+            upstream_tls.on_refuse = lambda reason: refused.labels("upstream", reason).inc()
+        self.clusters = ClusterManager(cfg, self.discovery, self.metrics, upstream_tls)
         self.access_log = AccessLog(cfg.log.access_log)
         self.listeners: dict[str, Listener] = {}
         self.admission = Admission()  # its fd budget is set once everything else is open
@@ -68,10 +74,13 @@ class Sidecar(ControlledProcess):
         self.ports: dict[str, int] = {}
         self.handlers: tuple[CallHandler, ...] = ()
         self._drain_task: asyncio.Task[None] | None = None
-        # mTLS (tls.mode permissive or strict): the material, its source, the contexts.
-        self.tls = MeshTls.from_config(cfg) if cfg.tls.mode != "disable" else None
 
     # -- AdminState --
+    def certs_snapshot(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {"mode": "disable"}
+        return self.tls.snapshot()
+
     def clusters_snapshot(self) -> dict[str, Any]:
         snapshot: dict[str, Any] = {"outbound": self.clusters.snapshot()}
         if self.app_cluster is not None:

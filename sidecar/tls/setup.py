@@ -8,6 +8,7 @@ from sidecar.tls import spiffe
 from sidecar.tls.contexts import TlsState
 from sidecar.tls.inbound import InboundTls
 from sidecar.tls.sources import DevSource, FileSource, Scheduler, Source
+from sidecar.tls.upstream import UpstreamTls
 
 
 class MeshTls:
@@ -44,6 +45,9 @@ class MeshTls:
         self.inbound_tls = InboundTls(self.mode, self.state, self.handshake_timeout, listener)
         return self.inbound_tls
 
+    def upstream(self) -> UpstreamTls:
+        return UpstreamTls(self.state, self.expected_identity, self.handshake_timeout)
+
     def expected_identity(self, service: str, registered: str = "") -> str:
         """Secure naming: the SPIFFE ID `service`'s sidecars must present. The config's
         `services.<name>.identity`, else what the registry entry names, else the default."""
@@ -52,6 +56,18 @@ class MeshTls:
             or registered
             or spiffe.service_id(self.trust_domain, service)
         )
+
+    def snapshot(self) -> dict[str, object]:
+        """What admin /certs shows."""
+        material = self.state.material
+        return {
+            "mode": self.mode,
+            "trust_domain": self.trust_domain,
+            "source": self.source.name,
+            "generation": self.state.generation,  # 1: the material loaded at start
+            "expired": self.source.now() >= material.not_after,
+            **material.describe(),
+        }
 
     def close(self) -> None:
         self.source.close()
