@@ -191,3 +191,44 @@ def test_file_rotation_under_load_fails_no_call(mesh: Mesh) -> None:
         thread.join(30)
     assert len(results) > 20
     assert results.count(200) == len(results), {s: results.count(s) for s in set(results)}
+
+
+def test_dev_renewal_under_load_and_clean_stop(mesh: Mesh) -> None:
+    # ttl 3 s: each sidecar issues itself a new leaf every 2 s.
+    extra = {"tls": _dev_tls(mesh, dev={"ca_dir": str(mesh.workdir / "devca"), "ttl": 3})}
+    _, inventory = mesh.service("inventory", extra)
+    _, payment = mesh.service("payment", extra)
+    mesh.wait_endpoints(payment, "inventory", 1)
+    statuses: list[int] = []
+    with httpx.Client() as client:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{inventory.admin}/certs", timeout=5).json()["generation"] < 3:
+            assert time.monotonic() < deadline, "the dev source never renewed"
+            for _ in range(10):
+                statuses.append(_call(payment, client=client).status_code)
+    assert statuses and statuses.count(200) == len(statuses)
+    assert httpx.get(f"{payment.admin}/certs", timeout=5).json()["generation"] >= 2
+    # The pooled connection outlived the leaves it was made with; new ones use the current.
+    assert _call(payment).status_code == 200
+    inventory.signal()
+    assert inventory.wait() == 0
+
+
+def test_strict_mesh_with_workers(mesh: Mesh) -> None:
+    """workers: 2: each worker binds the inbound port itself (SO_REUSEPORT) and issues its
+    own leaf; new connections, spread over the workers by the kernel, are all mTLS."""
+    extra = {"tls": _dev_tls(mesh)}
+    _, inventory = mesh.service("inventory", {**extra, "workers": 2})
+    _, payment = mesh.service("payment", extra)
+    mesh.wait_endpoints(payment, "inventory", 1)
+    assert _call(payment).status_code == 200
+    ca_dir = mesh.workdir / "devca"
+    chain, key = devca.issue(devca.load_ca(ca_dir), spiffe_id("payment"), 600)
+    client = tlscerts.Leaf(chain, key).write(mesh.workdir / "client", "payment")
+    for _ in range(20):
+        reply = tls_call(inventory.ports["inbound"], str(ca_dir / devca.CA_CERT), client)
+        assert isinstance(reply, bytes) and reply.startswith(b"HTTP/1.1 200"), reply
+    workers = httpx.get(f"{inventory.admin}/certs", timeout=5).json()["workers"]
+    assert len(workers) == 2
+    for worker in workers:
+        assert httpx.get(worker["certs"], timeout=5).json()["identity"] == spiffe_id("inventory")
