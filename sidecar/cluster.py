@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from sidecar.config import HealthCheckConfig, OutlierConfig, SidecarConfig
@@ -63,6 +63,7 @@ class Cluster:
         metrics: Metrics | None = None,
         resend_unavailable: bool = False,
         now: Callable[[], float] = time.monotonic,
+        probe: Callable[[Endpoint], Awaitable[bool]] | None = None,
     ) -> None:
         self.name = name
         self.pool = pool
@@ -83,7 +84,7 @@ class Cluster:
         self._checker: ActiveChecker | None = None
         if health_check is not None and health_check.enabled:
             self.health = HealthChecks(health_check, on_change=self._rebuild)
-            self._checker = ActiveChecker(health_check, self.health)
+            self._checker = ActiveChecker(health_check, self.health, probe)
         # Healthy endpoints (any zone), and the ones calls go to first (the caller's zone).
         self._healthy: tuple[Endpoint, ...] = ()
         self._preferred: tuple[Endpoint, ...] = ()
@@ -436,6 +437,10 @@ class ClusterManager:
                 connect=connect,
                 max_header_bytes=cfg.limits.max_header_bytes,
             )
+        health_check = (override and override.health_check) or up.health_check
+        probe = None
+        if self.tls is not None and health_check.enabled:  # the peers take mTLS only
+            probe = self.tls.health_probe(service, health_check.path, health_check.timeout)
         cluster = Cluster(
             service,
             pool,
@@ -443,9 +448,10 @@ class ClusterManager:
             zone=cfg.service.zone if up.zone_aware else "",
             hash_header=hash_header,
             outlier=(override and override.outlier) or up.outlier,
-            health_check=(override and override.health_check) or up.health_check,
+            health_check=health_check,
             metrics=self.metrics,
             resend_unavailable=True,
+            probe=probe,
         )
         if endpoints:
             cluster.update(endpoints)

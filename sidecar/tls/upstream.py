@@ -7,13 +7,14 @@ ID the target service is known by (`MeshTls.expected_identity`), not just any va
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from sidecar.discovery.base import Endpoint, registered_identity
-from sidecar.errors import UpstreamIdentityError
+from sidecar.errors import MeshError, UpstreamIdentityError
 from sidecar.tls.contexts import ALPN_HTTP1, PeerRefused, TlsState, peer_identity
 
 log = logging.getLogger("sidecar.tls")
@@ -108,3 +109,34 @@ class UpstreamTls:
             return transport, proto
 
         return connect
+
+    def health_probe(
+        self, service: str, path: str, timeout: float
+    ) -> Callable[[Endpoint], Awaitable[bool]]:
+        """Active health checks over mTLS: GET `path` on a fresh connection to a peer that
+        proves to be `service`; True on a 2xx within `timeout` (health.http_probe's rule)."""
+
+        async def probe(endpoint: Endpoint) -> bool:
+            writer: asyncio.StreamWriter | None = None
+            try:
+                async with asyncio.timeout(timeout):
+                    reader, writer = await asyncio.open_connection(
+                        endpoint.host, endpoint.port, ssl=self.context(ALPN_HTTP1)
+                    )
+                    self.verify(writer.transport, service, endpoint, ALPN_HTTP1, writer.close)
+                    writer.write(
+                        f"GET {path} HTTP/1.1\r\nHost: {endpoint.address}\r\n"
+                        "User-Agent: opus-health\r\nConnection: close\r\n\r\n".encode("latin-1")
+                    )
+                    status_line = await reader.readline()
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, MeshError):
+                return False
+            finally:
+                if writer is not None:
+                    writer.close()
+                    with contextlib.suppress(Exception):
+                        await writer.wait_closed()
+            parts = status_line.split(None, 2)
+            return len(parts) >= 2 and parts[1][:1] == b"2" and len(parts[1]) == 3
+
+        return probe

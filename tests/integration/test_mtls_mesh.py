@@ -232,3 +232,29 @@ def test_strict_mesh_with_workers(mesh: Mesh) -> None:
     assert len(workers) == 2
     for worker in workers:
         assert httpx.get(worker["certs"], timeout=5).json()["identity"] == spiffe_id("inventory")
+
+
+def test_active_health_checks_over_mtls(mesh: Mesh) -> None:
+    ca = tlscerts.ca(TD)
+    checks = {"upstream": {"health_check": {"enabled": True, "interval": 0.1, "path": "/health"}}}
+    _, _inventory = mesh.service(
+        "inventory", {"tls": file_tls(mesh.workdir / "inv", ca, "inventory")}
+    )
+    _, _impostor = mesh.service("catalog", {"tls": file_tls(mesh.workdir / "imp", ca, "billing")})
+    _, payment = mesh.service(
+        "payment", {"tls": file_tls(mesh.workdir / "pay", ca, "payment"), **checks}
+    )
+    mesh.wait_endpoints(payment, "inventory", 1)
+    mesh.wait_endpoints(payment, "catalog", 1)
+    deadline = time.monotonic() + 10
+    while True:
+        clusters = httpx.get(f"{payment.admin}/clusters", timeout=5).json()["outbound"]
+        health = {
+            name: [e["health"] for e in clusters[name]["endpoints"]]
+            for name in ("inventory", "catalog")
+        }
+        if health == {"inventory": ["healthy"], "catalog": ["unhealthy"]}:
+            break
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    assert _call(payment).status_code == 200
