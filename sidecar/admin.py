@@ -59,6 +59,10 @@ class AdminState(Protocol):
         """The effective config, secrets redacted."""
         ...
 
+    def certs_snapshot(self) -> dict[str, Any]:
+        """mTLS: the sidecar's certificate and the trust bundle's roots (Envoy's /certs)."""
+        ...
+
     def set_log_level(self, level: str) -> None: ...
 
     async def reload_config(self, trigger: str) -> dict[str, Any]:
@@ -128,6 +132,7 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/clusters", self._clusters)
         app.router.add_get("/config_dump", self._config_dump)
+        app.router.add_get("/certs", self._certs)
         app.router.add_get("/stats", self._stats)
         app.router.add_get("/debug/tasks", self._tasks)
         app.router.add_post("/drain", self._drain)
@@ -192,6 +197,10 @@ class AdminServer:
 
     async def _config_dump(self, request: web.Request) -> web.Response:
         text = json.dumps(self._state.config_dump(), indent=2, sort_keys=True)
+        return web.Response(body=text.encode(), content_type=_JSON)
+
+    async def _certs(self, request: web.Request) -> web.Response:
+        text = json.dumps(self._state.certs_snapshot(), indent=2, sort_keys=True)
         return web.Response(body=text.encode(), content_type=_JSON)
 
     async def _stats(self, request: web.Request) -> web.Response:

@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     stat.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     stat.add_argument("--once", action="store_true", help="print one table and exit")
 
+    ca = commands.add_parser("ca", help="the built-in dev CA for mTLS (tls.source: dev)")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True, metavar="CA_COMMAND")
+    ca_init = ca_commands.add_parser("init", help="make a trust domain's root CA in DIR")
+    ca_init.add_argument("dir", metavar="DIR")
+    ca_init.add_argument("--trust-domain", required=True, help="e.g. mesh.local")
+
     # These parse their own flags; add_help=False lets `demo -h` reach the demo too.
     commands.add_parser(
         "iptables", help="print or apply the transparent-interception rules", add_help=False
@@ -91,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "check-config":
         return _check_config(args.file, args.running)
+    if args.command == "ca":
+        return _ca_init(args.dir, args.trust_domain)
     if args.command == "stat":
         from sidecar.stat import run as stat_run
 
@@ -141,6 +149,24 @@ def _run(
     from sidecar.server import run_sidecar
 
     return run_sidecar(cfg, ports_file=ports_file, config_path=config_path, worker=worker)
+
+
+def _ca_init(directory: str, trust_domain: str) -> int:
+    from pathlib import Path
+
+    from sidecar.tls import devca, spiffe
+    from sidecar.tls.material import MaterialError
+
+    try:
+        ca = devca.init_ca(Path(directory), trust_domain)
+    except (MaterialError, spiffe.SpiffeError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"dev CA for spiffe://{ca.trust_domain} written to {directory}")
+    td = ca.trust_domain
+    print(f"sidecars use it with: tls: {{mode: strict, trust_domain: {td}, source: dev,")
+    print(f"                             dev: {{ca_dir: {directory}}}}}")
+    return 0
 
 
 def _check_config(path: str, running_path: str | None = None) -> int:

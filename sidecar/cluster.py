@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 from sidecar.config import (
@@ -29,6 +29,7 @@ from sidecar.health import ActiveChecker, HealthChecks, Outcome, OutlierDetector
 from sidecar.lb import Balancer, make_balancer
 from sidecar.messages import Request, Response
 from sidecar.metrics import Metrics
+from sidecar.tls.upstream import UpstreamTls
 from sidecar.upstream.h1pool import H1Pool
 from sidecar.upstream.h2pool import H2Pool
 from sidecar.upstream.pool import Pool, PoolLimits
@@ -68,6 +69,7 @@ class Cluster:
         metrics: Metrics | None = None,
         resend_unavailable: bool = False,
         now: Callable[[], float] = time.monotonic,
+        probe: Callable[[Endpoint], Awaitable[bool]] | None = None,
     ) -> None:
         self.name = name
         self.pool = pool
@@ -88,7 +90,7 @@ class Cluster:
         self._checker: ActiveChecker | None = None
         if health_check is not None and health_check.enabled:
             self.health = HealthChecks(health_check, on_change=self._rebuild)
-            self._checker = ActiveChecker(health_check, self.health)
+            self._checker = ActiveChecker(health_check, self.health, probe)
         # Healthy endpoints (any zone), and the ones calls go to first (the caller's zone).
         self._healthy: tuple[Endpoint, ...] = ()
         self._preferred: tuple[Endpoint, ...] = ()
@@ -384,15 +386,32 @@ class ReportsToMetrics(Protocol):
 class ClusterManager:
     """One cluster per service the local app calls, created on first use."""
 
-    def __init__(self, cfg: SidecarConfig, discovery: Discovery, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: SidecarConfig,
+        discovery: Discovery,
+        metrics: Metrics,
+        tls: UpstreamTls | None = None,
+    ) -> None:
         self.cfg = cfg
         self.discovery = discovery
         self.metrics = metrics
+        self.tls = tls  # mTLS to peer sidecars; None: plaintext (tls.mode: disable)
         self.clusters: dict[str, Cluster] = {}
         # The manager is where discovery meets the metrics registry (it already turns
         # endpoint updates into gauges), so it hands the registry to the backend too.
         if isinstance(discovery, ReportsToMetrics):
             discovery.bind_metrics(metrics)
+
+    def _endpoint_at(self, service: str) -> Callable[[str, int], Endpoint]:
+        def endpoint_at(host: str, port: int) -> Endpoint:
+            cluster = self.clusters.get(service)
+            for endpoint in cluster.endpoints if cluster is not None else ():
+                if endpoint.host == host and endpoint.port == port:
+                    return endpoint
+            return Endpoint(host, port)
+
+        return endpoint_at
 
     def knows(self, service: str) -> bool:
         return service in self.clusters or service in self.discovery.services()
@@ -421,9 +440,22 @@ class ClusterManager:
         limits = _limits(settings)
         pool: Pool
         if settings.protocol == "h2c":
-            pool = H2Pool(service, limits, self.metrics)
+            pool = H2Pool(service, limits, self.metrics, tls=self.tls)
         else:
-            pool = H1Pool(service, limits, self.metrics, max_header_bytes=settings.max_header_bytes)
+            connect = None
+            if self.tls is not None:
+                connect = self.tls.h1_connect(service, self._endpoint_at(service))
+            pool = H1Pool(
+                service,
+                limits,
+                self.metrics,
+                connect=connect,
+                max_header_bytes=settings.max_header_bytes,
+            )
+        health_check = settings.health_check
+        probe = None
+        if self.tls is not None and health_check.enabled:  # the peers take mTLS only
+            probe = self.tls.health_probe(service, health_check.path, health_check.timeout)
         return Cluster(
             service,
             pool,
@@ -431,9 +463,10 @@ class ClusterManager:
             zone=settings.zone,
             hash_header=settings.hash_header,
             outlier=settings.outlier,
-            health_check=settings.health_check,
+            health_check=health_check,
             metrics=self.metrics,
             resend_unavailable=True,
+            probe=probe,
         )
 
     def reconfigure(self, cfg: SidecarConfig) -> list[Cluster]:

@@ -55,6 +55,11 @@ class UpstreamConnectError(MeshError):
     flag = "UF"
 
 
+class UpstreamIdentityError(UpstreamConnectError):
+    """mTLS: the peer's certificate is valid but names another workload than the target
+    service's (secure naming), or the handshake failed; nothing was sent to it."""
+
+
 class StreamRefused(MeshError):
     """The peer refused the stream unprocessed (REFUSED_STREAM, above GOAWAY's last id)."""
 

@@ -3,6 +3,14 @@ told apart by the connection's first bytes, and hands every request to one handl
 
 A new connection is first admitted or refused against the limits its context keeps
 (`sidecar.serving.ListenerContext.refusal`); a refused one is closed at once.
+
+With mTLS (`tls.mode` permissive or strict, `sidecar.tls.inbound.InboundTls`) the
+listener accepts itself: it peeks at a new connection's first byte without reading it
+(0x16, a TLS handshake record, or anything else), hands a TLS one to the loop's TLS
+transport (`connect_accepted_socket`, bounded by `tls.handshake_timeout`) and a
+plaintext one, in permissive mode, to the plaintext path as before; strict mode refuses
+it. The caller's verified SPIFFE ID is recorded before its first request is read. With
+`tls.mode: disable` none of this runs: the loop's own server accepts, as it always has.
 """
 
 from __future__ import annotations
@@ -10,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import cast
+import ssl
+from typing import Any, cast
 
 from sidecar.adapters.h1server import H1ServerProtocol
 from sidecar.adapters.h2server import H2ServerProtocol
 from sidecar.serving import ListenerContext
+from sidecar.tls.contexts import PeerRefused, peer_identity
+from sidecar.tls.inbound import TLS_HANDSHAKE, InboundTls, peer_key
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -107,24 +118,162 @@ class _Detect(asyncio.Protocol):
             self._timer = None
 
 
+class _TlsDetect(_Detect):
+    """_Detect behind a finished TLS handshake: the caller's certificate chain is
+    verified (OpenSSL did that); its SPIFFE ID is checked and recorded first."""
+
+    def __init__(self, ctx: ListenerContext, tls: InboundTls, pending: _Accepted) -> None:
+        super().__init__(ctx)
+        self.tls = tls
+        self.pending = pending
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.ctx.connections.discard(self.pending)  # it counted while handshaking
+        peer = self.pending.peer
+        try:
+            identity = peer_identity(
+                transport.get_extra_info("ssl_object"), self.tls.state.trust_domain
+            )
+        except PeerRefused as exc:
+            self.tls.refuse("identity", peer, str(exc))
+            cast("asyncio.Transport", transport).abort()
+            return
+        self.tls.verified(peer, identity, transport)
+        super().connection_made(transport)
+
+
+def _handshake_refusal(exc: BaseException) -> tuple[str, str]:
+    """(reason, detail) for a handshake that failed."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "certificate", exc.verify_message or str(exc)
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_certificate", "the client sent no certificate"
+        if "PROTOCOL" in reason or "VERSION" in reason:
+            return "protocol_version", f"{reason} (tls.min_version)"
+        return "handshake", str(exc)
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
+        return "handshake_timeout", "the handshake did not finish within tls.handshake_timeout"
+    return "handshake", str(exc) or type(exc).__name__
+
+
+class _Accepted:
+    """A connection the TLS listener accepted and has not handed on yet: it waits for the
+    first byte (limits.preface_timeout), then for its handshake (tls.handshake_timeout).
+    It is in the context's connections meanwhile, so limits and drain see it."""
+
+    def __init__(self, listener: Listener, sock: socket.socket, peer: str) -> None:
+        self.listener = listener
+        self.sock = sock
+        self.peer = peer
+        self.loop = listener.loop
+        self.task: asyncio.Task[Any] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.reading = False
+
+    def wait_first_byte(self) -> None:
+        self.reading = True
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        self.timer = self.loop.call_later(self.listener.ctx.limits.preface_timeout, self._timed_out)
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _drop(self) -> None:
+        self._stop_reading()
+        self.listener.ctx.connections.discard(self)
+        self.sock.close()
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.listener.ctx.timed_out("preface", self.peer)
+        self._drop()
+
+    def _readable(self) -> None:
+        try:
+            first = self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            first = b""
+        self._stop_reading()
+        tls = self.listener.tls
+        assert tls is not None
+        if not first:
+            self._drop()
+        elif first[0] == TLS_HANDSHAKE:
+            self.task = self.loop.create_task(self._handshake(tls))
+        elif tls.mode == "strict":
+            tls.refuse("plaintext", self.peer, "plaintext to a port that takes only mTLS")
+            self._drop()
+        else:
+            tls.plaintext_caller(self.peer)
+            self.listener.ctx.connections.discard(self)  # _Detect takes its place
+            self.task = self.loop.create_task(self._plaintext())
+
+    async def _handshake(self, tls: InboundTls) -> None:
+        ctx = self.listener.ctx
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: _TlsDetect(ctx, tls, self),
+                self.sock,
+                ssl=tls.state.server,
+                ssl_handshake_timeout=tls.handshake_timeout,
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            reason, detail = _handshake_refusal(exc)
+            tls.refuse(reason, self.peer, detail)
+        finally:
+            ctx.connections.discard(self)
+
+    async def _plaintext(self) -> None:
+        ctx = self.listener.ctx
+        with contextlib.suppress(OSError):
+            await self.loop.connect_accepted_socket(lambda: _Detect(ctx), self.sock)
+
+    def close_if_idle(self) -> None:
+        """Draining: not a call on it yet."""
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            self._drop()
+
+
 class Listener:
     def __init__(
-        self, ctx: ListenerContext, host: str, port: int, reuse_port: bool = False
+        self,
+        ctx: ListenerContext,
+        host: str,
+        port: int,
+        reuse_port: bool = False,
+        tls: InboundTls | None = None,
     ) -> None:
         self.ctx = ctx
         self.host = host
         self.port = port
         self.reuse_port = reuse_port  # a worker sharing the port with its siblings
+        self.tls = tls  # None: plaintext only, accepted by the loop's server
         self.server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None  # the TLS listener's own listening socket
 
     async def start(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        if self.tls is not None:
+            return self._start_tls()
         self.server = await self.bind(self.host, self.port)
         self.port = _bound_port(self.server, self.port)
         return self.port
 
     async def bind(self, host: str, port: int) -> asyncio.Server:
         """A server on `host:port` for this listener's connections (a reload binds the
-        new address first, then `rebind()`s, so a port that cannot be had changes nothing)."""
+        new address first, then `rebind()`s, so a port that cannot be had changes nothing).
+        Plaintext listeners only: a TLS listener's address is fixed until a restart."""
         ctx = self.ctx
         return await asyncio.get_running_loop().create_server(
             lambda: _Detect(ctx),
@@ -144,9 +293,56 @@ class Listener:
         self.host, self.port = host, _bound_port(server, port)
         return self.port
 
+    def _start_tls(self) -> int:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server(
+            (self.host, self.port),
+            family=family,
+            backlog=1024,
+            reuse_port=self.reuse_port,
+        )
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self.loop.add_reader(sock.fileno(), self._acceptable)
+        return self.port
+
+    def _acceptable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(64):  # a burst at a time, then the loop's other work
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of fds, say: the listen queue holds them
+                self.ctx.log.warning("accept on %s failed: %s", self.ctx.name, exc)
+                return
+            self._accepted(conn, addr)
+
+    def _accepted(self, conn: socket.socket, addr: Any) -> None:
+        ctx = self.ctx
+        conn.setblocking(False)
+        refusal = ctx.refusal()
+        if refusal is not None:
+            conn.close()
+            ctx.refused(refusal, self.loop.time())
+            return
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # the handshake's flights too
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pending = _Accepted(self, conn, peer_key(addr))
+        ctx.connections.add(pending)
+        pending.wait_first_byte()
+
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self._sock is not None:
+            self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
 
     def begin_drain(self) -> None:
         """Stop taking calls: GOAWAY on HTTP/2, close idle HTTP/1.1 keep-alives."""
@@ -172,6 +368,16 @@ class Listener:
         return True
 
     async def close(self) -> None:
+        if self.tls is not None:
+            self.stop_accepting()
+            for conn in tuple(self.ctx.connections):
+                if isinstance(conn, _Accepted):
+                    conn.close_if_idle()
+                    continue
+                transport = getattr(conn, "transport", None)
+                if transport is not None:
+                    transport.close()
+            return
         if self.server is not None:
             self.server.close()
             for conn in tuple(self.ctx.connections):

@@ -189,6 +189,27 @@ class Metrics:
             ["listener", "timeout"],
             registry=r,
         )
+        self.tls_refused = Counter(
+            "opus_tls_refused_connections",
+            "mTLS: connections refused, by listener (an inbound one, or upstream for the "
+            "pools' handshakes) and reason (plaintext, certificate, no_certificate, "
+            "identity, protocol_version, handshake_timeout, handshake).",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.tls_peer_requests = Counter(
+            "opus_tls_peer_requests",
+            "mTLS inbound: calls by the caller's verified SPIFFE ID (none: plaintext in "
+            "permissive mode).",
+            ["identity"],
+            registry=r,
+        )
+        self.tls_certificate_expired = Counter(
+            "opus_tls_certificate_expired",
+            "Times the sidecar's own certificate was found past its not-after with no "
+            "new one in hand (alert on any increase).",
+            registry=r,
+        )
         self.upstream_connections = Gauge(
             "opus_upstream_connections",
             "Upstream connections open now, by cluster and protocol.",

@@ -53,6 +53,7 @@ from sidecar.messages import (
 from sidecar.metrics import Metrics
 from sidecar.routing import INVOKE_PREFIX, Router, upstream_path
 from sidecar.serving import ImmediateSink, ResponseSink, TaskWork
+from sidecar.tls.inbound import InboundTls
 from sidecar.tracing import Tracing, grpc_status_of, incoming_trace_id
 from sidecar.traffic.fault import FaultFilter
 from sidecar.traffic.mirror import MirrorFilter
@@ -143,6 +144,8 @@ class CallHandler:
         self.filters: list[Filter] = []  # every filter built, to close them at shutdown
         self._last_endpoint: Endpoint | None = None  # and its address, for x-opus-upstream
         self._last_address = b""
+        # mTLS inbound: callers' verified identities, for the access log's peer_identity.
+        self.tls: InboundTls | None = None
 
     def build_chain(self, specs: tuple[FilterSpec, ...], cluster: Cluster, key: str) -> Next:
         ctx = FilterContext(self.direction, self.cfg.service.name, self.metrics.filters)
@@ -301,27 +304,28 @@ class CallHandler:
             flags = call._flags
             if call._local_reply_by and flags == "-":
                 flags = "LR"
-            self.access_log.write(
-                record(
-                    start=time.time() - duration,
-                    direction=self.direction,
-                    service=call.service,
-                    method=request.method.decode("latin-1"),
-                    path=request.path.decode("latin-1"),
-                    authority=request.authority.decode("latin-1"),
-                    protocol=request.protocol,
-                    status=status,
-                    duration_s=duration,
-                    upstream=call._endpoint.address if call._endpoint is not None else "-",
-                    bytes_in=request.body.received,
-                    bytes_out=sent,
-                    flags=flags if not call._local_reply_by else f"{flags}:{call._local_reply_by}",
-                    trace_id=trace_id,
-                    route=call._route,
-                    grpc_status=grpc_status,
-                    tries=call._tries,
-                )
+            entry = record(
+                start=time.time() - duration,
+                direction=self.direction,
+                service=call.service,
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                authority=request.authority.decode("latin-1"),
+                protocol=request.protocol,
+                status=status,
+                duration_s=duration,
+                upstream=call._endpoint.address if call._endpoint is not None else "-",
+                bytes_in=request.body.received,
+                bytes_out=sent,
+                flags=flags if not call._local_reply_by else f"{flags}:{call._local_reply_by}",
+                trace_id=trace_id,
+                route=call._route,
+                grpc_status=grpc_status,
+                tries=call._tries,
             )
+            if self.tls is not None:
+                entry["peer_identity"] = self.tls.identity(request.peer) or "-"
+            self.access_log.write(entry)
 
     def close(self) -> None:
         for flt in self.filters:
@@ -660,3 +664,56 @@ class InboundHandler(CallHandler):
         call = CallbackCall(self, sink, cluster, request, self.service, authority, request.path)
         call.start()
         return call
+
+
+CLIENT_CERT = b"x-forwarded-client-cert"
+
+
+class TlsInboundHandler(InboundHandler):
+    """The inbound handler of an mTLS listener: the caller's verified identity goes to
+    the app in `x-forwarded-client-cert` (Envoy's format, `By=<us>;URI=<caller>`), and
+    whatever the caller sent in that header is dropped first, so the app can trust it.
+    A plaintext caller (permissive mode) reaches the app with none."""
+
+    def __init__(
+        self,
+        cfg: SidecarConfig,
+        app: Cluster,
+        metrics: Metrics,
+        access_log: AccessLog,
+        tracing: Tracing,
+        tls: InboundTls,
+        keep_chain_of: InboundHandler | None = None,
+    ) -> None:
+        super().__init__(cfg, app, metrics, access_log, tracing, keep_chain_of=keep_chain_of)
+        self.tls = tls
+        self._tls = tls
+        self._peer_requests = metrics.tls_peer_requests
+
+    def _client_cert(self, request: Request) -> None:
+        headers = request.headers
+        if any(name == CLIENT_CERT for name, _ in headers):
+            headers[:] = [field for field in headers if field[0] != CLIENT_CERT]
+        identity = self._tls.identity(request.peer)
+        if identity:
+            headers.append((CLIENT_CERT, f"By={self._tls.by};URI={identity}".encode()))
+
+    def _observe(
+        self,
+        request: Request,
+        call: Call,
+        status: int,
+        sent: int,
+        grpc_status: str,
+        trace_id: str,
+    ) -> None:
+        super()._observe(request, call, status, sent, grpc_status, trace_id)
+        self._peer_requests.labels(self._tls.identity(request.peer) or "none").inc()
+
+    async def __call__(self, request: Request, sink: ResponseSink) -> None:
+        self._client_cert(request)  # again if start_now declined: the same header, once
+        await super().__call__(request, sink)
+
+    def start_now(self, request: Request, sink: ImmediateSink) -> CallbackCall | None:
+        self._client_cert(request)
+        return super().start_now(request, sink)

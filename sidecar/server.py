@@ -34,10 +34,12 @@ from sidecar.lb import RoundRobin
 from sidecar.listener import Listener
 from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
 from sidecar.process import ControlledProcess, write_ports
-from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler
+from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler, TlsInboundHandler
 from sidecar.reload import LiveConfig, ReloadRefused
 from sidecar.routing import Router
 from sidecar.serving import Admission, ListenerContext
+from sidecar.tls.inbound import InboundTls
+from sidecar.tls.setup import MeshTls
 from sidecar.tracing import Tracing, from_env
 from sidecar.upstream.h1pool import H1Pool
 from sidecar.upstream.h2pool import H2Pool
@@ -68,7 +70,14 @@ class Sidecar(ControlledProcess):
         self.metrics = Metrics()
         self.metrics_registry: CollectorRegistry = self.metrics.registry
         self.discovery = create_discovery(cfg)
-        self.clusters = ClusterManager(cfg, self.discovery, self.metrics)
+        # mTLS (tls.mode permissive or strict): the material, its source, the contexts.
+        self.tls = MeshTls.from_config(cfg) if cfg.tls.mode != "disable" else None
+        self.inbound_tls: InboundTls | None = None  # the inbound listener's, once started
+        upstream_tls = self.tls.upstream() if self.tls is not None else None
+        if upstream_tls is not None:
+            refused = self.metrics.tls_refused
+            upstream_tls.on_refuse = lambda reason: refused.labels("upstream", reason).inc()
+        self.clusters = ClusterManager(cfg, self.discovery, self.metrics, upstream_tls)
         self.access_log = AccessLog(cfg.log.access_log)
         self.listeners: dict[str, Listener] = {}
         self.admission = Admission()  # its fd budget is set once everything else is open
@@ -86,6 +95,11 @@ class Sidecar(ControlledProcess):
         self._background: set[asyncio.Task[None]] = set()
 
     # -- AdminState --
+    def certs_snapshot(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {"mode": "disable"}
+        return self.tls.snapshot()
+
     def clusters_snapshot(self) -> dict[str, Any]:
         snapshot: dict[str, Any] = {"outbound": self.clusters.snapshot()}
         if self.app_cluster is not None:
@@ -130,6 +144,13 @@ class Sidecar(ControlledProcess):
             )
         self.app_cluster = Cluster(cfg.service.name, app_pool, RoundRobin())
         self.app_cluster.update((app_endpoint,))
+        if self.tls is not None:
+            self.tls.start(asyncio.get_running_loop())
+            tls_in = self.inbound_tls = self.tls.inbound("inbound")
+            refused = self.metrics.tls_refused
+            tls_in.on_refuse = lambda reason: refused.labels("inbound", reason).inc()
+            self.tls.source.on_expired = self.metrics.tls_certificate_expired.inc
+        inbound_tls = self.inbound_tls
         outbound, inbound = self.handlers = self._build_handlers(cfg)
         for name, handler, spec in (
             ("outbound", outbound, cfg.listeners.outbound),
@@ -141,7 +162,13 @@ class Sidecar(ControlledProcess):
             ctx.on_accept = self.metrics.downstream_connections.labels(name).inc
             ctx.on_refuse = self._refusal_counter(name)
             ctx.on_timeout = self._timeout_counter(name)
-            listener = Listener(ctx, spec.host, spec.port, reuse_port=self.worker is not None)
+            listener = Listener(
+                ctx,
+                spec.host,
+                spec.port,
+                reuse_port=self.worker is not None,
+                tls=inbound_tls if name == "inbound" else None,
+            )
             self.ports[name] = await listener.start()
             self.listeners[name] = listener
         if cfg.listeners.capture.enabled:  # transparent interception (docs/transparent.md)
@@ -196,9 +223,26 @@ class Sidecar(ControlledProcess):
             if running is not None and running.cfg.filters.inbound == cfg.filters.inbound
             else None
         )
-        inbound = InboundHandler(
-            cfg, self.app_cluster, self.metrics, self.access_log, self.tracing, keep_chain_of=keep
-        )
+        inbound: InboundHandler
+        if self.inbound_tls is not None:
+            inbound = TlsInboundHandler(
+                cfg,
+                self.app_cluster,
+                self.metrics,
+                self.access_log,
+                self.tracing,
+                self.inbound_tls,
+                keep_chain_of=keep,
+            )
+        else:
+            inbound = InboundHandler(
+                cfg,
+                self.app_cluster,
+                self.metrics,
+                self.access_log,
+                self.tracing,
+                keep_chain_of=keep,
+            )
         outbound.budget = inbound.budget = self.budget
         return outbound, inbound
 
@@ -252,6 +296,8 @@ class Sidecar(ControlledProcess):
             raise
         # -- the swap: no await from here to the end of it --
         outbound, inbound = handlers
+        if self.tls is not None:
+            self.tls.reconfigure(new)  # before the clusters: new connections verify by it
         retired = self.clusters.reconfigure(new)
         self.budget.capacity = new.filters.max_buffered_request_bytes
         for name, handler in (("outbound", outbound), ("inbound", inbound)):
@@ -378,6 +424,8 @@ class Sidecar(ControlledProcess):
         if self.admin is not None:
             await self.admin.close()
         await self.discovery.close()
+        if self.tls is not None:
+            self.tls.close()
         self.access_log.close()
         self.tracing.shutdown()
         self.metrics.close()  # a worker's last figures, for the supervisor

@@ -98,6 +98,16 @@ class Supervisor(ControlledProcess):
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- AdminState --
+    def certs_snapshot(self) -> dict[str, Any]:
+        # Each worker issues or loads its own material: its own admin port shows it.
+        return {
+            "mode": self.cfg.tls.mode,
+            "workers": [
+                {"index": w.index, "certs": f"http://127.0.0.1:{w.admin_port}/certs"}
+                for w in self.workers
+            ],
+        }
+
     def clusters_snapshot(self) -> dict[str, Any]:
         return {
             "workers": [

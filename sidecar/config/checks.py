@@ -8,6 +8,7 @@ import re
 from sidecar.chain import validate_filters
 from sidecar.config.rulechecks import check_route_rules
 from sidecar.config.schema import CaptureConfig, HealthCheckConfig, RouteConfig, SidecarConfig
+from sidecar.config.tlscheck import check_tls
 from sidecar.typedconfig import ConfigError, show, show_number
 
 _SERVICE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
@@ -63,6 +64,7 @@ def validate(cfg: SidecarConfig) -> None:
         _check_route(f"routes[{i}]", route)
     check_route_rules(cfg)
     _check_capture(cfg.capture)
+    check_tls(cfg)
     # Each filter validates its own config now, before anything binds.
     validate_filters(cfg)
 

@@ -52,6 +52,9 @@ class ClusterSettings:
     zone: str  # the zone calls prefer; empty: none
     outlier: OutlierConfig
     health_check: HealthCheckConfig
+    # mTLS: the SPIFFE ID its peers must present, if the config names one (a change
+    # replaces the cluster, so no connection verified against the old one is reused).
+    identity: str | None = None
 
 
 def cluster_settings(cfg: SidecarConfig, service: str) -> ClusterSettings:
@@ -76,6 +79,7 @@ def cluster_settings(cfg: SidecarConfig, service: str) -> ClusterSettings:
         zone=cfg.service.zone if up.zone_aware else "",
         outlier=(override and override.outlier) or up.outlier,
         health_check=(override and override.health_check) or up.health_check,
+        identity=override.identity if override is not None else None,
     )
 
 

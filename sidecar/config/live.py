@@ -28,6 +28,11 @@ RESTART_ONLY: tuple[tuple[str, str], ...] = (
     ("capture", "the capture listener is built once"),
     ("log.access_log", "the access log is opened once"),
     ("limits.fd_reserve", "the fd budget is computed once, at start"),
+    ("tls", "the mode, trust domain and source are set at start (certificates rotate live)"),
+)
+# With mTLS on, the inbound listener accepts on a socket of its own (listener.py).
+RESTART_ONLY_WITH_TLS: tuple[tuple[str, str], ...] = (
+    ("listeners.inbound", "an mTLS listener is bound once (tls.mode is not disable)"),
 )
 # Under `workers: N` the supervisor holds the data ports for every worker.
 RESTART_ONLY_WITH_WORKERS: tuple[tuple[str, str], ...] = (
@@ -63,6 +68,8 @@ def plan_reload(
     their supervisor)."""
     changed = tuple(changed_keys(config_to_dict(running), config_to_dict(new)))
     locked = RESTART_ONLY + (RESTART_ONLY_WITH_WORKERS if workers else ())
+    if running.tls.mode != "disable":
+        locked += RESTART_ONLY_WITH_TLS
     refused = []
     for key in changed:
         why = next((why for prefix, why in locked if _within(key, prefix)), None)

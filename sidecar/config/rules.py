@@ -23,6 +23,9 @@ from sidecar.config.schema import (
     ReloadConfig,
     SidecarConfig,
     StaticEndpoint,
+    TlsConfig,
+    TlsDevConfig,
+    TlsFileConfig,
     UpstreamConfig,
 )
 from sidecar.typedconfig import Bound, ConfigError, Rules, check_number, show
@@ -90,6 +93,9 @@ _BOUNDS: dict[tuple[type, str], Bound] = {
     (LimitsConfig, "fd_reserve"): Bound(0),
     (SidecarConfig, "drain_timeout"): Bound(0),  # 0: close at once, no drain
     (ReloadConfig, "poll_interval"): Bound(0.05, 60),
+    (TlsConfig, "handshake_timeout"): _POSITIVE,
+    (TlsFileConfig, "poll_interval"): Bound(0.05),
+    (TlsDevConfig, "ttl"): Bound(1),
 }
 
 # Applied to a raw value before its type check, so `level: debug` is accepted.

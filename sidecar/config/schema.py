@@ -16,6 +16,9 @@ AppProtocol = Literal["http1", "h2c"]
 UpstreamProtocol = Literal["h2c", "http1"]
 LbPolicy = Literal["round_robin", "least_request", "ring_hash"]
 DiscoveryBackend = Literal["file", "static", "consul", "nacos", "kubernetes"]
+TlsMode = Literal["disable", "permissive", "strict"]
+TlsSource = Literal["file", "dev"]
+TlsVersion = Literal["1.2", "1.3"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +227,9 @@ class ClusterOverride:
     subsets: dict[str, dict[str, str]] = field(default_factory=dict)
     # Calls resolved to this service: first matching rule wins (docs/traffic.md).
     route_rules: tuple[RouteRule, ...] = ()
+    # mTLS: the SPIFFE ID this service's sidecars must present (secure naming); unset:
+    # what the registry entry's metadata names, else spiffe://<tls.trust_domain>/svc/<name>.
+    identity: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +306,42 @@ class ReloadConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsFileConfig:
+    """PEM files another tool keeps current (cert-manager, a Secret volume, SPIRE, Vault Agent)."""
+
+    cert: str = ""  # the certificate chain, leaf first
+    key: str = ""  # the leaf's private key (unencrypted PEM)
+    bundle: str = ""  # the trust bundle: the CA certificates peers' chains must lead to
+    poll_interval: float = 1.0  # how often the files are looked at for a change
+
+
+@dataclass(frozen=True, slots=True)
+class TlsDevConfig:
+    """The built-in CA made by `opus-sidecar ca init <dir>`."""
+
+    ca_dir: str = ""
+    ttl: float = 3600.0  # the leaf's lifetime, seconds; renewed at 2/3 of it
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Mutual TLS between sidecars with SPIFFE identities (docs/security.md)."""
+
+    # disable: plaintext as before; permissive: the inbound port takes TLS and plaintext
+    # (told apart by the first byte), outbound calls use TLS; strict: mTLS only.
+    mode: TlsMode = "disable"
+    trust_domain: str = ""
+    source: TlsSource = "file"
+    # The SPIFFE ID the dev source issues this sidecar; empty: spiffe://<td>/svc/<service.name>.
+    identity: str = ""
+    min_version: TlsVersion = "1.3"
+    # From accept (or connect) until the handshake is done; then the connection is closed.
+    handshake_timeout: float = 5.0
+    file: TlsFileConfig = TlsFileConfig()
+    dev: TlsDevConfig = TlsDevConfig()
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarConfig:
     service: ServiceConfig = ServiceConfig()
     app: AppConfig = AppConfig()
@@ -320,3 +362,4 @@ class SidecarConfig:
     workers: int = 1
     capture: CaptureConfig = CaptureConfig()
     reload: ReloadConfig = ReloadConfig()
+    tls: TlsConfig = TlsConfig()

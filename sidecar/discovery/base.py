@@ -12,6 +12,17 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# mTLS: the metadata key naming the SPIFFE ID an instance runs as (its `service.meta`).
+IDENTITY_META = "spiffe_id"
+
+
+def registered_identity(endpoint: Endpoint) -> str:
+    """The SPIFFE ID the registry entry names for `endpoint`, or ""."""
+    for key, value in endpoint.meta:
+        if key == IDENTITY_META:
+            return value
+    return ""
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import cast
 
 from sidecar.adapters.h2common import (
@@ -373,11 +374,13 @@ async def connect_h2(
     on_change: Callable[[H2ClientConnection], None] | None = None,
     keepalive: tuple[float, float] = (0.0, 0.0),
     timers: Timers | None = None,
+    ssl: SSLContext | None = None,
 ) -> H2ClientConnection:
+    """Connect (and, with `ssl`, handshake) within `timeout`."""
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(
         loop.create_connection(
-            lambda: H2ClientConnection(on_change, keepalive, timers), host, port
+            lambda: H2ClientConnection(on_change, keepalive, timers), host, port, ssl=ssl
         ),
         timeout,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections import deque
 from typing import Any
 
@@ -19,6 +20,8 @@ from sidecar.discovery.base import Endpoint
 from sidecar.errors import PoolExhausted, UpstreamConnectError
 from sidecar.messages import Request, Response
 from sidecar.metrics import Metrics
+from sidecar.tls.contexts import ALPN_H2
+from sidecar.tls.upstream import UpstreamTls
 from sidecar.upstream.h2client import H2ClientConnection, connect_h2
 from sidecar.upstream.pool import PoolLimits, PoolMetrics, wake_all
 
@@ -31,9 +34,15 @@ class H2Pool:
     protocol = "h2c"
 
     def __init__(
-        self, service: str, limits: PoolLimits, metrics: Metrics, timers: Timers | None = None
+        self,
+        service: str,
+        limits: PoolLimits,
+        metrics: Metrics,
+        timers: Timers | None = None,
+        tls: UpstreamTls | None = None,
     ) -> None:
         self.service = service
+        self.tls = tls  # mTLS to the peer sidecars (ALPN h2); None: h2c
         self.limits = limits
         self.loop = asyncio.get_running_loop()
         # Idle closes and the connections' keepalives keep time with these.
@@ -100,6 +109,9 @@ class H2Pool:
     async def _open(self, endpoint: Endpoint, key: _Key) -> H2ClientConnection:
         self._connecting[key] = self._connecting.get(key, 0) + 1
         self._total += 1
+        tls = self.tls
+        # Only with mTLS: the h2c call is the one it always was.
+        secure = {"ssl": tls.context(ALPN_H2)} if tls is not None else {}
         try:
             conn = await connect_h2(
                 endpoint.host,
@@ -108,8 +120,13 @@ class H2Pool:
                 self._changed,
                 (self.limits.keepalive_interval, self.limits.keepalive_timeout),
                 self.timers,
+                **secure,
             )
+            if tls is not None:  # secure naming: the target service's identity, or refused
+                tls.verify(conn.transport, self.service, endpoint, ALPN_H2, conn.close)
         except BaseException as exc:
+            if tls is not None and isinstance(exc, ssl.SSLError):
+                tls.handshake_failed(self.service, endpoint, exc)
             self._connecting[key] -= 1
             self._total -= 1
             self._wake()

@@ -43,6 +43,9 @@ class FakeState:
     def config_dump(self) -> dict[str, Any]:
         return {}
 
+    def certs_snapshot(self) -> dict[str, Any]:
+        return {"mode": "disable"}
+
     def set_log_level(self, level: str) -> None:
         pass
 

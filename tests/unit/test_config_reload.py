@@ -84,6 +84,25 @@ def test_what_needs_a_restart_is_refused_by_name(changes: dict[str, Any], key: s
     assert plan.refused[0].startswith(f"{key} cannot change without a restart: ")
 
 
+def test_tls_settings_and_an_mtls_inbound_listener_need_a_restart() -> None:
+    """(mTLS: the mode, trust domain and source are set at start, the certificates
+    themselves rotate live; an mTLS listener is bound once. A service's expected
+    identity changes live and replaces its cluster, so no connection verified against
+    the old identity is reused.)"""
+    tls = dataclasses.replace(BASE.tls, mode="strict", trust_domain="example.org")
+    plan = plan_reload(BASE, _with(tls=tls))
+    assert plan.refused[0].startswith("tls.mode cannot change without a restart: ")
+    identity = {"inventory": ClusterOverride(identity="spiffe://example.org/svc/x")}
+    plan = plan_reload(BASE, _with(services=identity), ["inventory", "payment"])
+    assert plan.refused == () and plan.clusters == ("inventory",)
+    running = _with(tls=tls)
+    moved = dataclasses.replace(BASE.listeners, inbound=ListenerConfig("127.0.0.1", 1))
+    plan = plan_reload(running, dataclasses.replace(running, listeners=moved))
+    assert "cannot change without a restart: an mTLS listener" in plan.refused[0]
+    moved_out = dataclasses.replace(BASE.listeners, outbound=ListenerConfig("127.0.0.1", 1))
+    assert plan_reload(running, dataclasses.replace(running, listeners=moved_out)).refused == ()
+
+
 def test_live_keys_are_not_refused() -> None:
     new = _with(
         drain_timeout=1.0,

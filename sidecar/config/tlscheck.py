@@ -1,0 +1,61 @@
+"""The `tls` section's checks: names, and the material itself, read and checked at load
+so that a key that is not its certificate's stops the process naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sidecar.config.schema import SidecarConfig
+from sidecar.typedconfig import ConfigError, show
+
+
+def check_tls(cfg: SidecarConfig) -> None:
+    tls = cfg.tls
+    if tls.mode == "disable":
+        return
+    # Imported here: `cryptography` is only needed once TLS is on.
+    from sidecar.tls import devca, material, spiffe
+
+    if not tls.trust_domain:
+        raise ConfigError("tls.trust_domain", f"must be set when tls.mode is {tls.mode}")
+    try:
+        spiffe.check_trust_domain(tls.trust_domain)
+    except spiffe.SpiffeError as exc:
+        raise ConfigError("tls.trust_domain", str(exc)) from None
+    _check_identity("tls.identity", tls.identity, tls.trust_domain)
+    for name, override in cfg.services.items():
+        if override.identity is not None:
+            _check_identity(f"services.{name}.identity", override.identity, "")
+    if tls.source == "file":
+        keys = ("tls.file.cert", "tls.file.key", "tls.file.bundle")
+        paths = (tls.file.cert, tls.file.key, tls.file.bundle)
+        for key, path in zip(keys, paths, strict=True):
+            if not path:
+                raise ConfigError(key, "must name a PEM file when tls.source is file")
+        try:
+            material.read(*paths, tls.trust_domain)
+        except material.MaterialError as exc:
+            key = keys[paths.index(exc.path)] if exc.path in paths else "tls.file"
+            raise ConfigError(key, str(exc)) from None
+    else:
+        if not tls.dev.ca_dir:
+            raise ConfigError(
+                "tls.dev.ca_dir", "must name the directory `opus-sidecar ca init` made"
+            )
+        try:
+            devca.load_ca(Path(tls.dev.ca_dir), tls.trust_domain)
+        except material.MaterialError as exc:
+            raise ConfigError("tls.dev.ca_dir", str(exc)) from None
+
+
+def _check_identity(key: str, identity: str, trust_domain: str) -> None:
+    if not identity:
+        return
+    from sidecar.tls import spiffe
+
+    try:
+        ident = spiffe.parse(identity)
+    except spiffe.SpiffeError as exc:
+        raise ConfigError(key, f"is not a SPIFFE ID: {exc}") from None
+    if trust_domain and ident.trust_domain != trust_domain:
+        raise ConfigError(key, f"{show(identity)} is not in tls.trust_domain {show(trust_domain)}")
