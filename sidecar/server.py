@@ -24,17 +24,19 @@ from sidecar.accesslog import AccessLog
 from sidecar.adapters.h2server import GOAWAY_GRACE_SECONDS
 from sidecar.admin import AdminServer
 from sidecar.call import BufferBudget
+from sidecar.callhandler import CallHandler
 from sidecar.capture import CaptureListener
 from sidecar.cluster import Cluster, ClusterManager, pool_limits
 from sidecar.config import SidecarConfig, advertise_host, resolve_instance_id
 from sidecar.config.live import ReloadPlan, plan_reload
 from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.factory import create_discovery
+from sidecar.inbound import InboundHandler, TlsInboundHandler
 from sidecar.lb import RoundRobin
 from sidecar.listener import Listener
 from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
 from sidecar.process import ControlledProcess, write_ports
-from sidecar.proxy import CallHandler, InboundHandler, OutboundHandler, TlsInboundHandler
+from sidecar.proxy import OutboundHandler
 from sidecar.reload import LiveConfig, ReloadRefused
 from sidecar.routing import Router
 from sidecar.serving import Admission, ListenerContext

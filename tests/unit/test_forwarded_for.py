@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.inbound import _append_forwarded_for
 from sidecar.messages import Headers, Request
-from sidecar.proxy import _append_forwarded_for
 from tests.unit.test_h1_callbacks import Rig, request
 
 XFF = b"x-forwarded-for"

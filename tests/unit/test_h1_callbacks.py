@@ -24,10 +24,11 @@ from sidecar.callbacks import CallbackCall
 from sidecar.cluster import Cluster
 from sidecar.config import load_config
 from sidecar.discovery.base import Endpoint
+from sidecar.inbound import InboundHandler
 from sidecar.lb import RoundRobin
 from sidecar.messages import Request
 from sidecar.metrics import Metrics
-from sidecar.proxy import InboundHandler, OutboundHandler
+from sidecar.proxy import OutboundHandler
 from sidecar.routing import Router
 from sidecar.serving import ListenerContext
 from sidecar.tracing import Tracing
