@@ -25,7 +25,7 @@ from typing import Any, cast
 from sidecar.adapters.h1server import H1ServerProtocol
 from sidecar.adapters.h2server import H2ServerProtocol
 from sidecar.adapters.relay import TcpRelay
-from sidecar.cluster import ClusterManager
+from sidecar.clusters import ClusterManager
 from sidecar.config import SidecarConfig, parse_ip_port
 from sidecar.discovery.base import Endpoint
 from sidecar.messages import Request

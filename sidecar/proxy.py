@@ -29,7 +29,8 @@ from sidecar.call import Call, Next
 from sidecar.callbacks import CallbackCall
 from sidecar.callhandler import CallHandler, router_step
 from sidecar.chain import Filter, FilterContext, build_filters, compose
-from sidecar.cluster import Cluster, ClusterManager
+from sidecar.cluster import Cluster
+from sidecar.clusters import ClusterManager
 from sidecar.config import SidecarConfig
 from sidecar.deadline import caller_deadline
 from sidecar.errors import (

@@ -26,7 +26,8 @@ from sidecar.admin import AdminServer
 from sidecar.call import BufferBudget
 from sidecar.callhandler import CallHandler
 from sidecar.capture import CaptureListener
-from sidecar.cluster import Cluster, ClusterManager, pool_limits
+from sidecar.cluster import Cluster
+from sidecar.clusters import ClusterManager, pool_limits
 from sidecar.config import SidecarConfig, advertise_host, resolve_instance_id
 from sidecar.config.live import ReloadPlan, plan_reload
 from sidecar.discovery.base import Endpoint, Instance

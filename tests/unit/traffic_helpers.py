@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sidecar.accesslog import AccessLog
-from sidecar.cluster import ClusterManager
+from sidecar.clusters import ClusterManager
 from sidecar.config import SidecarConfig, load_config
 from sidecar.discovery.static import StaticDiscovery
 from sidecar.messages import Headers, Request, fixed_body
