@@ -18,7 +18,7 @@ from sidecar.authz import NO_ALLOW_RULE, AuthorizationStep, Policy, compile_poli
 from sidecar.call import Call
 from sidecar.callhandler import RouterStep
 from sidecar.cluster import Cluster
-from sidecar.config import ConfigError, SidecarConfig, load_config_bytes
+from sidecar.config import ConfigError, SidecarConfig, config_to_dict, load_config_bytes
 from sidecar.discovery.base import Endpoint
 from sidecar.inbound import InboundHandler
 from sidecar.lb import RoundRobin
@@ -178,6 +178,13 @@ def test_header_conditions_must_all_hold() -> None:
     assert p.decide(request(headers=both), PAYMENT) == "no-debug"
     assert p.decide(request(headers=both[:1]), PAYMENT) is None
     assert p.decide(request(headers=[(b"x-debug", b"1"), (b"x-env", b"dev")]), "") is None
+
+
+def test_from_is_spelt_from_in_the_config_and_its_dump() -> None:
+    cfg = config([{"name": "a", "from": [{"unauthenticated": True}]}])
+    assert cfg.authorization.rules[0].from_[0].unauthenticated
+    dumped = config_to_dict(cfg)["authorization"]["rules"][0]
+    assert "from" in dumped and "from_" not in dumped
 
 
 def test_no_rules_no_policy() -> None:
