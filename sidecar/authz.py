@@ -135,6 +135,8 @@ class Policy:
         query = path.find(b"?")
         if query >= 0:
             path = path[:query]
+        if path[:1] == b"/" and (b"%" in path or b"/." in path or b"//" in path):
+            path = normalize_path(path)
         for rule in self.deny:
             if rule.matches(request, path, identity):
                 return rule.name
@@ -144,6 +146,34 @@ class Policy:
             if rule.matches(request, path, identity):
                 return None
         return NO_ALLOW_RULE
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def _decode_unreserved(match: re.Match[bytes]) -> bytes:
+    byte = int(match.group(1), 16)
+    return bytes((byte,)) if byte in _UNRESERVED else match.group(0).upper()
+
+
+def normalize_path(path: bytes) -> bytes:
+    """The path the rules are matched against, so that `/public/../admin` or
+    `/%61dmin` cannot pass for something else: unreserved characters percent-decoded
+    (RFC 3986 6.2.2.2), repeated slashes merged, `.` and `..` segments removed (5.2.4).
+    An encoded `/` (`%2F`) stays encoded: it is not a segment boundary here."""
+    if b"%" in path:
+        path = _PERCENT.sub(_decode_unreserved, path)
+    out: list[bytes] = []
+    segments = path.split(b"/")
+    for segment in segments[1:]:
+        if segment == b"..":
+            if out:
+                out.pop()
+        elif segment and segment != b".":
+            out.append(segment)
+    trailing = segments[-1] in (b"", b".", b"..") and len(segments) > 2
+    return b"/" + b"/".join(out) + (b"/" if trailing and out else b"")
 
 
 def compile_policy(cfg: SidecarConfig) -> Policy | None:

@@ -14,7 +14,13 @@ import pytest
 import yaml
 
 from sidecar.accesslog import AccessLog
-from sidecar.authz import NO_ALLOW_RULE, AuthorizationStep, Policy, compile_policy
+from sidecar.authz import (
+    NO_ALLOW_RULE,
+    AuthorizationStep,
+    Policy,
+    compile_policy,
+    normalize_path,
+)
 from sidecar.call import Call
 from sidecar.callhandler import RouterStep
 from sidecar.cluster import Cluster
@@ -128,6 +134,29 @@ def test_methods_and_paths_exact_and_prefix() -> None:
     assert p.decide(request(b"/items/3"), PAYMENT) == NO_ALLOW_RULE
     assert p.decide(request(b"/items", b"POST"), PAYMENT) == NO_ALLOW_RULE
     assert p.decide(request(b"/apix"), PAYMENT) == NO_ALLOW_RULE
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/admin/users",
+        b"/public/../admin/users",
+        b"/%61dmin/users",
+        b"/%2e%2e/admin/users",
+        b"//admin//users",
+        b"/./admin/users?x=/public",
+    ],
+)
+def test_paths_are_matched_normalized_so_a_deny_cannot_be_walked_around(path: bytes) -> None:
+    p = policy([{"name": "no-admin", "action": "DENY", "to": [{"paths": ["/admin/*"]}]}])
+    assert p.decide(request(path), PAYMENT) == "no-admin"
+
+
+def test_normalized_paths() -> None:
+    assert normalize_path(b"/a/./b/../c/") == b"/a/c/"
+    assert normalize_path(b"/../..") == b"/"
+    assert normalize_path(b"/a%2Fb/%7euser") == b"/a%2Fb/~user"  # an encoded '/' stays
+    assert normalize_path(b"/a%2fb") == b"/a%2Fb"
 
 
 def test_any_to_entry_and_any_from_entry_match() -> None:
