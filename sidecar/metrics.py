@@ -135,6 +135,14 @@ class Metrics:
             ["identity"],
             registry=r,
         )
+        self.authz_denied = Counter(
+            "opus_authz_denied",
+            "Inbound calls the authorization policy denied (403 / PERMISSION_DENIED), by "
+            "the DENY rule that matched, or '(no allow rule)' when ALLOW rules exist and "
+            "none matched.",
+            ["rule"],
+            registry=r,
+        )
         self.tls_certificate_expired = Counter(
             "opus_tls_certificate_expired",
             "Times the sidecar's own certificate was found past its not-after with no "

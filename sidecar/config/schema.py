@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sidecar.config.authz import AuthorizationConfig
 from sidecar.config.routerules import FilterSpec, RouteRule
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -363,3 +364,5 @@ class SidecarConfig:
     capture: CaptureConfig = CaptureConfig()
     reload: ReloadConfig = ReloadConfig()
     tls: TlsConfig = TlsConfig()
+    # Inbound calls' authorization rules (docs/security.md).
+    authorization: AuthorizationConfig = field(default_factory=AuthorizationConfig)
