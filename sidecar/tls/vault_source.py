@@ -179,9 +179,16 @@ class VaultSource(Source):
     def _schedule(self) -> None:
         if self._closed or self.state is None:
             return
-        current = self.state.material
-        due = current.not_before + datetime.timedelta(seconds=current.lifetime() * RENEW_AT)
+        # Vault back-dates not-before (30 s by default): 2/3 of the ttl asked for, not of
+        # the validity, when a third of it remains.
+        left = datetime.timedelta(seconds=self._lifetime() * (1 - RENEW_AT))
+        due = self.state.material.not_after - left
         self.loop.call_later(max(0.0, (due - self.now()).total_seconds()), self.renew)
+
+    def _lifetime(self) -> float:
+        """The leaf's useful lifetime: the ttl asked for, or less if the role capped it."""
+        assert self.state is not None
+        return min(self.pki.ttl, self.state.material.lifetime())
 
     def renew(self) -> None:
         """Ask Vault for a new leaf on the worker thread; the reply comes back to the loop."""
@@ -226,8 +233,7 @@ class VaultSource(Source):
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
         assert self.state is not None
-        lifetime = self.state.material.lifetime()
-        first = min(FIRST_RETRY, max(0.05, lifetime / 20))
+        first = min(FIRST_RETRY, max(0.05, self._lifetime() / 20))
         self._backoff = min(self.retry_max, self._backoff * 2 if self._backoff else first)
         log.error(
             "cannot renew the TLS certificate for %s from Vault (keeping the current one,"

@@ -191,7 +191,7 @@ def _started(vault: VaultEmulator) -> tuple[VaultSource, TlsState, Loop, list[da
     now = [datetime.datetime.now(datetime.UTC)]
     src = VaultSource(_pki(vault), retry_max=8.0, now=lambda: now[0], executor=Inline())
     first = src.load()
-    now[0] = first.not_before
+    now[0] = first.not_after - datetime.timedelta(seconds=300)  # when it was issued
     state = TlsState(TD, "1.3", first)
     loop = Loop()
     src.start(state, loop)
@@ -202,7 +202,7 @@ def test_renews_at_two_thirds_of_the_lifetime(vault: VaultEmulator) -> None:
     src, state, loop, now = _started(vault)
     first = state.material
     delay, renew = loop.take_renewal()
-    assert delay == pytest.approx(first.lifetime() * 2 / 3)
+    assert delay == pytest.approx(200.0)  # 2/3 of the ttl (not-before is back-dated 30 s)
     now[0] += datetime.timedelta(seconds=delay)
     renew()
     assert src.renewals == 1 and vault.issued == 2
