@@ -22,6 +22,7 @@ that, keep verifying.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import importlib
 import logging
@@ -201,9 +202,16 @@ class VaultSource(Source):
             future = self._executor.submit(self.pki.issue)
         except RuntimeError:  # shut down by close()
             return
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._done, attempt, f))
+        future.add_done_callback(lambda f: self._hand_back(loop, attempt, f))
         # hvac's timeout bounds each socket wait; this bounds the whole request.
         self.loop.call_later(self.pki.timeout * 2 + 1, lambda: self._overdue(attempt))
+
+    def _hand_back(
+        self, loop: ThreadScheduler, attempt: int, future: concurrent.futures.Future[Material]
+    ) -> None:
+        # On the worker thread; a loop closed meanwhile (the sidecar stopping) wants nothing.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._done, attempt, future)
 
     def _overdue(self, attempt: int) -> None:
         if attempt == self._attempt and not self._closed:
@@ -214,16 +222,11 @@ class VaultSource(Source):
         if attempt != self._attempt or self._closed or self.state is None:
             return
         self._attempt += 1
-        try:
-            new = future.result()
-        except (MaterialError, OSError, ValueError) as exc:
-            self._failed(exc)
-            return
-        except concurrent.futures.CancelledError:
+        if future.cancelled():
             return
         try:
-            self.state.update(self._with_retired(new))
-        except (MaterialError, OSError, ValueError) as exc:
+            self.state.update(self._with_retired(future.result()))
+        except Exception as exc:  # whatever went wrong, the retry must be scheduled
             self._failed(exc)
             return
         self.renewals += 1
@@ -256,8 +259,12 @@ class VaultSource(Source):
         for root in old.roots:
             pem = _pem(root)
             if pem not in new_roots and pem not in self._retired:
-                self._retired[pem] = now + datetime.timedelta(seconds=new.lifetime())
-                log.info("Vault's issuing CA changed: %s stays trusted until then", root.subject)
+                until = self._retired[pem] = now + datetime.timedelta(seconds=new.lifetime())
+                log.info(
+                    "Vault's issuing CA changed: the one before, %s, stays trusted until %s",
+                    root.subject.rfc4514_string(),
+                    until.isoformat(),
+                )
         self._retired = {
             pem: until
             for pem, until in self._retired.items()

@@ -282,3 +282,17 @@ def test_issuing_ca_rotated_out_stays_trusted_one_lifetime(vault: VaultEmulator)
     loop.take_renewal()[1]()
     assert list(state.material.roots) == [vault.ca.cert]
     src.close()
+
+
+def test_an_unexpected_error_is_retried_too(vault: VaultEmulator) -> None:
+    src, state, loop, _ = _started(vault)
+    first = state.material
+
+    def broken() -> Any:
+        raise TypeError("a reply hvac did not expect")
+
+    src.pki.issue = broken  # type: ignore[method-assign]
+    loop.take_renewal()[1]()
+    assert src.failures == 1 and state.material is first
+    loop.take_renewal()  # the retry is scheduled
+    src.close()
