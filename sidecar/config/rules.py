@@ -26,6 +26,7 @@ from sidecar.config.schema import (
     TlsConfig,
     TlsDevConfig,
     TlsFileConfig,
+    TlsVaultConfig,
     UpstreamConfig,
 )
 from sidecar.typedconfig import Bound, ConfigError, Rules, check_number, show
@@ -96,6 +97,9 @@ _BOUNDS: dict[tuple[type, str], Bound] = {
     (TlsConfig, "handshake_timeout"): _POSITIVE,
     (TlsFileConfig, "poll_interval"): Bound(0.05),
     (TlsDevConfig, "ttl"): Bound(1),
+    (TlsVaultConfig, "ttl"): Bound(1),
+    (TlsVaultConfig, "timeout"): _POSITIVE,
+    (TlsVaultConfig, "retry_max"): Bound(0.05),
 }
 
 # Applied to a raw value before its type check, so `level: debug` is accepted.
