@@ -24,6 +24,7 @@ from sidecar.config.schema import (
     SidecarConfig,
     StaticEndpoint,
     TlsConfig,
+    TlsConsulConfig,
     TlsDevConfig,
     TlsFileConfig,
     UpstreamConfig,
@@ -96,6 +97,10 @@ _BOUNDS: dict[tuple[type, str], Bound] = {
     (TlsConfig, "handshake_timeout"): _POSITIVE,
     (TlsFileConfig, "poll_interval"): Bound(0.05),
     (TlsDevConfig, "ttl"): Bound(1),
+    (TlsConsulConfig, "wait"): Bound(1, 600),  # Consul caps wait at 10 minutes
+    (TlsConsulConfig, "request_timeout"): _POSITIVE,
+    (TlsConsulConfig, "retry_max"): _POSITIVE,
+    (TlsConsulConfig, "start_timeout"): _POSITIVE,
 }
 
 # Applied to a raw value before its type check, so `level: debug` is accepted.
