@@ -260,6 +260,8 @@ class ConsulSource(Source):
 
     def leaf_wait(self) -> float:
         """The leaf query's wait: the configured one, cut short at the renewal time."""
+        if self.state is None and self.built is None:
+            return self.wait  # nothing to renew yet
         left = (self.renew_at() - self.now()).total_seconds()
         return max(1.0, min(self.wait, left))
 
@@ -340,3 +342,19 @@ def _next_index(previous: int, returned: object) -> int:
     except ValueError:
         return 0
     return 0 if index < previous else max(index, 1)
+
+
+async def authorize(
+    client: Any, target: str, client_uri: str, client_serial: str, token: str = ""
+) -> tuple[bool, str]:
+    """Consul intentions' verdict on `client_uri` calling `target`, through the agent's
+    `PUT /v1/agent/connect/authorize` (py-consul's `agent.connect.authorize`): whether
+    the call is authorized and the agent's reason. Errors are the caller's to map (a
+    sidecar deciding inbound calls by it fails closed)."""
+    answer = await client.agent.connect.authorize(
+        target, client_uri, client_serial, token=token or None
+    )
+    if not isinstance(answer, dict) or not isinstance(answer.get("Authorized"), bool):
+        raise ConsulCaError(f"/v1/agent/connect/authorize: not an answer: {answer!r}")
+    reason = answer.get("Reason")
+    return answer["Authorized"], reason if isinstance(reason, str) else ""

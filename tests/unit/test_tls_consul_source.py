@@ -3,12 +3,16 @@ config checked at load (each error naming its key), the renewal time and the lea
 query's wait by an injected clock, and a failing or nonsensical agent leaving the
 material in use. The agent is an in-memory stand-in for py-consul's HTTP client that
 answers with the JSON shapes Consul documents (agent/connect), real certificates from
-a CA made here."""
+a CA made here; and, for intentions and a blocking leaf query, the Consul emulator
+(tests/emulators/consul_emulator.py) in process on 127.0.0.1 port 0, on a
+VirtualTimeLoop whose clock the emulator's waits keep."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +21,12 @@ import yaml
 from consul import base
 
 from sidecar.config import ConfigError, SidecarConfig, load_config
+from sidecar.discovery.consul import consul_client
 from sidecar.tls import devca
 from sidecar.tls.consul_source import (
     ConsulCaError,
     ConsulSource,
+    authorize,
     consul_identity,
     parse_leaf,
     parse_roots,
@@ -29,6 +35,7 @@ from sidecar.tls.consul_source import (
 from sidecar.tls.contexts import TlsState
 from sidecar.tls.material import MaterialError
 from sidecar.tls.setup import MeshTls
+from tests.emulators import consul_connect, consul_emulator
 from tests.unit.faketime import run_virtual
 
 TD = "11111111-2222-3333-4444-555555555555.consul"
@@ -317,3 +324,56 @@ def test_a_roots_answer_for_another_trust_domain_is_refused(ca: devca.DevCa) -> 
         source.take(
             "roots", {"TrustDomain": "other.consul", "Roots": [{"RootCert": ca.cert_pem.decode()}]}
         )
+
+
+# -- against the emulator's HTTP API, in process (py-consul's real aio client) --
+
+
+async def _with_connect(ca: devca.DevCa, body: Callable[[Any, Any], Awaitable[None]]) -> None:
+    connect = consul_connect.ConnectCa(TD, "dc1", TTL, [consul_connect.Root(ca, 1)])
+    clock = asyncio.get_running_loop().time
+    state, runners, ports = await consul_emulator.serve(
+        "127.0.0.1", 0, ["dc1"], clock, connect=connect
+    )
+    client = consul_client(f"127.0.0.1:{ports['dc1']}", "")
+    try:
+        await body(client, state)
+    finally:
+        await client.close()
+        for runner in runners:
+            await runner.cleanup()
+
+
+def test_intentions_through_agent_connect_authorize(ca: devca.DevCa) -> None:
+    async def body(client: Any, state: Any) -> None:
+        state.connect.intentions = {
+            "default": "deny",
+            "rules": [{"source": "payment", "destination": "inventory", "action": "allow"}],
+        }
+        payment = consul_identity(TD, "default", "dc1", "payment")
+        ok, reason = await authorize(client, "inventory", payment, "0a")
+        assert ok and "payment => inventory" in reason
+        ok, _ = await authorize(client, "billing", payment, "0a")
+        assert not ok
+
+    run_virtual(_with_connect(ca, body))
+
+
+def test_a_leaf_rotation_arrives_through_the_blocking_query(ca: devca.DevCa) -> None:
+    async def body(client: Any, state: Any) -> None:
+        source = _source(AsyncAgent(ca), [datetime.datetime.now(datetime.UTC)])
+        source._client = client
+        for kind in ("roots", "leaf"):
+            assert await source.step(kind) is False
+        source.state = TlsState(TD, "1.3", source.build())
+        first = source.state.material.leaf.serial_number
+        waiting = asyncio.create_task(source.step("leaf"))  # blocks: nothing changed
+        await asyncio.sleep(1)
+        assert not waiting.done()
+        index = await state.notify()
+        state.connect.issue("web", index)
+        await state.wake_all()
+        assert await waiting is False
+        assert source.state.material.leaf.serial_number != first
+
+    run_virtual(_with_connect(ca, body))
