@@ -100,6 +100,7 @@ _BOUNDS: dict[tuple[type, str], Bound] = {
     (TlsConsulConfig, "wait"): Bound(1, 600),  # Consul caps wait at 10 minutes
     (TlsConsulConfig, "request_timeout"): _POSITIVE,
     (TlsConsulConfig, "retry_max"): _POSITIVE,
+    (TlsConsulConfig, "max_queries_per_second"): _POSITIVE,
     (TlsConsulConfig, "start_timeout"): _POSITIVE,
 }
 

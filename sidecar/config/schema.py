@@ -338,6 +338,9 @@ class TlsConsulConfig:
     wait: float = 300.0  # a blocking query's wait (Consul caps it at 10 minutes)
     request_timeout: float = 10.0  # beyond the wait, for an answer to arrive
     retry_max: float = 30.0  # the back-off after failed queries doubles up to this
+    # Each watch's query rate, whatever the agent answers (Consul's advice for blocking
+    # queries: an index that keeps resetting must not become a busy loop); burst 2.
+    max_queries_per_second: float = 10.0
     # At start, how long the first roots and leaf are waited for before giving up.
     start_timeout: float = 30.0
 

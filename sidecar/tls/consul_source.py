@@ -13,6 +13,7 @@ rotation of the roots or the agent's renewal of the leaf arrives as it happens. 
 new leaf has come by 2/3 of the current one's lifetime, it is asked for without
 blocking. A failing agent never takes the sidecar down: the material in use stays,
 queries are retried with a capped back-off, the outage is logged once and counted.
+Each watch is rate-limited (`max_queries_per_second`, burst 2), as Consul advises.
 """
 
 from __future__ import annotations
@@ -131,11 +132,13 @@ class ConsulSource(Source):
         wait: float = 300.0,
         request_timeout: float = 10.0,
         retry_max: float = 30.0,
+        max_queries_per_second: float = 10.0,
         start_timeout: float = 30.0,
         now: Callable[[], datetime.datetime] = _utcnow,
         client: Any = None,  # a consul.aio.Consul (tests: anything with `.http.get`)
         sync_client: Any = None,  # a consul.Consul, for the first material at start
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(now)
         self.address = address
@@ -148,9 +151,11 @@ class ConsulSource(Source):
         self.request_timeout = request_timeout
         self.retry_max = retry_max
         self.start_timeout = start_timeout
+        self.max_queries_per_second = max_queries_per_second
         self._client = client
         self._sync_client = sync_client
         self._sleep = sleep
+        self._monotonic = monotonic
         self.index: dict[Kind, int] = {"roots": 0, "leaf": 0}
         self.bundle_pem = b""
         self.leaf: tuple[bytes, bytes] = (b"", b"")
@@ -283,7 +288,13 @@ class ConsulSource(Source):
 
     async def _watch(self, kind: Kind) -> None:
         delay = _RETRY_FIRST
+        bucket = _Pace(self.max_queries_per_second, self._monotonic)
         while not self._closed:
+            paced = bucket.delay()
+            if paced > 0:
+                await self._sleep(paced)
+                if self._closed:
+                    return
             pause = await self.step(kind)
             if pause:
                 await self._sleep(delay)
@@ -333,6 +344,21 @@ class ConsulSource(Source):
         else:
             log.debug("Consul agent CA query failed again: %s", why)
         self.check_expiry()
+
+
+class _Pace:
+    """A token bucket (burst 2) by an injected clock: how long to wait before a query.
+    (The discovery backend has its own; importing it here would tie config to discovery.)"""
+
+    def __init__(self, rate: float, now: Callable[[], float]) -> None:
+        self._rate, self._now = rate, now
+        self._tokens, self._last = 2.0, now()
+
+    def delay(self) -> float:
+        now = self._now()
+        self._tokens = min(2.0, self._tokens + (now - self._last) * self._rate) - 1
+        self._last = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
 
 def _next_index(previous: int, returned: object) -> int:

@@ -52,6 +52,7 @@ class MeshTls:
                 wait=c.wait,
                 request_timeout=c.request_timeout,
                 retry_max=c.retry_max,
+                max_queries_per_second=c.max_queries_per_second,
                 start_timeout=c.start_timeout,
             )
         else:

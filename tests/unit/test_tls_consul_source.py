@@ -304,10 +304,12 @@ def test_a_failing_agent_keeps_the_material_and_counts(ca: devca.DevCa) -> None:
 def test_the_watch_backs_off_doubling_up_to_retry_max(ca: devca.DevCa) -> None:
     agent = AsyncAgent(ca)
     slept: list[float] = []
-    source = _source(agent, [T0], retry_max=0.5)
+    clock = [0.0]
+    source = _source(agent, [T0], retry_max=0.5, monotonic=lambda: clock[0])
 
     async def sleep(delay: float) -> None:
         slept.append(delay)
+        clock[0] += delay
         if len(slept) == 5:
             source.close()
 
@@ -377,3 +379,28 @@ def test_a_leaf_rotation_arrives_through_the_blocking_query(ca: devca.DevCa) -> 
         assert source.state.material.leaf.serial_number != first
 
     run_virtual(_with_connect(ca, body))
+
+
+def test_a_watch_is_rate_limited_whatever_the_agent_answers(ca: devca.DevCa) -> None:
+    agent = AsyncAgent(ca)  # answers at once, every time: an index that never blocks
+    clock = [0.0]
+    slept: list[float] = []
+    source = _source(agent, [T0], max_queries_per_second=10.0, monotonic=lambda: clock[0])
+
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+        clock[0] += delay
+        if len(slept) == 4:
+            source.close()
+
+    source._sleep = sleep
+    source.state = TlsState(TD, "1.3", source.load())
+    agent.calls.clear()
+    run_virtual(source._watch("roots"))
+    assert slept == pytest.approx([0.1] * 4)  # a burst of 2, then 10 a second
+    assert len(agent.calls) == 5
+
+
+def test_max_queries_per_second_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tls\.consul\.max_queries_per_second"):
+        _load(tmp_path, {"consul": {"max_queries_per_second": 0}})
