@@ -31,25 +31,17 @@ import uvloop
 from sidecar.proto import h2engine
 
 
-class _Conn(asyncio.Protocol):
+class _Client(asyncio.Protocol):
+    """One connection carrying one call at a time: `done` gets the call's status."""
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.done: asyncio.Future[int] | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            self._finish(exc=e)
-
-    def on_message_complete(self) -> None:
-        self._finish(status=self.parser.get_status_code())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -64,19 +56,35 @@ class _Conn(asyncio.Protocol):
                 done.set_result(status)
 
 
-class _H2Conn(asyncio.Protocol):
+class _Conn(_Client):
+    """HTTP/1.1 keep-alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parser = httptools.HttpResponseParser(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._finish(exc=e)
+
+    def on_message_complete(self) -> None:
+        self._finish(status=self.parser.get_status_code())
+
+
+class _H2Conn(_Client):
     """One h2c connection carrying one stream at a time."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+        super().__init__()
         self.engine = h2engine.H2Connection(client_side=True)
         self.engine.initiate_connection()
-        self.done: asyncio.Future[int] | None = None
         self.status = 0
-        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
+        assert self.transport is not None
         self.transport.write(self.engine.data_to_send())
 
     def send(self, head: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -107,18 +115,6 @@ class _H2Conn(asyncio.Protocol):
         out = self.engine.data_to_send()
         if out and self.transport is not None:
             self.transport.write(out)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._finish(exc=exc or ConnectionError("closed"))
-
-    def _finish(self, status: int = 0, exc: BaseException | None = None) -> None:
-        done, self.done = self.done, None
-        if done is not None and not done.done():
-            if exc is not None:
-                done.set_exception(exc)
-            else:
-                done.set_result(status)
 
 
 async def run(

@@ -1,13 +1,14 @@
 """The inbound handler: a peer sidecar's call for the local app, through the inbound
 chain (signature checks first) to the app's cluster; the caller's address appended to
 x-forwarded-for; with mTLS, the caller's verified identity to the app in
-x-forwarded-client-cert."""
+x-forwarded-client-cert. With authorization rules, the policy (authz.py) decides first."""
 
 from __future__ import annotations
 
 import logging
 
 from sidecar.accesslog import AccessLog
+from sidecar.authz import AuthorizationStep, Identify, compile_policy
 from sidecar.call import Call, Next
 from sidecar.callbacks import CallbackCall
 from sidecar.callhandler import CallHandler
@@ -60,6 +61,15 @@ def _merge_forwarded_for(headers: Headers, first: int, peer: bytes) -> None:
     headers[first:] = [(FORWARDED_FOR, b", ".join(hops)), *rest]
 
 
+def _no_identity(request: Request) -> str:
+    return ""  # no mTLS: every caller is a plaintext one
+
+
+def _verified_identity(tls: InboundTls) -> Identify:
+    peers = tls.identity
+    return lambda request: peers(request.peer)
+
+
 class InboundHandler(CallHandler):
     def __init__(
         self,
@@ -69,18 +79,29 @@ class InboundHandler(CallHandler):
         access_log: AccessLog,
         tracing: Tracing,
         keep_chain_of: InboundHandler | None = None,
+        tls: InboundTls | None = None,
     ) -> None:
         super().__init__("inbound", cfg, metrics, access_log, tracing)
         self.service = cfg.service.name
         self._authority = self.service.encode()
-        self.chain: Next
+        self.filter_chain: Next  # filters.inbound around the router
         if keep_chain_of is not None:
             # A reload that left filters.inbound as it was: the chain and its filters'
             # state (hmac_verify's replay cache above all) carry over, now owned here.
-            self.chain, self.filters = keep_chain_of.chain, keep_chain_of.filters
+            self.filter_chain, self.filters = keep_chain_of.filter_chain, keep_chain_of.filters
             keep_chain_of.filters = []
         else:
-            self.chain = self.build_chain(cfg.filters.inbound, app, "filters.inbound")
+            self.filter_chain = self.build_chain(cfg.filters.inbound, app, "filters.inbound")
+        # The authorization policy runs first, before any filter sees a call it denies;
+        # made anew from every config (a reload that changes only the rules keeps the
+        # filters). No rules, no step: the chain, and its callback path, as they were.
+        self.chain: Next = self.filter_chain
+        policy = compile_policy(cfg)
+        if policy is not None:
+            identify = _no_identity if tls is None else _verified_identity(tls)
+            self.chain = AuthorizationStep(
+                policy, identify, self.filter_chain, metrics.authz_denied
+            )
         self._callback_cluster = self._callbacks_for(self.chain)
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
@@ -122,7 +143,9 @@ class TlsInboundHandler(InboundHandler):
         tls: InboundTls,
         keep_chain_of: InboundHandler | None = None,
     ) -> None:
-        super().__init__(cfg, app, metrics, access_log, tracing, keep_chain_of=keep_chain_of)
+        super().__init__(
+            cfg, app, metrics, access_log, tracing, keep_chain_of=keep_chain_of, tls=tls
+        )
         self.tls = tls
         self._tls = tls
         self._peer_requests = metrics.tls_peer_requests

@@ -1,21 +1,19 @@
 """Prometheus metrics of one sidecar, held in a registry passed in (no globals).
 
 The per-call figures (`observe_request()`, `PoolMetrics.stream()`) stay off
-prometheus_client's locked values: a call adds to plain counts (per label key, and per
-histogram bucket with a running sum) that are folded into the prometheus children when
-metrics are read. A collector registered ahead of every metric folds on each
-`registry.collect()`, so /metrics, /stats and `get_sample_value` see every call. Under
-`workers: N` the supervisor reads the workers' multiprocess files, not their registries,
-so a worker also folds on a timer while figures are pending (`fold_every()`) and once
-more when it closes. The data path and the reads run on the event loop's thread, so
-the plain structures need no lock.
+prometheus_client's locked values: a call adds to plain counts (sidecar/tallies.py: per
+label key, and per histogram bucket with a running sum) that are folded into the
+prometheus children when metrics are read. A collector registered ahead of every
+metric folds on each `registry.collect()`, so /metrics, /stats and `get_sample_value`
+see every call. Under `workers: N` the supervisor reads the workers' multiprocess
+files, not their registries, so a worker also folds on a timer while figures are
+pending (`fold_every()`) and once more when it closes. The data path and the reads run
+on the event loop's thread, so the plain structures need no lock.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Hashable
-from typing import Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,9 +23,19 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.metrics_core import Metric
 
 from sidecar.filtermetrics import FilterMetrics
+from sidecar.tallies import (
+    CallLater,
+    Calls,
+    Cancellable,
+    Count,
+    FoldOnCollect,
+    PendingCounts,
+    Tallies,
+    fold_histogram,
+    new_tally,
+)
 
 # Sub-millisecond to seconds: a sidecar hop costs ~0.1 ms, a slow call seconds.
 DURATION_BUCKETS = (
@@ -38,12 +46,9 @@ SIZE_BUCKETS = (0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_0
 # Under `workers: N`, the longest a worker's figures wait to reach the supervisor's /metrics.
 WORKER_FOLD_SECONDS = 0.5
 
-_K = TypeVar("_K", bound=Hashable)
-_V = TypeVar("_V")
 _RequestKey = tuple[str, str, str, int, str]  # direction, service, method, status, grpc_status
 _ServiceKey = tuple[str, str]  # direction, service
 _PoolKey = tuple[str, str]  # service, protocol
-_Tallies = tuple[list[float], list[float], list[float]]  # duration, request size, response size
 
 # A histogram tally is its child's counts per bucket since the last fold (+Inf last),
 # then the child's running sum, at these indexes (constants: list[-1] is slower).
@@ -51,85 +56,11 @@ _DURATION_SUM = len(DURATION_BUCKETS) + 1
 _SIZE_SUM = len(SIZE_BUCKETS) + 1
 
 
-class Cancellable(Protocol):
-    def cancel(self) -> None: ...
-
-
-# loop.call_later's shape, injected so the fold timer is testable without sleeping.
-CallLater = Callable[[float, Callable[[], None]], Cancellable]
-
-
-class PendingCounts(dict[_K, _V]):
-    """What was counted per label key since the last fold. A key's first use after a fold
-    goes through `__missing__`, which makes its entry with `new(key)` (and so can tell
-    the fold timer that figures are pending): the hot path pays nothing for either."""
-
-    __slots__ = ("_new",)
-
-    def __init__(self, new: Callable[[_K], _V]) -> None:
-        super().__init__()
-        self._new = new
-
-    def __missing__(self, key: _K) -> _V:
-        value = self[key] = self._new(key)
-        return value
-
-
-class Count:
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
-class _Calls(Count):
-    """Calls under one request-counter key, and their (direction, service)'s tallies."""
-
-    __slots__ = ("tallies",)
-
-    def __init__(self, tallies: _Tallies) -> None:
-        super().__init__()
-        self.tallies = tallies
-
-
-class _FoldOnCollect:
-    """Registered ahead of the metrics, so every read of the registry folds first."""
-
-    def __init__(self, fold: Callable[[], None]) -> None:
-        self._fold = fold
-
-    def describe(self) -> list[Metric]:
-        return []  # no series of its own
-
-    def collect(self) -> list[Metric]:
-        self._fold()
-        return []
-
-
-def _new_tally(child: Histogram) -> list[float]:
-    # The sum starts from the child's own: a multiprocess file left by a dead worker
-    # whose pid this process reuses already holds one.
-    return [0] * len(child._upper_bounds) + [child._sum.get()]
-
-
-def _fold_histogram(tally: list[float], child: Histogram) -> None:
-    # The child keeps per-bucket (not cumulative) values and cumulates when collected,
-    # so adding each bucket's count gives what observe() would have left.
-    for i, value in enumerate(child._buckets):
-        count = tally[i]
-        if count:
-            value.inc(count)
-            tally[i] = 0
-    # The sum is carried whole, not as a delta since the last fold: added up call by
-    # call in observe()'s order, it is the same float observe() would have made.
-    child._sum.set(tally[-1])
-
-
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        r.register(_FoldOnCollect(self.fold))
+        r.register(FoldOnCollect(self.fold))
         self.requests = Counter(
             "opus_requests",
             "Calls handled, by direction (outbound: from the local app; inbound: from a peer), "
@@ -202,6 +133,14 @@ class Metrics:
             "mTLS inbound: calls by the caller's verified SPIFFE ID (none: plaintext in "
             "permissive mode).",
             ["identity"],
+            registry=r,
+        )
+        self.authz_denied = Counter(
+            "opus_authz_denied",
+            "Inbound calls the authorization policy denied (403 / PERMISSION_DENIED), by "
+            "the DENY rule that matched, or '(no allow rule)' when ALLOW rules exist and "
+            "none matched.",
+            ["rule"],
             registry=r,
         )
         self.tls_certificate_expired = Counter(
@@ -343,8 +282,8 @@ class Metrics:
         # fold(), which sets the histograms' sums: an observe() elsewhere would be lost.
         self._request_children: dict[_RequestKey, Counter] = {}
         self._histograms: dict[_ServiceKey, tuple[Histogram, Histogram, Histogram]] = {}
-        self._tallies: dict[_ServiceKey, _Tallies] = {}
-        self._pending_calls = PendingCounts[_RequestKey, _Calls](self._first_call)
+        self._tallies: dict[_ServiceKey, Tallies] = {}
+        self._pending_calls = PendingCounts[_RequestKey, Calls](self._first_call)
         # PoolMetrics.stream() counts here, per (service, protocol).
         self.pending_streams = PendingCounts[_PoolKey, Count](self._first_stream)
         self._call_later: CallLater | None = None
@@ -385,7 +324,7 @@ class Metrics:
             pending.clear()
             for skey in services:
                 for tally, child in zip(self._tallies[skey], self._histograms[skey], strict=True):
-                    _fold_histogram(tally, child)
+                    fold_histogram(tally, child)
         streams = self.pending_streams
         if streams:
             for labels, streamed in streams.items():
@@ -417,7 +356,7 @@ class Metrics:
         # fold() empties the pending entries, so the next call misses and re-arms.
         self.fold()
 
-    def _first_call(self, key: _RequestKey) -> _Calls:
+    def _first_call(self, key: _RequestKey) -> Calls:
         """A request-counter key's first call since the last fold."""
         direction, service, method, status, grpc_status = key
         if key not in self._request_children:
@@ -430,19 +369,19 @@ class Metrics:
         if tallies is None:
             tallies = self._new_tallies(direction, service)
         self._arm()
-        return _Calls(tallies)
+        return Calls(tallies)
 
     def _first_stream(self, key: _PoolKey) -> Count:
         self._arm()
         return Count()
 
-    def _new_tallies(self, direction: str, service: str) -> _Tallies:
+    def _new_tallies(self, direction: str, service: str) -> Tallies:
         children = (
             self.request_duration.labels(direction, service),
             self.request_size.labels(direction, service),
             self.response_size.labels(direction, service),
         )
-        tallies = (_new_tally(children[0]), _new_tally(children[1]), _new_tally(children[2]))
+        tallies = (new_tally(children[0]), new_tally(children[1]), new_tally(children[2]))
         self._histograms[direction, service] = children
         self._tallies[direction, service] = tallies
         return tallies

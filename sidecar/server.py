@@ -42,6 +42,7 @@ from sidecar.reload import LiveConfig, ReloadRefused
 from sidecar.routing import Router
 from sidecar.serving import Admission, ListenerContext
 from sidecar.tls.inbound import InboundTls
+from sidecar.tls.material import MaterialError
 from sidecar.tls.setup import MeshTls
 from sidecar.tracing import Tracing, from_env
 from sidecar.upstream.h1pool import H1Pool
@@ -453,7 +454,11 @@ async def serve(
     config_path: str | None = None,
 ) -> int:
     raise_fd_limit()
-    sidecar = Sidecar(cfg, worker=worker, config_path=config_path, ports_file=ports_file)
+    try:
+        sidecar = Sidecar(cfg, worker=worker, config_path=config_path, ports_file=ports_file)
+    except MaterialError as exc:  # the first certificate could not be had (Vault down, say)
+        log.error("cannot start: tls.source %s: %s", cfg.tls.source, exc)
+        return 1
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, sidecar.quit)

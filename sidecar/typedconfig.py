@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import keyword
 import math
 import types
 from collections.abc import Callable, Mapping
@@ -120,26 +121,34 @@ def _build(cls: type[_T], raw: object, key: str, rules: Rules, base: object = No
         raise ConfigError(key, f"must be a mapping, got {show(raw)}")
     schema: Any = cls  # for the dataclass helpers, which type[_T] does not satisfy
     hints = type_hints(schema)
+    known = [config_name(n) for n in hints]
     for name in raw:
-        if name not in hints:
-            raise ConfigError(join(key, str(name)), _unknown_key_message(str(name), list(hints)))
+        if name not in known:
+            raise ConfigError(join(key, str(name)), _unknown_key_message(str(name), known))
     kwargs: dict[str, object] = {}
     for f in dataclasses.fields(schema):
         default = _default(f, base)
-        if f.name in raw:
-            value = raw[f.name]
+        spelt = config_name(f.name)
+        if spelt in raw:
+            value = raw[spelt]
             normalize = rules.normalize.get((cls, f.name))
             if normalize is not None and isinstance(value, str):
                 value = normalize(value)
             bound = rules.bounds.get((cls, f.name))
-            kwargs[f.name] = _convert(
-                hints[f.name], value, join(key, f.name), rules, bound, default
-            )
+            kwargs[f.name] = _convert(hints[f.name], value, join(key, spelt), rules, bound, default)
         elif default is dataclasses.MISSING:
-            raise ConfigError(join(key, f.name), "is required")
+            raise ConfigError(join(key, spelt), "is required")
         else:
             kwargs[f.name] = default
     return cls(**kwargs)
+
+
+def config_name(field_name: str) -> str:
+    """How a field is spelt in the config: a Python keyword's field (`from_`) without
+    its trailing underscore (`from`)."""
+    if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]):
+        return field_name[:-1]
+    return field_name
 
 
 def _default(f: dataclasses.Field[Any], base: object) -> object:

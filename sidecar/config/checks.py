@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from sidecar.authz import compile_policy
 from sidecar.chain import validate_filters
 from sidecar.config.rulechecks import check_route_rules
 from sidecar.config.schema import CaptureConfig, HealthCheckConfig, RouteConfig, SidecarConfig
@@ -65,6 +66,7 @@ def validate(cfg: SidecarConfig) -> None:
     check_route_rules(cfg)
     _check_capture(cfg.capture)
     check_tls(cfg)
+    compile_policy(cfg)  # the authorization rules compile, or name the key that does not
     # Each filter validates its own config now, before anything binds.
     validate_filters(cfg)
 

@@ -16,6 +16,7 @@ from sidecar.config.schema import (
     SidecarConfig,
     UpstreamProtocol,
 )
+from sidecar.typedconfig import config_name
 
 
 def resolve_instance_id(cfg: SidecarConfig) -> str:
@@ -97,7 +98,8 @@ def config_to_dict(cfg: SidecarConfig) -> dict[str, Any]:
 
 def _plain(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = dataclasses.fields(value)
+        return {config_name(f.name): _plain(getattr(value, f.name)) for f in fields}
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

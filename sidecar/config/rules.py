@@ -27,6 +27,7 @@ from sidecar.config.schema import (
     TlsConsulConfig,
     TlsDevConfig,
     TlsFileConfig,
+    TlsVaultConfig,
     UpstreamConfig,
 )
 from sidecar.typedconfig import Bound, ConfigError, Rules, check_number, show
@@ -102,6 +103,9 @@ _BOUNDS: dict[tuple[type, str], Bound] = {
     (TlsConsulConfig, "retry_max"): _POSITIVE,
     (TlsConsulConfig, "max_queries_per_second"): _POSITIVE,
     (TlsConsulConfig, "start_timeout"): _POSITIVE,
+    (TlsVaultConfig, "ttl"): Bound(1),
+    (TlsVaultConfig, "timeout"): _POSITIVE,
+    (TlsVaultConfig, "retry_max"): Bound(0.05),
 }
 
 # Applied to a raw value before its type check, so `level: debug` is accepted.

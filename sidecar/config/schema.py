@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sidecar.config.authz import AuthorizationConfig
 from sidecar.config.routerules import FilterSpec, RouteRule
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -17,7 +18,7 @@ UpstreamProtocol = Literal["h2c", "http1"]
 LbPolicy = Literal["round_robin", "least_request", "ring_hash"]
 DiscoveryBackend = Literal["file", "static", "consul", "nacos", "kubernetes"]
 TlsMode = Literal["disable", "permissive", "strict"]
-TlsSource = Literal["file", "dev", "consul"]
+TlsSource = Literal["file", "dev", "vault", "consul"]
 TlsVersion = Literal["1.2", "1.3"]
 
 
@@ -346,6 +347,22 @@ class TlsConsulConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsVaultConfig:
+    """Vault's PKI secrets engine: `POST /v1/<mount>/issue/<role>` (docs/security.md)."""
+
+    address: str = ""  # http(s)://host:port of Vault
+    mount: str = "pki"  # where the PKI secrets engine is mounted
+    role: str = ""  # the PKI role issuing the leaves (its allowed_uri_sans must allow the ID)
+    token: str = ""  # a Vault token; or token_file (re-read at each issue)
+    token_file: str = ""
+    common_name: str = ""  # empty: service.name
+    ttl: float = 3600.0  # the leaf's lifetime asked for, seconds; renewed at 2/3 of it
+    ca_file: str = ""  # PEM CA to verify an https Vault with; empty: the system's CAs
+    timeout: float = 5.0  # each request to Vault, seconds
+    retry_max: float = 30.0  # longest back-off between failed issues, seconds
+
+
+@dataclass(frozen=True, slots=True)
 class TlsConfig:
     """Mutual TLS between sidecars with SPIFFE identities (docs/security.md)."""
 
@@ -354,7 +371,7 @@ class TlsConfig:
     mode: TlsMode = "disable"
     trust_domain: str = ""
     source: TlsSource = "file"
-    # The SPIFFE ID the dev source issues this sidecar; empty: spiffe://<td>/svc/<service.name>.
+    # The SPIFFE ID the dev and vault sources issue this sidecar; empty: spiffe://<td>/svc/<service.name>.
     identity: str = ""
     min_version: TlsVersion = "1.3"
     # From accept (or connect) until the handshake is done; then the connection is closed.
@@ -362,6 +379,7 @@ class TlsConfig:
     file: TlsFileConfig = TlsFileConfig()
     dev: TlsDevConfig = TlsDevConfig()
     consul: TlsConsulConfig = TlsConsulConfig()
+    vault: TlsVaultConfig = TlsVaultConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,3 +404,5 @@ class SidecarConfig:
     capture: CaptureConfig = CaptureConfig()
     reload: ReloadConfig = ReloadConfig()
     tls: TlsConfig = TlsConfig()
+    # Inbound calls' authorization rules (docs/security.md).
+    authorization: AuthorizationConfig = field(default_factory=AuthorizationConfig)

@@ -3,9 +3,10 @@ so that a key that is not its certificate's stops the process naming the file.""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from sidecar.config.schema import SidecarConfig
+from sidecar.config.schema import SidecarConfig, TlsVaultConfig
 from sidecar.typedconfig import ConfigError, show
 
 
@@ -39,6 +40,8 @@ def check_tls(cfg: SidecarConfig) -> None:
             raise ConfigError(key, str(exc)) from None
     elif tls.source == "consul":
         _check_consul(cfg)
+    elif tls.source == "vault":
+        _check_vault(tls.vault)
     else:
         if not tls.dev.ca_dir:
             raise ConfigError(
@@ -48,6 +51,30 @@ def check_tls(cfg: SidecarConfig) -> None:
             devca.load_ca(Path(tls.dev.ca_dir), tls.trust_domain)
         except material.MaterialError as exc:
             raise ConfigError("tls.dev.ca_dir", str(exc)) from None
+
+
+def _check_vault(vault: TlsVaultConfig) -> None:
+    scheme, _, rest = vault.address.partition("://")
+    if scheme not in ("http", "https") or not rest.strip("/"):
+        raise ConfigError(
+            "tls.vault.address",
+            f"must be an http:// or https:// URL of Vault, got {show(vault.address)}",
+        )
+    for key, value in (("tls.vault.mount", vault.mount), ("tls.vault.role", vault.role)):
+        if not value.strip("/"):
+            raise ConfigError(key, "must be set when tls.source is vault")
+    if bool(vault.token) == bool(vault.token_file):
+        raise ConfigError(
+            "tls.vault.token", "set exactly one of tls.vault.token and tls.vault.token_file"
+        )
+    for key, path in (
+        ("tls.vault.token_file", vault.token_file),
+        ("tls.vault.ca_file", vault.ca_file),
+    ):
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(key, f"{show(path)} cannot be read")
+    if vault.ca_file and scheme != "https":
+        raise ConfigError("tls.vault.ca_file", "verifies an https Vault: tls.vault.address is http")
 
 
 def _check_identity(key: str, identity: str, trust_domain: str) -> None:

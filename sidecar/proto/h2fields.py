@@ -137,17 +137,6 @@ def _special(kind: int, name: bytes, value: bytes, length: int) -> int:
     return length
 
 
-def _regular(
-    kind: int, name: bytes, value: bytes, host: bytes | None, length: int
-) -> tuple[bytes | None, int]:
-    """A request's special regular field (`kind` not _PLAIN): (host, content-length)."""
-    if kind == _HOST:
-        if host is not None:
-            raise Malformed("a second host field")
-        return value, length
-    return host, _special(kind, name, value, length)
-
-
 def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     """The request's content-length (-1: none); Malformed (RFC 9113 8.2, 8.3.1) when a
     name or value is invalid, a pseudo-header is unknown, repeated or after a regular
@@ -155,15 +144,12 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     sidecar does not serve), there is no authority, or a connection-specific field or a
     `te` other than "trailers" is present."""
     seen = 0
+    regular = False
     length = -1
     method = path = scheme = b""
     authority: bytes | None = None
     host: bytes | None = None
-    kind = 0
-    name = value = b""
-    fields = iter(headers)
-    # The pseudo-headers, up to the first regular field (8.3: they come first) ...
-    for name, value in fields:
+    for name, value in headers:
         if value.translate(_FLAG_CONTROL).strip() is not value:
             raise _bad_value(name)
         try:
@@ -171,9 +157,17 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
         except KeyError:
             kind = _kind(name)
         if kind < _PSEUDO:
-            break
-        if seen & kind:
-            raise Malformed(f"pseudo-header {name!r} repeated")
+            regular = True
+            if kind:
+                if kind == _HOST:
+                    if host is not None:
+                        raise Malformed("a second host field")
+                    host = value
+                else:
+                    length = _special(kind, name, value, length)
+            continue
+        if regular or seen & kind:
+            raise Malformed(f"pseudo-header {name!r} repeated or after a regular field")
         seen |= kind
         if kind == _METHOD:
             method = value
@@ -183,22 +177,6 @@ def request_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
             scheme = value
         else:
             authority = value
-    else:
-        kind = 0  # pseudo-headers only
-    # ... then the regular fields, the first of them already looked up.
-    if kind:
-        host, length = _regular(kind, name, value, host, length)
-    for name, value in fields:
-        if value.translate(_FLAG_CONTROL).strip() is not value:
-            raise _bad_value(name)
-        try:
-            kind = _REQUEST_NAMES[name]
-        except KeyError:
-            kind = _kind(name)
-        if kind:
-            if kind >= _PSEUDO:
-                raise Malformed(f"pseudo-header {name!r} after a regular field")
-            host, length = _regular(kind, name, value, host, length)
     if seen | _AUTHORITY_BIT != _ALL_PSEUDO:
         raise Malformed("one of :method, :scheme, :path is missing")
     if method not in _COMMON_METHODS and _TOKEN(method) is None:

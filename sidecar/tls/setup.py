@@ -10,6 +10,7 @@ from sidecar.tls.contexts import TlsState
 from sidecar.tls.inbound import InboundTls
 from sidecar.tls.sources import DevSource, FileSource, Scheduler, Source
 from sidecar.tls.upstream import UpstreamTls
+from sidecar.tls.vault_source import VaultPki, VaultSource
 
 
 class MeshTls:
@@ -55,6 +56,8 @@ class MeshTls:
                 max_queries_per_second=c.max_queries_per_second,
                 start_timeout=c.start_timeout,
             )
+        elif tls.source == "vault":
+            source = vault_source(cfg)
         else:
             f = tls.file
             source = FileSource(f.cert, f.key, f.bundle, tls.trust_domain, f.poll_interval)
@@ -97,3 +100,22 @@ class MeshTls:
 
     def close(self) -> None:
         self.source.close()
+
+
+def vault_source(cfg: SidecarConfig) -> VaultSource:
+    tls, v = cfg.tls, cfg.tls.vault
+    identity = tls.identity or spiffe.service_id(tls.trust_domain, cfg.service.name)
+    pki = VaultPki(
+        v.address,
+        v.mount,
+        v.role,
+        identity,
+        v.common_name or cfg.service.name,
+        v.ttl,
+        tls.trust_domain,
+        token=v.token,
+        token_file=v.token_file,
+        ca_file=v.ca_file,
+        timeout=v.timeout,
+    )
+    return VaultSource(pki, v.retry_max)

@@ -227,6 +227,11 @@ def compile_match(match: RouteMatch, key: str) -> Matcher:
     return Matcher(tuple(conditions))
 
 
+def compile_headers(headers: tuple[HeaderMatch, ...], key: str) -> Matcher:
+    """Header conditions alone (the authorization rules'), errors naming `key.headers[i]`."""
+    return Matcher(tuple(_header(h, f"{key}.headers[{i}]") for i, h in enumerate(headers)))
+
+
 def _path(path: PathMatch, key: str) -> _Exact | _Prefix | _PathRegex:
     given = [name for name in ("exact", "prefix", "regex") if getattr(path, name)]
     if len(given) != 1:

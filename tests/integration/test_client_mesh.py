@@ -35,6 +35,8 @@ from opus_client import (
 )
 from opus_client.vault import Vault
 from sidecar import signing
+from tests import tlscerts
+from tests.emulators.vault_emulator import VaultEmulator
 from tests.integration.conftest import REPO, Mesh, Sidecar, refusing_port
 
 pytestmark = pytest.mark.integration
@@ -335,43 +337,11 @@ def test_connections_are_reused_across_calls_and_threads(shop: Sidecar, app: Scr
     assert shop.metric("opus_requests_total", direction="outbound", code="200") >= 14
 
 
-class VaultHandler(BaseHTTPRequestHandler):
-    """Vault's KV read API, `GET /v1/{path}` with `X-Vault-Token`, answering
-    `{"data": {...}}` as KV version 1 does (the real Vault cannot run here)."""
-
-    server: VaultEmulator
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        secret = self.server.secrets.get(self.path.removeprefix("/v1/"))
-        body: dict[str, Any]
-        if self.headers.get("x-vault-token") != "root" or secret is None:
-            status, body = 403 if secret else 404, {"errors": []}
-        else:
-            status, body = 200, {"data": dict(secret), "lease_duration": 3600, "renewable": False}
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-class VaultEmulator(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), VaultHandler)
-        self.secrets = {"opus/creds/prod": {"token": "vault-token-1"}}
-
-
 def test_vault_token_provider(shop: Sidecar, app: ScriptedApp) -> None:
-    vault_server = VaultEmulator()
-    threading.Thread(target=vault_server.serve_forever, daemon=True).start()
+    vault_server = VaultEmulator(tlscerts.ca()).start()  # its KV version 1 read
+    vault_server.secrets["opus/creds/prod"] = {"token": "vault-token-1"}
     try:
-        vault = Vault(url=f"http://127.0.0.1:{vault_server.server_address[1]}", token="root")
+        vault = Vault(url=vault_server.address, token="root")
         secret = vault.read("opus/creds/prod")  # the seed's form
         now = [0.0]
         with OpusClient(shop.outbound, auth_token=secret["token"], token_ttl=3600) as client:
@@ -387,8 +357,7 @@ def test_vault_token_provider(shop: Sidecar, app: ScriptedApp) -> None:
             now[0] += 3600
             client.call_service("shop", "echo", {})
     finally:
-        vault_server.shutdown()
-        vault_server.server_close()
+        vault_server.stop()
     seen = [h["authorization"] for _, h, _ in app.calls]
     assert seen == ["Bearer vault-token-1", "Bearer vault-token-1", "Bearer vault-token-2"]
 
