@@ -149,6 +149,13 @@ class Metrics:
             "new one in hand (alert on any increase).",
             registry=r,
         )
+        self.tls_source_errors = Counter(
+            "opus_tls_source_errors",
+            "Failed queries to a certificate source (and answers that could not be used), "
+            "by source; the material in use stays.",
+            ["source"],
+            registry=r,
+        )
         self.upstream_connections = Gauge(
             "opus_upstream_connections",
             "Upstream connections open now, by cluster and protocol.",

@@ -154,6 +154,9 @@ class Sidecar(ControlledProcess):
             refused = self.metrics.tls_refused
             tls_in.on_refuse = lambda reason: refused.labels("inbound", reason).inc()
             self.tls.source.on_expired = self.metrics.tls_certificate_expired.inc
+            self.tls.source.on_failure = self.metrics.tls_source_errors.labels(
+                self.tls.source.name
+            ).inc
         inbound_tls = self.inbound_tls
         outbound, inbound = self.handlers = self._build_handlers(cfg)
         for name, handler, spec in (

@@ -18,7 +18,7 @@ UpstreamProtocol = Literal["h2c", "http1"]
 LbPolicy = Literal["round_robin", "least_request", "ring_hash"]
 DiscoveryBackend = Literal["file", "static", "consul", "nacos", "kubernetes"]
 TlsMode = Literal["disable", "permissive", "strict"]
-TlsSource = Literal["file", "dev", "vault"]
+TlsSource = Literal["file", "dev", "vault", "consul"]
 TlsVersion = Literal["1.2", "1.3"]
 
 
@@ -325,6 +325,28 @@ class TlsDevConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConsulConfig:
+    """Consul service mesh's CA through the local agent (docs/security.md, "consul")."""
+
+    # The agent: "host:port" or a URL (http/https); empty: $CONSUL_HTTP_ADDR, else 127.0.0.1:8500.
+    address: str = ""
+    token: str = ""  # an ACL token with service:write on `service` (X-Consul-Token)
+    service: str = ""  # whose leaf is asked for; empty: service.name
+    # The datacenter and namespace in the identities Consul issues; empty: the agent's
+    # datacenter (read from the leaf) and Consul's "default" namespace.
+    datacenter: str = ""
+    namespace: str = ""
+    wait: float = 300.0  # a blocking query's wait (Consul caps it at 10 minutes)
+    request_timeout: float = 10.0  # beyond the wait, for an answer to arrive
+    retry_max: float = 30.0  # the back-off after failed queries doubles up to this
+    # Each watch's query rate, whatever the agent answers (Consul's advice for blocking
+    # queries: an index that keeps resetting must not become a busy loop); burst 2.
+    max_queries_per_second: float = 10.0
+    # At start, how long the first roots and leaf are waited for before giving up.
+    start_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class TlsVaultConfig:
     """Vault's PKI secrets engine: `POST /v1/<mount>/issue/<role>` (docs/security.md)."""
 
@@ -356,6 +378,7 @@ class TlsConfig:
     handshake_timeout: float = 5.0
     file: TlsFileConfig = TlsFileConfig()
     dev: TlsDevConfig = TlsDevConfig()
+    consul: TlsConsulConfig = TlsConsulConfig()
     vault: TlsVaultConfig = TlsVaultConfig()
 
 

@@ -38,6 +38,8 @@ def check_tls(cfg: SidecarConfig) -> None:
         except material.MaterialError as exc:
             key = keys[paths.index(exc.path)] if exc.path in paths else "tls.file"
             raise ConfigError(key, str(exc)) from None
+    elif tls.source == "consul":
+        _check_consul(cfg)
     elif tls.source == "vault":
         _check_vault(tls.vault)
     else:
@@ -86,3 +88,30 @@ def _check_identity(key: str, identity: str, trust_domain: str) -> None:
         raise ConfigError(key, f"is not a SPIFFE ID: {exc}") from None
     if trust_domain and ident.trust_domain != trust_domain:
         raise ConfigError(key, f"{show(identity)} is not in tls.trust_domain {show(trust_domain)}")
+
+
+def _check_consul(cfg: SidecarConfig) -> None:
+    from sidecar.tls import consul_source
+
+    tls = cfg.tls
+    if not tls.trust_domain.endswith(".consul"):
+        raise ConfigError(
+            "tls.trust_domain",
+            f"must be Consul's trust domain ('<cluster id>.consul', as /v1/agent/connect/ca/roots"
+            f" names it) when tls.source is consul, got {show(tls.trust_domain)}",
+        )
+    try:
+        consul_source.split_address(tls.consul.address)
+    except ValueError as exc:
+        raise ConfigError("tls.consul.address", str(exc)) from None
+    for key, value in (
+        ("tls.consul.service", tls.consul.service),
+        ("tls.consul.datacenter", tls.consul.datacenter),
+        ("tls.consul.namespace", tls.consul.namespace),
+    ):
+        if value and not consul_source.NAME.fullmatch(value):
+            raise ConfigError(
+                key,
+                f"{show(value)} may hold only letters, digits, '.', '-' and '_'"
+                " (it is a segment of the SPIFFE ID Consul issues)",
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sidecar.config import SidecarConfig
 from sidecar.tls import spiffe
+from sidecar.tls.consul_source import DEFAULT_NAMESPACE, ConsulSource, consul_identity
 from sidecar.tls.contexts import TlsState
 from sidecar.tls.inbound import InboundTls
 from sidecar.tls.sources import DevSource, FileSource, Scheduler, Source
@@ -40,6 +41,21 @@ class MeshTls:
         if tls.source == "dev":
             identity = tls.identity or spiffe.service_id(tls.trust_domain, cfg.service.name)
             source = DevSource(tls.dev.ca_dir, tls.trust_domain, identity, tls.dev.ttl)
+        elif tls.source == "consul":
+            c = tls.consul
+            source = ConsulSource(
+                address=c.address,
+                token=c.token,
+                service=c.service or cfg.service.name,
+                trust_domain=tls.trust_domain,
+                namespace=c.namespace,
+                datacenter=c.datacenter,
+                wait=c.wait,
+                request_timeout=c.request_timeout,
+                retry_max=c.retry_max,
+                max_queries_per_second=c.max_queries_per_second,
+                start_timeout=c.start_timeout,
+            )
         elif tls.source == "vault":
             source = vault_source(cfg)
         else:
@@ -60,11 +76,15 @@ class MeshTls:
     def expected_identity(self, service: str, registered: str = "") -> str:
         """Secure naming: the SPIFFE ID `service`'s sidecars must present. The config's
         `services.<name>.identity`, else what the registry entry names, else the default."""
-        return (
-            self._identities.get(service)
-            or registered
-            or spiffe.service_id(self.trust_domain, service)
-        )
+        return self._identities.get(service) or registered or self._default_identity(service)
+
+    def _default_identity(self, service: str) -> str:
+        source = self.source
+        if isinstance(source, ConsulSource):
+            # What Consul issues `service` in this sidecar's namespace and datacenter.
+            namespace = source.namespace or DEFAULT_NAMESPACE
+            return consul_identity(self.trust_domain, namespace, source.datacenter, service)
+        return spiffe.service_id(self.trust_domain, service)
 
     def snapshot(self) -> dict[str, object]:
         """What admin /certs shows."""

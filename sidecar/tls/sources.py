@@ -50,6 +50,7 @@ class Source:
         self.state: TlsState | None = None
         self.expired_logged = 0  # serial of the certificate last reported expired
         self.on_expired: Callable[[], None] | None = None  # counts expiries (metric)
+        self.on_failure: Callable[[], None] | None = None  # counts a source's errors (metric)
         self._closed = False
 
     def load(self) -> Material:

@@ -13,7 +13,9 @@ Follows these pages of Consul's API docs (developer.hashicorp.com/consul/api-doc
   `PUT /v1/catalog/deregister` (to place instances in another datacenter);
 - features/blocking: reads return `X-Consul-Index`; `?index=N&wait=D` blocks until the
   data's index passes N or D (default 5m, max 10m) passes.
-- status: `GET /v1/status/leader`.
+- status: `GET /v1/status/leader`;
+- agent/connect (the service mesh CA, with `--connect-ca DIR --trust-domain TD`):
+  tests/emulators/consul_connect.py.
 
 Each agent is one listening port in one datacenter (`--dc dc1 --dc dc2` starts two);
 they share one state, so `?dc=dc2` on dc1's agent reads dc2 as Consul forwards it.
@@ -38,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.emulators import consul_connect
 
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
@@ -110,6 +114,15 @@ class State:
         self.index = 1
         self.changed = asyncio.Condition()
         self.down = False
+        self.connect: consul_connect.ConnectCa | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def notify(self) -> int:
+        """A new index for a change, and blocking queries woken to see it."""
+        self.index += 1
+        async with self.changed:
+            self.changed.notify_all()
+        return self.index
 
     def dc(self, name: str) -> Datacenter:
         dc = self.dcs.get(name)
@@ -237,6 +250,12 @@ class Agent:
         r.add_put("/v1/catalog/register", self.catalog_register)
         r.add_put("/v1/catalog/deregister", self.catalog_deregister)
         r.add_get("/v1/status/leader", self.leader)
+        r.add_get("/v1/agent/connect/ca/roots", self.ca_roots)
+        r.add_get("/v1/agent/connect/ca/leaf/{service}", self.ca_leaf)
+        r.add_put("/v1/agent/connect/authorize", self.authorize)
+        r.add_put("/_emulator/connect/rotate-leaf", self.rotate_leaf)
+        r.add_put("/_emulator/connect/rotate-roots", self.rotate_roots)
+        r.add_put("/_emulator/connect/intentions", self.set_intentions)
         r.add_put("/_emulator/outage", self.set_outage)
         r.add_get("/_emulator/state", self.dump)
         return app
@@ -407,6 +426,67 @@ class Agent:
     async def leader(self, request: web.Request) -> web.Response:
         return web.json_response("127.0.0.1:8300")
 
+    def _ca(self) -> consul_connect.ConnectCa:
+        if self.state.connect is None:
+            raise web.HTTPInternalServerError(
+                text="Connect must be enabled in order to use this endpoint"
+            )
+        return self.state.connect
+
+    async def ca_roots(self, request: web.Request) -> web.Response:
+        ca = self._ca()
+        await self._block(request, lambda: ca.roots_index)
+        return self._json(ca.roots_body(), ca.roots_index)
+
+    async def ca_leaf(self, request: web.Request) -> web.Response:
+        ca = self._ca()
+        service = request.match_info["service"]
+        if ca.due(service):
+            ca.issue(service, await self.state.notify())
+            await self.state.wake_all()
+        await self._block(request, lambda: ca.leaves[service]["ModifyIndex"])
+        leaf = ca.leaves[service]
+        return self._json(leaf, leaf["ModifyIndex"])
+
+    async def authorize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        ok, reason = self._ca().authorize(str(body.get("Target")), str(body.get("ClientCertURI")))
+        return web.json_response({"Authorized": ok, "Reason": reason})
+
+    async def _reissue(self, services: list[str] | None = None) -> None:
+        ca = self._ca()
+        index = await self.state.notify()
+        for service in services if services is not None else list(ca.leaves):
+            ca.issue(service, index)
+        await self.state.wake_all()
+
+    async def rotate_leaf(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        service = body.get("service")
+        await self._reissue([service] if service else None)
+        return web.json_response({s: leaf["SerialNumber"] for s, leaf in self._ca().leaves.items()})
+
+    async def rotate_roots(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        ca = self._ca()
+        new = consul_connect.load(body["ca_dir"], ca.trust_domain)
+        for root in ca.roots:
+            root.active = False
+        index = await self.state.notify()
+        ca.roots.append(consul_connect.Root(new, index))
+        ca.roots_index = index
+        await self.state.wake_all()
+        task = asyncio.create_task(
+            consul_connect.later(float(body.get("grace", 1.0)), self._reissue)
+        )
+        self.state.tasks.add(task)
+        task.add_done_callback(self.state.tasks.discard)
+        return web.json_response(ca.roots_body())
+
+    async def set_intentions(self, request: web.Request) -> web.Response:
+        self._ca().intentions = await request.json()
+        return web.json_response(True)
+
     async def set_outage(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.state.down = bool(body.get("down"))
@@ -433,9 +513,11 @@ async def serve(
     port: int,
     datacenters: list[str],
     clock: Callable[[], float] = time.monotonic,
+    connect: consul_connect.ConnectCa | None = None,
 ) -> tuple[State, list[web.AppRunner], dict[str, int]]:
     """Start one agent per datacenter (the first on `port`); returns the ports by dc."""
     state = State(datacenters, clock)
+    state.connect = connect
     runners: list[web.AppRunner] = []
     ports: dict[str, int] = {}
     for i, dc in enumerate(datacenters):
@@ -455,7 +537,12 @@ async def _reaper(state: State) -> None:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    state, _runners, ports = await serve(args.host, args.port, args.dc or ["dc1"])
+    dcs = args.dc or ["dc1"]
+    connect = None
+    if args.connect_ca:
+        root = consul_connect.Root(consul_connect.load(args.connect_ca, args.trust_domain), 1)
+        connect = consul_connect.ConnectCa(args.trust_domain, dcs[0], args.leaf_ttl, [root])
+    state, _runners, ports = await serve(args.host, args.port, dcs, connect=connect)
     reaper = asyncio.create_task(_reaper(state))
     first = next(iter(ports.values()))
     tmp = args.ports_file + ".tmp"
@@ -474,6 +561,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ports-file", required=True)
     parser.add_argument("--dc", action="append", help="a datacenter (repeat; default dc1)")
+    parser.add_argument("--connect-ca", default="", help="a CA directory (ca.crt, ca.key)")
+    parser.add_argument("--trust-domain", default="11111111-2222-3333-4444-555555555555.consul")
+    parser.add_argument("--leaf-ttl", type=float, default=72 * 3600.0, help="seconds")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(args))
