@@ -6,6 +6,6 @@
 verifier's replay caches), `retry`, `timeout`, `rate_limit`, `circuit_breaker` and
 `headers`; `wasm/` is the proxy-wasm host, a package for its size. Each imports only the
 filter SDK (`sidecar.sdk`) from the sidecar, as a third-party filter would
-(docs/filters/sdk.md); the HMAC filters also the wire format they share with opus_client
-(`sidecar.signing`).
+(docs/filters/sdk.md); the HMAC filters take the wire format they share with opus_client
+from it too (`sidecar.sdk.signing`).
 """

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from filters.keyring import Key, KeyRing, Keys, KeySourceConfig, load_keys
-from sidecar import signing
 from sidecar.sdk import (
     Body,
     BodyError,
@@ -32,6 +31,7 @@ from sidecar.sdk import (
     MeshError,
     Response,
     fixed_body,
+    signing,
 )
 
 log = logging.getLogger("sidecar.filters.hmac")

@@ -16,10 +16,13 @@ with a complete example package, is docs/filters/sdk.md.
 - Metrics: `FilterMetrics`, the type of `FilterContext.metrics`.
 - Deadlines (`call.deadline` is a `time.monotonic()` instant): the headers that carry
   them between hops and their parsing and formatting.
+- `signing`: the seed's HMAC request-signature wire format, which the client library
+  (opus_client) shares with the hmac_sign and hmac_verify filters.
 """
 
 from __future__ import annotations
 
+from sidecar import signing
 from sidecar.call import (
     BodyTooLarge,
     BufferBudgetExhausted,
@@ -80,4 +83,5 @@ __all__ = [
     "read_response_body",
     "reply",
     "set_response_header",
+    "signing",
 ]

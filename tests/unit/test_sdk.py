@@ -69,11 +69,12 @@ EXPORTS = [
     "read_response_body",
     "reply",
     "set_response_header",
+    "signing",
 ]
 
-# What a filter may import from the sidecar: the SDK, and the HMAC wire format that the
-# client library (opus_client) shares with hmac_sign and hmac_verify.
-ALLOWED = {"sidecar.sdk", "sidecar.signing"}
+# What a filter may import from the sidecar: the SDK (which carries the HMAC wire format
+# the client library shares with hmac_sign and hmac_verify, as `signing`).
+ALLOWED = {"sidecar.sdk"}
 
 ROUTER_FIELDS = [
     "endpoint",
