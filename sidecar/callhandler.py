@@ -26,6 +26,7 @@ from sidecar.errors import (
 )
 from sidecar.forwarding import CLIENT_GONE, not_routed, routed
 from sidecar.messages import (
+    FIELD_NAME,
     BodyError,
     Request,
     Response,
@@ -204,22 +205,19 @@ class CallHandler:
                 if protocol is None:
                     protocol = call._upstream_protocol.encode()
                 headers = response.headers
-                for name, _ in headers:
-                    if name in _UPSTREAM_HEADERS:
-                        set_response_header(response, b"x-opus-upstream", address)
-                        set_response_header(response, b"x-opus-upstream-protocol", protocol)
-                        break
-                else:  # the usual case: append, as set_response_header would
+                if _UPSTREAM_HEADERS.isdisjoint(map(FIELD_NAME, headers)):
+                    # The usual case (found at C speed): append, as set_response_header would.
                     headers.append((b"x-opus-upstream", address))
                     headers.append((b"x-opus-upstream-protocol", protocol))
+                else:
+                    set_response_header(response, b"x-opus-upstream", address)
+                    set_response_header(response, b"x-opus-upstream-protocol", protocol)
             elif not call._local_reply_by:
                 # The app's own reply may not speak for the mesh: a forged x-opus-error
                 # would make callers resend calls the app already served.
                 headers = response.headers
-                for name, _ in headers:
-                    if name in MESH_RESPONSE_HEADERS:
-                        headers[:] = [(n, v) for n, v in headers if n not in MESH_RESPONSE_HEADERS]
-                        break
+                if not MESH_RESPONSE_HEADERS.isdisjoint(map(FIELD_NAME, headers)):
+                    headers[:] = [(n, v) for n, v in headers if n not in MESH_RESPONSE_HEADERS]
         return response
 
     def complete(self, call: Call, response: Response | None, sent: int, span: Any) -> None:

@@ -6,6 +6,7 @@ x-forwarded-client-cert. With authorization rules, the policy (authz.py) decides
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from sidecar.accesslog import AccessLog
 from sidecar.authz import AuthorizationStep, Identify, compile_policy
@@ -15,6 +16,7 @@ from sidecar.callhandler import CallHandler
 from sidecar.cluster import Cluster
 from sidecar.config import SidecarConfig
 from sidecar.deadline import caller_deadline
+from sidecar.intentions import Intentions, IntentionsStep
 from sidecar.messages import (
     FIELD_NAME,
     Headers,
@@ -28,6 +30,8 @@ from sidecar.tracing import Tracing
 log = logging.getLogger("sidecar.proxy")
 
 FORWARDED_FOR = b"x-forwarded-for"
+# The last caller's address ("host:port", the connection's own string) and its host.
+_last_peer, _last_host = "", b""
 
 
 def _append_forwarded_for(request: Request) -> None:
@@ -35,7 +39,12 @@ def _append_forwarded_for(request: Request) -> None:
     only what the caller claims). A caller's several x-forwarded-for headers are merged
     into one first (RFC 9110 5.3), so the real peer is the last hop whichever one the
     app reads."""
-    peer = request.peer.rsplit(":", 1)[0].encode()
+    global _last_peer, _last_host
+    if request.peer is _last_peer:
+        peer = _last_host  # the connection's previous call's (its peer string, shared)
+    else:
+        _last_peer = request.peer
+        peer = _last_host = request.peer.rsplit(":", 1)[0].encode()
     if not peer:
         return
     headers = request.headers
@@ -70,6 +79,11 @@ def _verified_identity(tls: InboundTls) -> Identify:
     return lambda request: peers(request.peer)
 
 
+def _verified_peer(tls: InboundTls) -> Callable[[Request], tuple[str, str]]:
+    peers, serials = tls.identity, tls.serial
+    return lambda request: (peers(request.peer), serials(request.peer))
+
+
 class InboundHandler(CallHandler):
     def __init__(
         self,
@@ -80,6 +94,7 @@ class InboundHandler(CallHandler):
         tracing: Tracing,
         keep_chain_of: InboundHandler | None = None,
         tls: InboundTls | None = None,
+        intentions: Intentions | None = None,
     ) -> None:
         super().__init__("inbound", cfg, metrics, access_log, tracing)
         self.service = cfg.service.name
@@ -95,13 +110,16 @@ class InboundHandler(CallHandler):
         # The authorization policy runs first, before any filter sees a call it denies;
         # made anew from every config (a reload that changes only the rules keeps the
         # filters). No rules, no step: the chain, and its callback path, as they were.
+        # Consul's intentions (authorization.intentions) decide after the local rules.
         self.chain: Next = self.filter_chain
+        if intentions is not None and tls is not None:
+            self.chain = IntentionsStep(
+                intentions, _verified_peer(tls), self.chain, metrics.authz_denied
+            )
         policy = compile_policy(cfg)
         if policy is not None:
             identify = _no_identity if tls is None else _verified_identity(tls)
-            self.chain = AuthorizationStep(
-                policy, identify, self.filter_chain, metrics.authz_denied
-            )
+            self.chain = AuthorizationStep(policy, identify, self.chain, metrics.authz_denied)
         self._callback_cluster = self._callbacks_for(self.chain)
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
@@ -142,9 +160,17 @@ class TlsInboundHandler(InboundHandler):
         tracing: Tracing,
         tls: InboundTls,
         keep_chain_of: InboundHandler | None = None,
+        intentions: Intentions | None = None,
     ) -> None:
         super().__init__(
-            cfg, app, metrics, access_log, tracing, keep_chain_of=keep_chain_of, tls=tls
+            cfg,
+            app,
+            metrics,
+            access_log,
+            tracing,
+            keep_chain_of=keep_chain_of,
+            tls=tls,
+            intentions=intentions,
         )
         self.tls = tls
         self._tls = tls

@@ -24,7 +24,7 @@ from typing import Any, cast
 from sidecar.adapters.h1server import H1ServerProtocol
 from sidecar.adapters.h2server import H2ServerProtocol
 from sidecar.serving import ListenerContext
-from sidecar.tls.contexts import PeerRefused, peer_identity
+from sidecar.tls.contexts import PeerRefused, peer_identity, peer_serial
 from sidecar.tls.inbound import TLS_HANDSHAKE, InboundTls, peer_key
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -138,7 +138,8 @@ class _TlsDetect(_Detect):
             self.tls.refuse("identity", peer, str(exc))
             cast("asyncio.Transport", transport).abort()
             return
-        self.tls.verified(peer, identity, transport)
+        serial = peer_serial(transport.get_extra_info("ssl_object"))
+        self.tls.verified(peer, identity, transport, serial)
         super().connection_made(transport)
 
 

@@ -143,6 +143,12 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        self.authz_intentions_errors = Counter(
+            "opus_authz_intentions_errors",
+            "Asks of the Consul agent's intentions (authorization.intentions) that failed: "
+            "the agent down, slow past intentions.timeout, or answering nonsense.",
+            registry=r,
+        )
         self.tls_certificate_expired = Counter(
             "opus_tls_certificate_expired",
             "Times the sidecar's own certificate was found past its not-after with no "

@@ -33,6 +33,7 @@ from sidecar.config.live import ReloadPlan, plan_reload
 from sidecar.discovery.base import Endpoint, Instance
 from sidecar.discovery.factory import create_discovery
 from sidecar.inbound import InboundHandler, TlsInboundHandler
+from sidecar.intentions import Intentions, consul_intentions
 from sidecar.lb import RoundRobin
 from sidecar.listener import Listener
 from sidecar.metrics import WORKER_FOLD_SECONDS, Metrics
@@ -77,6 +78,8 @@ class Sidecar(ControlledProcess):
         # mTLS (tls.mode permissive or strict): the material, its source, the contexts.
         self.tls = MeshTls.from_config(cfg) if cfg.tls.mode != "disable" else None
         self.inbound_tls: InboundTls | None = None  # the inbound listener's, once started
+        # Consul intentions deciding inbound calls (authorization.intentions), once started.
+        self.intentions: Intentions | None = None
         upstream_tls = self.tls.upstream() if self.tls is not None else None
         if upstream_tls is not None:
             refused = self.metrics.tls_refused
@@ -158,6 +161,8 @@ class Sidecar(ControlledProcess):
                 self.tls.source.name
             ).inc
         inbound_tls = self.inbound_tls
+        if cfg.authorization.intentions.source == "consul":
+            self.intentions = consul_intentions(cfg, self.metrics.authz_intentions_errors)
         outbound, inbound = self.handlers = self._build_handlers(cfg)
         for name, handler, spec in (
             ("outbound", outbound, cfg.listeners.outbound),
@@ -240,6 +245,7 @@ class Sidecar(ControlledProcess):
                 self.tracing,
                 self.inbound_tls,
                 keep_chain_of=keep,
+                intentions=self.intentions,
             )
         else:
             inbound = InboundHandler(
@@ -433,6 +439,8 @@ class Sidecar(ControlledProcess):
         await self.discovery.close()
         if self.tls is not None:
             self.tls.close()
+        if self.intentions is not None:
+            await self.intentions.close()
         self.access_log.close()
         self.tracing.shutdown()
         self.metrics.close()  # a worker's last figures, for the supervisor

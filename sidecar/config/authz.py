@@ -48,8 +48,26 @@ class AuthzRule:
 
 
 @dataclass(frozen=True, slots=True)
+class IntentionsConfig:
+    """Consul intentions deciding inbound calls (`source: consul`), through the agent
+    `tls.consul.address` names: `PUT /v1/agent/connect/authorize` with the caller's
+    verified SPIFFE ID, once per caller per `cache_ttl`. Fails closed: a caller the agent
+    cannot be asked about (and has no earlier verdict) is denied."""
+
+    source: Literal["", "consul"] = ""  # "": no intentions (the local rules alone)
+    cache_ttl: float = 10.0  # seconds a verdict is reused for the same caller identity
+    max_cached: int = 4096  # caller identities whose verdicts are kept
+    timeout: float = 2.0  # an ask of the agent, seconds; past it, as an agent error
+    # After an agent error, a caller's last verdict is reused for up to this long.
+    stale_for: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class AuthorizationConfig:
     """No rules: every call is allowed, at no cost per call. DENY rules are tried first;
-    when any ALLOW rule exists, a call no ALLOW rule matches is denied."""
+    when any ALLOW rule exists, a call no ALLOW rule matches is denied. With
+    `intentions.source: consul`, a call the rules allow must be allowed by Consul's
+    intentions too."""
 
     rules: tuple[AuthzRule, ...] = ()
+    intentions: IntentionsConfig = IntentionsConfig()

@@ -9,7 +9,7 @@ from sidecar.authz import compile_policy
 from sidecar.chain import validate_filters
 from sidecar.config.rulechecks import check_route_rules
 from sidecar.config.schema import CaptureConfig, HealthCheckConfig, RouteConfig, SidecarConfig
-from sidecar.config.tlscheck import check_tls
+from sidecar.config.tlscheck import check_intentions, check_tls
 from sidecar.typedconfig import ConfigError, show, show_number
 
 _SERVICE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
@@ -66,6 +66,7 @@ def validate(cfg: SidecarConfig) -> None:
     check_route_rules(cfg)
     _check_capture(cfg.capture)
     check_tls(cfg)
+    check_intentions(cfg)
     compile_policy(cfg)  # the authorization rules compile, or name the key that does not
     # Each filter validates its own config now, before anything binds.
     validate_filters(cfg)

@@ -29,6 +29,7 @@ RESTART_ONLY: tuple[tuple[str, str], ...] = (
     ("log.access_log", "the access log is opened once"),
     ("limits.fd_reserve", "the fd budget is computed once, at start"),
     ("tls", "the mode, trust domain and source are set at start (certificates rotate live)"),
+    ("authorization.intentions", "the Consul agent's client is made once, at start"),
 )
 # With mTLS on, the inbound listener accepts on a socket of its own (listener.py).
 RESTART_ONLY_WITH_TLS: tuple[tuple[str, str], ...] = (

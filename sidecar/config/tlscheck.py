@@ -115,3 +115,31 @@ def _check_consul(cfg: SidecarConfig) -> None:
                 f"{show(value)} may hold only letters, digits, '.', '-' and '_'"
                 " (it is a segment of the SPIFFE ID Consul issues)",
             )
+
+
+def check_intentions(cfg: SidecarConfig) -> None:
+    """authorization.intentions: Consul decides by the caller's certificate, so it needs
+    mTLS, and the agent is the one tls.consul names."""
+    intentions = cfg.authorization.intentions
+    if not intentions.source:
+        return
+    key = "authorization.intentions"
+    if cfg.tls.mode == "disable":
+        raise ConfigError(
+            f"{key}.source",
+            "consul needs tls.mode permissive or strict: intentions decide by the caller's "
+            "certificate, which a plaintext mesh has none of",
+        )
+    for name, value in (("cache_ttl", intentions.cache_ttl), ("stale_for", intentions.stale_for)):
+        if value < 0:
+            raise ConfigError(f"{key}.{name}", f"must be >= 0 seconds, got {value}")
+    if intentions.timeout <= 0:
+        raise ConfigError(f"{key}.timeout", f"must be > 0 seconds, got {intentions.timeout}")
+    if intentions.max_cached < 1:
+        raise ConfigError(f"{key}.max_cached", f"must be >= 1, got {intentions.max_cached}")
+    from sidecar.tls import consul_source
+
+    try:
+        consul_source.split_address(cfg.tls.consul.address)
+    except ValueError as exc:
+        raise ConfigError("tls.consul.address", str(exc)) from None

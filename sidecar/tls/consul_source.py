@@ -110,7 +110,7 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"  # a Go duration, as Consul reads `wait`
 
 
-def _quiet(factory: Callable[..., Any], **kwargs: Any) -> Any:
+def quiet(factory: Callable[..., Any], **kwargs: Any) -> Any:
     # py-consul builds its aiohttp connector with arguments aiohttp has deprecated.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -183,7 +183,7 @@ class ConsulSource(Source):
 
     def _consul(self) -> Any:
         if self._client is None:
-            self._client = _quiet(consul.aio.Consul, **split_address(self.address))
+            self._client = quiet(consul.aio.Consul, **split_address(self.address))
         return self._client
 
     # -- material -------------------------------------------------------------------

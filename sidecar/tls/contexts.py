@@ -85,6 +85,16 @@ def peer_identity(ssl_object: Any, trust_domain: str) -> str:
     return uris[0]
 
 
+def peer_serial(ssl_object: Any) -> str:
+    """The serial of the peer's certificate as Consul writes serials (colon-separated
+    lower-case hex octets), or "" without one."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    digits = str(cert.get("serialNumber", "")) if cert else ""
+    if len(digits) % 2:
+        digits = "0" + digits
+    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2)).lower()
+
+
 class TlsState:
     """The current material and the contexts built from it, shared by the listeners
     (server side) and the upstream pools (client side)."""

@@ -39,6 +39,8 @@ class InboundTls:
         self.listener = listener
         # Request.peer -> (the caller's SPIFFE ID, its transport, to prune closed ones).
         self.peers: dict[str, tuple[str, Any]] = {}
+        # Request.peer -> the serial of the caller's certificate (Consul's authorize asks).
+        self.serials: dict[str, str] = {}
         self.handshakes = 0
         self.plaintext = 0
         self.refused: dict[str, int] = {}
@@ -56,20 +58,27 @@ class InboundTls:
         entry = self.peers.get(peer)
         return entry[0] if entry is not None else ""
 
-    def verified(self, peer: str, identity: str, transport: Any) -> None:
+    def serial(self, peer: str) -> str:
+        """The serial of the certificate the caller at `peer` presented ("" for none)."""
+        return self.serials.get(peer, "")
+
+    def verified(self, peer: str, identity: str, transport: Any, serial: str = "") -> None:
         self.handshakes += 1
         if len(self.peers) >= 1024 and len(self.peers) % 1024 == 0:
             self._prune()
         self.peers[peer] = (identity, transport)
+        self.serials[peer] = serial
 
     def plaintext_caller(self, peer: str) -> None:
         self.plaintext += 1
         self.peers.pop(peer, None)
+        self.serials.pop(peer, None)
 
     def _prune(self) -> None:
         for key, (_, transport) in tuple(self.peers.items()):
             if transport.is_closing():
                 del self.peers[key]
+                self.serials.pop(key, None)
 
     def refuse(self, reason: str, peer: str, detail: str) -> None:
         """Count a refused connection and log it (at most LOG_BURST lines per window)."""

@@ -230,3 +230,26 @@ def test_agent_going_away_and_coming_back(mesh: Mesh) -> None:
         with httpx.Client() as client:
             assert _call(payment, client).status_code == 200
     assert results.count(200) == len(results), {s: results.count(s) for s in set(results)}
+
+
+def test_consul_intentions_decide_inbound_calls_live(mesh: Mesh) -> None:
+    """With authorization.intentions.source consul, the callee's sidecar asks the agent
+    (PUT /v1/agent/connect/authorize) whether the caller's SPIFFE ID may call: an
+    intention's change shows within its cache_ttl, no restart."""
+    agent = _agent(mesh, _ca(mesh, "ca1")[0])
+    _admin(agent, "/_emulator/connect/intentions", {"default": "deny", "rules": []})
+    extra = _tls(int(agent.ports["port"]))
+    extra["authorization"] = {"intentions": {"source": "consul", "cache_ttl": 0.3}}
+    _, inventory = mesh.service("inventory", extra)
+    _, payment = mesh.service("payment", _tls(int(agent.ports["port"])))
+    mesh.wait_endpoints(payment, "inventory", 1)
+    with httpx.Client() as client:
+        denied = _call(payment, client)
+        assert denied.status_code == 403, denied.text
+        assert "Consul intentions" in denied.json()["error"] and _uri("payment") in denied.text
+        rule = {"source": "payment", "destination": "inventory", "action": "allow"}
+        _admin(agent, "/_emulator/connect/intentions", {"default": "deny", "rules": [rule]})
+        _wait("the allow intention in force", lambda: _call(payment, client).status_code == 200)
+        statuses = [_call(payment, client).status_code for _ in range(50)]
+    assert statuses == [200] * 50
+    assert inventory.metric("opus_authz_denied_total", rule="consul-intentions") >= 1
