@@ -205,10 +205,11 @@ class AdminServer:
 
     async def _stats(self, request: web.Request) -> web.Response:
         """Every metric sample as JSON: {name: [{"labels": {...}, "value": v}, ...]}.
-        `?filter=prefix` keeps the names that start with it."""
-        prefix = request.query.get("filter", "")
+        `?filter=prefix` keeps the names that start with it (given more than once, with
+        any of them)."""
+        prefixes = tuple(request.query.getall("filter", ())) or ("",)
         return web.Response(
-            body=json.dumps(stats_snapshot(self._state.metrics_registry, prefix)).encode(),
+            body=json.dumps(stats_snapshot(self._state.metrics_registry, prefixes)).encode(),
             content_type=_JSON,
         )
 
@@ -242,7 +243,7 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def stats_snapshot(
-    registry: CollectorRegistry, prefix: str = ""
+    registry: CollectorRegistry, prefix: str | tuple[str, ...] = ""
 ) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for family in registry.collect():

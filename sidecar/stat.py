@@ -4,7 +4,9 @@ admin port (the way `linkerd viz stat` shows a mesh).
 Two snapshots of /stats an interval apart give, per direction and service: request
 rate, success rate (non-5xx, and gRPC OK where gRPC), and latency percentiles
 estimated from the duration histogram's buckets (as Prometheus's histogram_quantile
-does: linear within the bucket).
+does: linear within the bucket). Below, when there are any: the inbound callers by
+their verified mTLS identity (`linkerd viz edges`' question: who calls me), and each
+route rule's split between its destinations (a canary's 90/10, live).
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ class Row:
     total: int
 
 
+# The metrics the tables are made of (the /stats filter's prefixes).
+_FILTERS = ("opus_request", "opus_tls_peer_requests", "opus_route_requests")
+
+
 def fetch(admin: str, timeout: float = 5.0) -> Stats:
-    url = admin.rstrip("/") + "/stats?filter=opus_request"
+    query = "&".join(f"filter={name}" for name in _FILTERS)
+    url = admin.rstrip("/") + "/stats?" + query
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         data: Stats = json.load(resp)
     return data
@@ -109,13 +116,77 @@ def rows(before: Stats, after: Stats, seconds: float) -> list[Row]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Share:
+    """Calls over the interval under some labels, and their share of their group's."""
+
+    labels: tuple[str, ...]
+    rps: float
+    share: float | None  # of the group's calls in the interval (None: no calls in it)
+    total: int
+
+
+def shares(
+    before: Stats, after: Stats, seconds: float, metric: str, names: tuple[str, ...], group: int
+) -> list[Share]:
+    """`metric`'s series by the label `names`, each with its share of the calls of the
+    series whose first `group` labels are its own (a route's destinations: group 1)."""
+
+    def counts(stats: Stats) -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = defaultdict(float)
+        for sample in stats.get(metric, []):
+            out[tuple(sample["labels"].get(n, "") for n in names)] += sample["value"]
+        return out
+
+    old, new = counts(before), counts(after)
+    delta = {key: value - old.get(key, 0.0) for key, value in new.items()}
+    groups: dict[tuple[str, ...], float] = defaultdict(float)
+    for key, calls in delta.items():
+        groups[key[:group]] += calls
+    return [
+        Share(
+            labels=key,
+            rps=delta[key] / seconds if seconds > 0 else 0.0,
+            share=delta[key] / groups[key[:group]] if groups[key[:group]] > 0 else None,
+            total=int(new[key]),
+        )
+        for key in sorted(new)
+    ]
+
+
+def _table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
+    lines = [header, *body]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
+    ]
+
+
+def _share_lines(table: list[Share]) -> list[tuple[str, ...]]:
+    return [
+        (
+            *s.labels,
+            f"{s.rps:.1f}",
+            "-" if s.share is None else f"{s.share * 100:.1f}%",
+            str(s.total),
+        )
+        for s in table
+    ]
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.2f}ms"
 
 
-def render(table: list[Row], admin: str, seconds: float) -> str:
+def render(
+    table: list[Row],
+    admin: str,
+    seconds: float,
+    callers: list[Share] | None = None,
+    routes: list[Share] | None = None,
+) -> str:
     header = ("DIRECTION", "SERVICE", "RPS", "SUCCESS", "P50", "P95", "P99", "TOTAL")
-    lines = [header] + [
+    lines: list[tuple[str, ...]] = [
         (
             r.direction,
             r.service,
@@ -128,14 +199,24 @@ def render(table: list[Row], admin: str, seconds: float) -> str:
         )
         for r in table
     ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [f"{admin}  (last {seconds:.1f}s)"]
-    text += [
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
-    ]
+    text = [f"{admin}  (last {seconds:.1f}s)", *_table(header, lines)]
     if not table:
         text.append("(no calls yet)")
+    if callers:
+        text += ["", *_table(("CALLER (mTLS)", "RPS", "SHARE", "TOTAL"), _share_lines(callers))]
+    if routes:
+        columns = ("ROUTE", "SERVICE", "SUBSET", "RPS", "SPLIT", "TOTAL")
+        text += ["", *_table(columns, _share_lines(routes))]
     return "\n".join(text) + "\n"
+
+
+def render_all(before: Stats, after: Stats, admin: str, seconds: float) -> str:
+    """Every table for the interval between two snapshots."""
+    callers = shares(before, after, seconds, "opus_tls_peer_requests_total", ("identity",), 0)
+    routes = shares(
+        before, after, seconds, "opus_route_requests_total", ("route", "service", "subset"), 1
+    )
+    return render(rows(before, after, seconds), admin, seconds, callers, routes)
 
 
 def run(admin: str, interval: float, once: bool, out: TextIO = sys.stdout) -> int:
@@ -150,7 +231,7 @@ def run(admin: str, interval: float, once: bool, out: TextIO = sys.stdout) -> in
             time.sleep(interval)
             after = fetch(admin)
             now = time.monotonic()
-            text = render(rows(before, after, now - taken), admin, now - taken)
+            text = render_all(before, after, admin, now - taken)
             if once:
                 out.write(text)
                 return 0

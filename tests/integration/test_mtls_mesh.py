@@ -6,6 +6,8 @@ by the pool; /certs; and a file-source rotation under a load loop with no failed
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -258,3 +260,27 @@ def test_active_health_checks_over_mtls(mesh: Mesh) -> None:
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
     assert _call(payment).status_code == 200
+
+
+def test_stat_shows_the_callers_identities(mesh: Mesh) -> None:
+    """`opus-sidecar stat` on the callee lists its callers by verified SPIFFE ID."""
+    extra = {"tls": _dev_tls(mesh)}
+    _, inventory = mesh.service("inventory", extra)
+    _, payment = mesh.service("payment", extra)
+    mesh.wait_endpoints(payment, "inventory", 1)
+    argv = [sys.executable, "-m", "sidecar", "stat", "--admin", inventory.admin]
+    stat = subprocess.Popen(
+        [*argv, "--interval", "1.0", "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    made = 0
+    with httpx.Client() as client:
+        while stat.poll() is None and made < 2000:  # calls across stat's window
+            assert _call(payment, client=client).status_code == 200
+            made += 1
+    out, err = stat.communicate(timeout=20)
+    assert stat.returncode == 0, err
+    lines = out.decode().splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("CALLER (mTLS)")))
+    caller = lines[header + 1].split()
+    assert caller[0] == spiffe_id("payment") and caller[2] == "100.0%", lines
+    assert float(caller[1]) > 0 and int(caller[3]) >= 1
