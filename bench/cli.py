@@ -28,7 +28,7 @@ FULL = suite.Plan(
 )  # fmt: skip
 SMOKE = suite.Plan(
     reps=1, saturation_s=0.3, warmup_s=0.1, rate=200, rate_s=0.3,
-    connection_calls=200, codec_calls=20, profile_s=0,
+    connection_calls=200, codec_calls=20, profile_s=0, handshakes=10,
 )  # fmt: skip
 PROFILED = (
     ("sidecar-in", "h1"),
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         _step("latency", suite.run_latency, fl, plan, results)
         _step("connections", suite.run_connections, fl, plan, results)
         _step("scaling", suite.run_scaling, fl, plan, results)
+        _step("handshakes", suite.run_handshakes, fl, plan, results)
         print("bench: json vs protobuf", file=sys.stderr)
         try:
             mesh = fl.targets["mesh"].servers["h1"][0]

@@ -130,6 +130,8 @@ def sidecar(
     upstream_protocol: str = "h2c",
     filters: dict[str, Any] | None = None,
     workers: int = 1,
+    tls: dict[str, Any] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """One sidecar: inbound hands calls to `app_port`; outbound reaches `services` (name to
     port on 127.0.0.1) through static discovery."""
@@ -157,6 +159,10 @@ def sidecar(
         config["filters"] = filters
     if workers > 1:
         config["workers"] = workers
+    if tls:
+        config["tls"] = tls
+    if overrides:
+        config["services"] = overrides  # services.<name>: per-service settings
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

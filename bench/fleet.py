@@ -24,6 +24,7 @@ PY = sys.executable
 HMAC_KEYS = {"bench": "bench-secret-0123456789"}
 SCALING_WORKERS = (1, 2)
 WASM_EXAMPLE = REPO / "wasm_examples" / "build" / "add_header.wasm"
+MTLS_TRUST_DOMAIN = "bench.local"
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Fleet:
         self.scaling: dict[int, Target] = {}  # workers: N -> the inbound hop
         self.docroot = workdir / "files"
         self.docroot.mkdir()
+        self.ca_dir: Path | None = None  # the mesh+mtls target's dev CA
+        self.mtls: tuple[Server, Server] | None = None  # its caller and callee sidecars
 
     # --- processes ---------------------------------------------------------------
 
@@ -174,8 +177,41 @@ class Fleet:
         # h2load repeats one request, and identical calls signed in the same second are
         # replays to hmac_verify (docs/filters/hmac.md); the paced client varies the query.
         self.targets["mesh+hmac"].h2c = None
+        self._mtls_mesh(uh1)
         self._wasm(uh1)
         self._scaling(uh1)
+
+    def _mtls_mesh(self, app_port: int) -> None:
+        """The mesh in strict mTLS: both sidecars issue themselves certificates from a
+        dev CA made here (tls.source dev), and the caller checks the callee's identity."""
+        from sidecar.tls import devca  # cryptography: only for this target
+
+        self.ca_dir = self.workdir / "devca"
+        devca.init_ca(self.ca_dir, MTLS_TRUST_DOMAIN)
+        tls = {
+            "mode": "strict",
+            "trust_domain": MTLS_TRUST_DOMAIN,
+            "source": "dev",
+            "dev": {"ca_dir": str(self.ca_dir)},
+        }
+        b = self._sidecar("mesh+mtls-b", app_port=app_port, tls=tls)
+        identity = f"spiffe://{MTLS_TRUST_DOMAIN}/svc/{b.name}"
+        a = self._sidecar(
+            "mesh+mtls-a",
+            app_port=app_port,
+            services={"svc": b.ports["inbound"]},
+            tls=tls,
+            overrides={"svc": {"identity": identity}},
+        )
+        invoke = "/v1/invoke/svc/bench"
+        self.targets["mesh+mtls"] = Target(
+            "mesh+mtls",
+            "the mesh in strict mTLS between the sidecars (dev CA, TLS 1.3, ALPN h2)",
+            a.url("outbound", invoke),
+            a.url("outbound", invoke),
+            {"h1": [a, b], "h2c": [a, b]},
+        )
+        self.mtls = (a, b)
 
     def _scaling(self, app_port: int) -> None:
         """`workers: N`: the inbound hop with 1 and with 2 worker processes, free to use

@@ -160,6 +160,25 @@ def connections_table(results: Results) -> list[str]:
     return rows
 
 
+def handshakes_table(results: Results) -> list[str]:
+    data = results.handshakes
+    if not data:
+        return ["not run"]
+    count, seconds = data["count"], data["seconds"]
+    calls, opened = data["caller_calls"], data["caller_connections"]
+    rows = [*_header("mesh+mtls", "measured")]
+    rows.append(
+        f"| fresh mTLS connections to the callee (one call each) | {count:.0f} in "
+        f"{seconds:.1f} s: {count / seconds if seconds else 0:.0f}/s |"
+    )
+    rows.append(f"| callee CPU per fresh connection | {data['callee_cpu_us'] / 1000:.2f} ms |")
+    rows.append(
+        f"| the caller's handshakes (upstream connections opened) over the run | {opened:.0f} "
+        f"for {calls:,.0f} calls |"
+    )
+    return rows
+
+
 def codec_table(codec: dict[str, dict[str, float]] | None) -> list[str]:
     if not codec:
         return ["not run"]
@@ -246,7 +265,7 @@ def targets(fleet: Fleet, results: Results) -> list[tuple[str, str, str]]:
         label = f"burst {name} h2c ({load.BURST_CALLS} calls together) p50 ≤ 2x nginx's"
         out.append((label, measured, _verdict(ok)))
     for proto in ("h1", "h2c"):
-        for name in ("mesh", "mesh+hmac"):
+        for name in ("mesh", "mesh+hmac", "mesh+mtls"):
             p99 = med(lat, (name, proto), lambda s: s.p99_us)
             d99 = med(lat, ("direct", proto), lambda s: s.p99_us)
             ok = None if p99 is None or d99 is None else p99 - d99 <= 1000.0
@@ -260,6 +279,43 @@ def targets(fleet: Fleet, results: Results) -> list[tuple[str, str, str]]:
                     _verdict(ok),
                 )
             )
+    for proto in ("h1", "h2c"):
+        plain = med(sat, ("mesh", proto), lambda s: s.cpu_us)
+        mtls = med(sat, ("mesh+mtls", proto), lambda s: s.cpu_us)
+        ok = None if plain is None or mtls is None else mtls <= 1.25 * plain
+        measured = (
+            f"{mtls / plain - 1:+.1%} ({plain:.0f} → {mtls:.0f} µs)" if plain and mtls else "-"
+        )
+        out.append(
+            (
+                f"mTLS CPU per call ≤ +25% over the mesh ({PROTO_NAME[proto]} client)",
+                measured,
+                _verdict(ok),
+            )
+        )
+        p_plain = med(lat, ("mesh", proto), lambda s: s.p50_us)
+        p_mtls = med(lat, ("mesh+mtls", proto), lambda s: s.p50_us)
+        ok = None if p_plain is None or p_mtls is None else p_mtls - p_plain <= 100.0
+        measured = (
+            f"{(p_mtls - p_plain) / 1000:+.3f} ms"
+            if p_plain is not None and p_mtls is not None
+            else "-"
+        )
+        out.append(
+            (
+                f"mTLS ≤ +0.1 ms p50 over the mesh at a fixed rate ({PROTO_NAME[proto]} client)",
+                measured,
+                _verdict(ok),
+            )
+        )
+    shakes = results.handshakes
+    if shakes:
+        opened, calls = shakes["caller_connections"], shakes["caller_calls"]
+        out.append((
+            "mTLS: zero handshakes per call in steady state (the caller's pool)",
+            f"{opened:.0f} handshakes for {calls:,.0f} calls",
+            _verdict(opened <= 64 and calls > 1000),
+        ))  # fmt: skip
     for proto in ("h1", "h2c"):
         idle = results.idle_rss.get(("sidecar-in", proto))
         samples = sat.get(("sidecar-in", proto)) or []
@@ -347,6 +403,10 @@ def render(
         f"### Connections: {plan.connection_calls:,} calls from 64 concurrent HTTP/1.1 callers",
         "",
         *connections_table(results),
+        "",
+        f"### mTLS handshakes (mesh+mtls; up to {plan.handshakes} fresh connections)",
+        "",
+        *handshakes_table(results),
         "",
         f"### JSON versus Protobuf through the mesh (opus_client, {plan.codec_calls} calls each)",
         "",

@@ -6,6 +6,9 @@ target alike, and each case is repeated `reps` times.
 from __future__ import annotations
 
 import os
+import socket
+import ssl
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -25,8 +28,10 @@ SATURATION_TARGETS = (
     "sidecar-out",
     "aiohttp",
     "sidecar-in+wasm",
+    "mesh",
+    "mesh+mtls",
 )
-LATENCY_TARGETS = (*SATURATION_TARGETS, "mesh", "mesh+hmac")
+LATENCY_TARGETS = (*SATURATION_TARGETS, "mesh+hmac")
 CONNECTION_CALLS, CONNECTION_CALLERS = 10_000, 64
 CONNECTIONS_METRIC = "opus_upstream_connections_opened_total"
 
@@ -41,6 +46,7 @@ class Plan:
     connection_calls: int
     codec_calls: int
     profile_s: float  # 0: no profiles
+    handshakes: int = 300  # fresh mTLS connections to the mesh+mtls callee (bounded in time too)
 
 
 @dataclass
@@ -60,6 +66,9 @@ class Results:
     idle_rss: dict[tuple[str, str], int] = field(default_factory=dict)
     connections: dict[str, dict[str, float]] = field(default_factory=dict)
     scaling: dict[int, list[Sample]] = field(default_factory=dict)  # workers -> samples
+    # mesh+mtls: fresh handshakes (count, seconds, callee CPU µs each) and, over the whole
+    # run, the caller's calls and the upstream connections (handshakes) it opened for them.
+    handshakes: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     realtime: bool = False
 
@@ -242,3 +251,54 @@ def run_connections(fleet: Fleet, plan: Plan, results: Results) -> None:
             "opened_total": after,
             "errors": float(res.errors),
         }
+
+
+HANDSHAKE_SECONDS = 30.0  # the fresh-handshake loop's bound in time
+
+
+def run_handshakes(fleet: Fleet, plan: Plan, results: Results) -> None:
+    """mesh+mtls: `plan.handshakes` fresh mTLS connections to the callee's inbound port,
+    each one HTTP/1.1 call then closed (a client certificate from the run's dev CA);
+    then the caller's reuse over the whole run (handshakes per call in steady state)."""
+    if fleet.mtls is None or fleet.ca_dir is None:
+        return
+    from sidecar.tls import devca  # cryptography: only for this case
+
+    caller, callee = fleet.mtls
+    ca = devca.load_ca(fleet.ca_dir)
+    chain, key = devca.issue(ca, f"spiffe://{ca.trust_domain}/svc/bench-client", 3600)
+    cert_file, key_file = fleet.workdir / "bench-client.crt", fleet.workdir / "bench-client.key"
+    cert_file.write_bytes(chain)
+    key_file.write_bytes(key)
+    ctx = ssl.create_default_context(cadata=ca.cert_pem.decode())
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    ctx.set_alpn_protocols(["http/1.1"])
+    port = callee.ports["inbound"]
+    request = b"GET /bench HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n"
+    done = 0
+    before = callee.cpu()
+    started = time.monotonic()
+    while done < plan.handshakes and time.monotonic() - started < HANDSHAKE_SECONDS:
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                ctx.wrap_socket(raw) as conn,
+            ):
+                conn.sendall(request)
+                while conn.recv(65536):
+                    pass
+        except OSError as e:
+            results.failures.append(f"handshakes mesh+mtls: {e}")
+            break
+        done += 1
+    seconds = time.monotonic() - started
+    cpu = callee.cpu() - before
+    admin = caller.ports["admin"]
+    results.handshakes = {
+        "count": float(done),
+        "seconds": seconds,
+        "callee_cpu_us": cpu / done * 1e6 if done else 0.0,
+        "caller_calls": _metric(admin, "opus_requests_total"),
+        "caller_connections": _metric(admin, CONNECTIONS_METRIC),
+    }
