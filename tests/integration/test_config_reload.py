@@ -330,3 +330,97 @@ def test_an_unchanged_inbound_chain_keeps_its_state(mesh: Mesh) -> None:
     _edit(_config(inventory), {"filters": limited})
     assert _reload(inventory)[1]["result"] == "ok"
     assert httpx.get(url, timeout=10).status_code == 200  # a new chain, a new bucket
+
+
+def _change(i: int) -> dict[str, Any]:
+    """The i-th of the hundred changes: the stamp (the outbound chain) always; a second
+    filter on odd i, gone on even; a legacy route shifted; the split's weight moved."""
+    change = _stamp(f"v{i}")
+    if i % 2:
+        extra = {"request_headers_to_set": {"x-extra": str(i)}}
+        change["filters"]["outbound"].append({"name": "headers", "config": extra})
+    change["routes"] = [{"prefix": f"/r{i % 7}", "service": "inventory"}]
+    weight = (i * 37) % 101
+    change["route_rules"] = [
+        {
+            "name": "split",
+            "match": {"path": {"prefix": "/v1/invoke/inventory/"}},
+            "destinations": [
+                {"service": "inventory", "weight": weight},
+                {"service": "stock", "weight": 100 - weight},
+            ],
+        }
+    ]
+    return change
+
+
+def test_a_hundred_watched_changes_under_load(mesh: Mesh) -> None:
+    """Issue 18's figure: 100 changes of the watched file (routes shifted, a filter added
+    and removed, a weight moved) while two keep-alive callers run through two sidecars:
+    no failed call, no reset, each change answering within 1 s of its write; 20 invalid
+    files in between, each refused with the running config untouched."""
+    mesh.service("inventory")
+    mesh.service("stock")
+    watch = {"reload": {"watch": True, "poll_interval": 0.05}}
+    _, payment = mesh.service("payment", {**_stamp("v0"), **watch})
+    mesh.wait_endpoints(payment, "inventory", 1)
+    mesh.wait_endpoints(payment, "stock", 1)
+    url = f"{payment.outbound}/v1/invoke/inventory/load"
+    failures: list[str] = []
+    calls = [0]
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set() and calls[0] < 100_000:
+                try:
+                    resp = client.get(url)
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                calls[0] += 1
+                if resp.status_code != 200:
+                    failures.append(f"{resp.status_code} {resp.text[:200]}")
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    path = _config(payment)
+    took: list[float] = []
+    invalid = 0
+    try:
+        with httpx.Client(timeout=10) as probe:
+            for i in range(1, 121):
+                if i % 6 == 0:  # 20 invalid files: refused, the running config untouched
+                    good, sha = path.read_text(), _dump(payment)["config_version"]["sha256"]
+                    _edit(path, {"upstream": {"max_per_route": "many"}})
+                    deadline = time.monotonic() + VISIBLE_WITHIN
+                    while _dump(payment)["last_reload"].get("result") != "invalid":
+                        assert time.monotonic() < deadline, "the invalid file was not seen"
+                        time.sleep(0.02)
+                    dumped = _dump(payment)
+                    assert "upstream.max_per_route" in dumped["last_reload"]["error"]
+                    assert dumped["config_version"]["sha256"] == sha
+                    assert probe.get(url).headers.get("x-version") == f"v{i - 1}"
+                    invalid += 1
+                    path.write_text(good)  # the running config again: nothing to change
+                    _edit(path, _change(i))  # and this step's change, as the others
+                else:
+                    _edit(path, _change(i))
+                written = time.monotonic()
+                while probe.get(url).headers.get("x-version") != f"v{i}":
+                    assert time.monotonic() - written < VISIBLE_WITHIN, f"change {i} not seen"
+                took.append(time.monotonic() - written)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert failures == []
+    assert invalid == 20 and len(took) == 120  # 100 valid changes, 20 more after refusals
+    assert max(took) <= 1.0, sorted(took)[-5:]
+    assert calls[0] > 500
+    assert payment.metric("opus_config_reloads_total", result="invalid") == 20
+    assert payment.metric("opus_config_reloads_total", result="ok") >= 120
+    # The weight moved: both destinations were sent calls by the split.
+    assert payment.metric("opus_route_requests_total", route="split", service="stock") > 0
+    assert payment.metric("opus_route_requests_total", route="split", service="inventory") > 0
